@@ -1,0 +1,199 @@
+"""MRC/.rec/.map/.st reading (memory-mapped) and float32 writing, with validation.
+
+Uses `mrcfile`. Headers are read through a memory map, so a 10 GB tomogram is never
+loaded to learn its shape or voxel size.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import mrcfile
+import numpy as np
+
+from cryowae import __version__
+from cryowae.errors import CryowaeInputError
+from cryowae.io.atomic import atomic_path
+from cryowae.io.volume import Volume
+
+#: MRC modes cryowae reads: int8, int16, float32, uint16, float16.
+SUPPORTED_MODES = {0: "int8", 1: "int16", 2: "float32", 6: "uint16", 12: "float16"}
+MRC_SUFFIXES = (".mrc", ".rec", ".map", ".st", ".mrcs", ".ali")
+
+
+def _open_mmap(path: Path):
+    if not path.exists():
+        raise CryowaeInputError(f"{path}: no such file")
+    if path.is_dir():
+        raise CryowaeInputError(f"{path}: is a directory, not an MRC file")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # mrcfile warns on some corrupt headers
+            return mrcfile.mmap(path, mode="r", permissive=False)
+    except (ValueError, OSError, RuntimeWarning, UserWarning, EOFError) as exc:
+        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise CryowaeInputError(f"{path}: not a readable MRC file ({msg})") from None
+
+
+def _header_meta(mrc: Any) -> dict[str, Any]:
+    h = mrc.header
+    labels = [
+        bytes(lbl).decode("ascii", "replace").rstrip("\x00 ").strip()
+        for lbl in h.label[: int(h.nlabl)]
+    ]
+    return {
+        "mrc_labels": [lbl for lbl in labels if lbl],
+        "mrc_nstart": (int(h.nzstart), int(h.nystart), int(h.nxstart)),
+        "mrc_mode": int(h.mode),
+    }
+
+
+def read_mrc(path: str | os.PathLike, mmap: bool = True) -> Volume:
+    """Read an MRC file as a `Volume` (Z, Y, X), memory-mapped by default.
+
+    Raises `CryowaeInputError` for a missing, non-MRC, truncated or unsupported-mode
+    file and for a zero voxel size. The data is not checked for NaNs here (that would
+    read the whole file): call `check_finite`.
+    """
+    path = Path(path)
+    mrc = _open_mmap(path)
+    mode = int(mrc.header.mode)
+    if mode not in SUPPORTED_MODES:
+        mrc.close()
+        raise CryowaeInputError(
+            f"{path}: MRC mode {mode} is not supported "
+            f"(supported: {', '.join(f'{k} ({v})' for k, v in SUPPORTED_MODES.items())})"
+        )
+    data = mrc.data
+    if data is None or data.ndim not in (2, 3):
+        mrc.close()
+        raise CryowaeInputError(f"{path}: expected a 3D volume, found no 3D data block")
+    if data.ndim == 2:
+        data = data[None]
+    vs = mrc.voxel_size
+    voxel = (float(vs.z), float(vs.y), float(vs.x))
+    if min(voxel) <= 0 or not np.all(np.isfinite(voxel)):
+        mrc.close()
+        raise CryowaeInputError(
+            f"{path}: the header gives voxel size {voxel[2]:g} A (zero or invalid); "
+            "fix the header, e.g. with `alterheader` or mrcfile"
+        )
+    if max(voxel) - min(voxel) > 1e-3 * max(voxel):
+        warnings.warn(
+            f"{path}: anisotropic voxel size {voxel} (z, y, x); cryowae uses x = {voxel[2]:g} A",
+            stacklevel=2,
+        )
+    o = mrc.header.origin
+    meta = _header_meta(mrc) | {"source": str(path)}
+    if not mmap:
+        data = np.array(data)
+        mrc.close()
+    else:
+        meta["_mrc_handle"] = mrc  # keeps the memory map alive as long as the Volume
+    return Volume(data=data, voxel_size=voxel[2], origin=(float(o.z), float(o.y), float(o.x)),
+                  meta=meta)
+
+
+def read_mrc_header(path: str | os.PathLike) -> dict[str, Any]:
+    """Shape (Z, Y, X), voxel size (A), origin (A) and mode, without reading the data."""
+    vol = read_mrc(path, mmap=True)
+    out = {"shape": vol.shape, "voxel_size": vol.voxel_size, "origin": vol.origin,
+           "mode": vol.meta["mrc_mode"]}
+    vol.meta["_mrc_handle"].close()
+    return out
+
+
+def _apply_header(mrc: Any, voxel_size: float, origin: tuple[float, float, float],
+                  meta: dict[str, Any] | None) -> None:
+    mrc.voxel_size = float(voxel_size)
+    mrc.header.origin.z, mrc.header.origin.y, mrc.header.origin.x = origin
+    meta = meta or {}
+    if "mrc_nstart" in meta:
+        z, y, x = meta["mrc_nstart"]
+        mrc.header.nzstart, mrc.header.nystart, mrc.header.nxstart = z, y, x
+    for label in list(meta.get("mrc_labels", []))[:8]:
+        mrc.add_label(label[:80])
+    mrc.add_label(f"cryowae {__version__}"[:80])
+
+
+def write_mrc(path: str | os.PathLike, data: Any, voxel_size: float,
+              origin: tuple[float, float, float] = (0.0, 0.0, 0.0),
+              meta: dict[str, Any] | None = None, overwrite: bool = True) -> Path:
+    """Write a float32 (mode 2) MRC file atomically.
+
+    Parameters
+    ----------
+    data
+        (Z, Y, X) array-like (numpy, torch on CPU, ...).
+    voxel_size
+        Angstrom per voxel.
+    origin
+        (z, y, x) origin in Angstrom.
+    meta
+        `Volume.meta` of the input, to carry its header labels and start indices over.
+    """
+    arr = np.asarray(data, dtype=np.float32)
+    if arr.ndim != 3:
+        raise CryowaeInputError(f"write_mrc needs a 3D (Z, Y, X) array, got shape {arr.shape}")
+    with atomic_path(path, overwrite=overwrite) as tmp:
+        with mrcfile.new(tmp, overwrite=True) as mrc:
+            mrc.set_data(arr)
+            _apply_header(mrc, voxel_size, origin, meta)
+            mrc.update_header_stats()
+    return Path(path)
+
+
+def write_volume_mrc(path: str | os.PathLike, volume: Volume, overwrite: bool = True) -> Path:
+    """Write a `Volume` to MRC, keeping its voxel size, origin and header labels."""
+    return write_mrc(path, volume.numpy(), volume.voxel_size, volume.origin, volume.meta,
+                     overwrite=overwrite)
+
+
+@contextlib.contextmanager
+def open_mrc_writer(path: str | os.PathLike, shape: tuple[int, int, int], voxel_size: float,
+                    origin: tuple[float, float, float] = (0.0, 0.0, 0.0),
+                    meta: dict[str, Any] | None = None,
+                    overwrite: bool = True) -> Iterator[np.memmap]:
+    """A memory-mapped float32 (Z, Y, X) output to fill block by block.
+
+    The file lives under a temporary name until the `with` block ends without error;
+    header statistics are then computed slab by slab (bounded memory) and the file is
+    renamed into place.
+    """
+    with atomic_path(path, overwrite=overwrite) as tmp:
+        with mrcfile.new_mmap(tmp, shape=tuple(int(s) for s in shape), mrc_mode=2,
+                              overwrite=True) as mrc:
+            yield mrc.data
+            _apply_header(mrc, voxel_size, origin, meta)
+            _update_stats_slabwise(mrc)
+
+
+def _update_stats_slabwise(mrc: Any, slab: int = 16) -> None:
+    data = mrc.data
+    lo, hi, total, total2, n = np.inf, -np.inf, 0.0, 0.0, 0
+    for z in range(0, data.shape[0], slab):
+        block = np.asarray(data[z:z + slab], dtype=np.float64)
+        lo, hi = min(lo, block.min()), max(hi, block.max())
+        total += block.sum()
+        total2 += (block**2).sum()
+        n += block.size
+    mean = total / n
+    mrc.header.dmin, mrc.header.dmax, mrc.header.dmean = lo, hi, mean
+    mrc.header.rms = float(np.sqrt(max(total2 / n - mean**2, 0.0)))
+
+
+def check_finite(data: Any, name: str = "volume", slab: int = 16) -> None:
+    """Raise `CryowaeInputError` if any voxel is NaN or infinite (reads slab by slab)."""
+    for z in range(0, data.shape[0], slab):
+        block = np.asarray(data[z:z + slab])
+        if not np.all(np.isfinite(block)):
+            bad = int(np.size(block) - np.count_nonzero(np.isfinite(block)))
+            raise CryowaeInputError(
+                f"{name}: contains NaN or infinite voxels (at least {bad} in slices "
+                f"{z}-{min(z + slab, data.shape[0]) - 1})"
+            )

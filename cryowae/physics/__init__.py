@@ -1,0 +1,1 @@
+"""Physics of tomography: missing-wedge masks, rotations, projection, CTF, simulation."""
