@@ -47,7 +47,7 @@ class RichProgress(ProgressReporter):
         self._progress.update(self._task, advance=n, info=text)
 
     def log(self, message: str) -> None:
-        console.print(message)
+        console.print(message, soft_wrap=True)
 
     def finish(self) -> None:
         if self._task is not None:

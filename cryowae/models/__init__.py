@@ -1,1 +1,5 @@
+"""Neural networks: the WAE restorer (the latent discriminator lives in divergences)."""
 
+from cryowae.models.restorer import RestorerConfig, WAERestorer
+
+__all__ = ["RestorerConfig", "WAERestorer"]

@@ -1,0 +1,86 @@
+"""`cryowae train`: self-supervised training of a WAE restorer on the user's tomograms."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+
+def train(
+    tomograms: list[Path] = typer.Argument(..., help="Tomogram(s) to learn from (MRC or "
+                                           "OME-Zarr)."),
+    out: Path = typer.Option(None, "--out", "-o", help="Run directory (default: "
+                             "runs/<first tomogram's name>)."),
+    even: list[Path] = typer.Option(None, "--even", help="Even-tilt half tomogram(s), one "
+                                    "per tomogram: enables noise2noise."),
+    odd: list[Path] = typer.Option(None, "--odd", help="Odd-tilt half tomogram(s)."),
+    tilt_min: float = typer.Option(None, "--tilt-min", help="Lowest tilt (degrees)."),
+    tilt_max: float = typer.Option(None, "--tilt-max", help="Highest tilt (degrees)."),
+    tilt_file: Path = typer.Option(None, "--tilt-file", help=".tlt/.rawtlt file of angles."),
+    config: str = typer.Option(None, "--config", "-c", help="YAML file or preset "
+                               "(cpu-small, gpu-default, gpu-large). Default: cpu-small, "
+                               "or the run's own config with --resume."),
+    divergence: str = typer.Option(None, "--divergence", help="mmd, sinkhorn, sliced, "
+                                   "adversarial or none."),
+    kernel: str = typer.Option(None, "--kernel", help="MMD kernel: imq (default) or rbf."),
+    lam: float = typer.Option(None, "--lambda", help="Weight of the latent divergence "
+                              "relative to the reconstruction term (auto-balanced)."),
+    steps: int = typer.Option(None, "--steps", help="Optimiser steps."),
+    minutes: float = typer.Option(None, "--minutes", help="Wall-clock budget in minutes."),
+    batch_size: int = typer.Option(None, "--batch-size"),
+    patch_size: int = typer.Option(None, "--patch-size"),
+    latent_dim: int = typer.Option(None, "--latent-dim"),
+    prior: str = typer.Option(None, "--prior", help="gaussian or reference."),
+    reference: list[Path] = typer.Option(None, "--reference", help="Clean reference maps "
+                                         "(MRC) for --prior reference."),
+    seed: int = typer.Option(None, "--seed"),
+    device: str = typer.Option(None, "--device", help="auto, cpu or cuda."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out."),
+) -> None:
+    """Train a restorer on TOMOGRAMS alone (no ground truth needed)."""
+    from cryowae.cli.common import out_console, resolve_tilt_range
+    from cryowae.cli.progress import RichProgress
+    from cryowae.errors import CryowaeInputError
+    from cryowae.io import read_volume
+    from cryowae.training.config import TrainConfig, load_config
+    from cryowae.training.data import load_sources
+    from cryowae.training.loop import train as run_training
+
+    run_dir = out or Path("runs") / tomograms[0].stem
+    if resume:
+        if not (run_dir / "checkpoint.pt").is_file():
+            raise CryowaeInputError(f"--resume: no checkpoint.pt in {run_dir}")
+        cfg = load_config(config or run_dir / "config.yaml")
+    else:
+        if (run_dir / "checkpoint.pt").exists():
+            raise CryowaeInputError(f"{run_dir} already holds a run; pass --resume to "
+                                    "continue it or choose another --out")
+        cfg = load_config(config)
+    if not resume or tilt_file or tilt_min is not None or tilt_max is not None:
+        lo, hi, _ = resolve_tilt_range(tomograms[0], tilt_min, tilt_max, tilt_file)
+    else:
+        lo, hi = cfg.tilt_min, cfg.tilt_max
+    if prior is None and reference:
+        prior = "reference"
+    cfg = cfg.replace(tilt_min=lo, tilt_max=hi, divergence=divergence, kernel=kernel,
+                      lambda_=lam, steps=steps, minutes=minutes, batch_size=batch_size,
+                      patch_size=patch_size, latent_dim=latent_dim, prior=prior, seed=seed,
+                      device=device)
+    if minutes is not None and steps is None:
+        cfg = cfg.replace(steps=10**9)
+    sources = load_sources(list(tomograms), list(even or []), list(odd or []),
+                           min_size=cfg.patch_size)
+    refs = [read_volume(r, check_nan=True).numpy() for r in (reference or [])]
+    result = run_training(sources, cfg, run_dir, resume=resume, references=refs or None,
+                          progress=RichProgress())
+    if result.rank != 0:
+        return
+    out_console.print(f"trained {result.steps} steps in {result.elapsed_s / 60:.1f} min "
+                      f"({result.mode}); final loss {result.final.get('loss', float('nan')):.4g}, "
+                      f"MMD to prior {result.final.get('mmd_to_prior', float('nan')):.4g}")
+    out_console.print(f"model: {run_dir / 'model.pt'}   metrics: {run_dir / 'metrics.csv'}")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("train")(train)

@@ -1,0 +1,113 @@
+"""The CryoGEN-II style restorer: encoder -> latent code z -> decoder.
+
+A 3D U-Net whose bottleneck is summarised into one explicit latent code z per
+subtomogram (dimension `latent_dim`). The code conditions every decoder level through
+FiLM (feature-wise scale and shift), so decoding the same subtomogram with another code
+changes the restoration: this is what posterior sampling exploits. The output is
+residual: restored = input + decoder correction. Inputs are globally normalised
+subtomograms (B, 1, Z, Y, X) with Z, Y, X divisible by 2**depth.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from cryowae.models.blocks import ConvBlock, Down, Up
+
+
+@dataclass(frozen=True)
+class RestorerConfig:
+    """Architecture of a `WAERestorer` (saved in every checkpoint)."""
+
+    channels: int = 16  # channels at full resolution; doubled at each level
+    depth: int = 3  # number of down-sampling steps
+    latent_dim: int = 64  # dimension of z
+    encoder: str = "deterministic"  # or "gaussian" (z = mu + sigma * eps in training)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class WAERestorer(nn.Module):
+    """3D convolutional Wasserstein-autoencoder restorer.
+
+    ``forward(x) -> (restored, z)`` with x, restored of shape (B, 1, Z, Y, X) and z of
+    shape (B, latent_dim). `encode` and `decode` expose the two halves so a caller can
+    decode a subtomogram with codes other than its own.
+    """
+
+    def __init__(self, config: RestorerConfig | None = None) -> None:
+        super().__init__()
+        cfg = config or RestorerConfig()
+        if cfg.encoder not in ("deterministic", "gaussian"):
+            raise ValueError(f"unknown encoder {cfg.encoder!r}")
+        self.config = cfg
+        ch = [cfg.channels * 2**i for i in range(cfg.depth + 1)]
+        self.stem = ConvBlock(1, ch[0])
+        self.enc = nn.ModuleList(ConvBlock(ch[i + 1], ch[i + 1]) for i in range(cfg.depth))
+        self.down = nn.ModuleList(Down(ch[i], ch[i + 1]) for i in range(cfg.depth))
+        n_out = 2 * cfg.latent_dim if cfg.encoder == "gaussian" else cfg.latent_dim
+        self.to_latent = nn.Sequential(nn.Linear(2 * ch[-1], ch[-1]), nn.SiLU(),
+                                       nn.Linear(ch[-1], n_out))
+        self.up = nn.ModuleList(Up(ch[i + 1], ch[i]) for i in reversed(range(cfg.depth)))
+        self.dec = nn.ModuleList(ConvBlock(2 * ch[i], ch[i]) for i in reversed(range(cfg.depth)))
+        self.mid = ConvBlock(ch[-1], ch[-1])
+        # FiLM generators: z -> (gamma, beta) for the bottleneck and each decoder level
+        film_channels = [ch[-1]] + [ch[i] for i in reversed(range(cfg.depth))]
+        self.film = nn.ModuleList(nn.Linear(cfg.latent_dim, 2 * c) for c in film_channels)
+        for lin in self.film:  # start as the identity modulation
+            nn.init.zeros_(lin.weight)
+            nn.init.zeros_(lin.bias)
+        self.head = nn.Conv3d(ch[0], 1, 1)
+        nn.init.zeros_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
+
+    @property
+    def latent_dim(self) -> int:
+        return self.config.latent_dim
+
+    @property
+    def multiple(self) -> int:
+        """Spatial sizes must be multiples of this."""
+        return 2**self.config.depth
+
+    def encode_features(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor],
+                                                          torch.Tensor]:
+        """Encoder pass: (latent statistics, skip features, bottleneck features)."""
+        h = self.stem(x)
+        skips = [h]
+        for down, block in zip(self.down, self.enc, strict=True):
+            h = block(down(h))
+            skips.append(h)
+        pooled = torch.cat([h.mean(dim=(2, 3, 4)), h.amax(dim=(2, 3, 4))], dim=1)
+        return self.to_latent(pooled), skips, h
+
+    def encode(self, x: torch.Tensor, sample: bool = False) -> tuple[torch.Tensor,
+                                                                      list[torch.Tensor]]:
+        """Latent codes z (B, latent_dim) and the skip features for `decode`.
+
+        A Gaussian encoder returns its mean unless `sample` is set.
+        """
+        stats, skips, _ = self.encode_features(x)
+        if self.config.encoder == "gaussian":
+            mu, logvar = stats.chunk(2, dim=1)
+            if sample:
+                return mu + torch.randn_like(mu) * (0.5 * logvar.clamp(-10, 4)).exp(), skips
+            return mu, skips
+        return stats, skips
+
+    def decode(self, z: torch.Tensor, skips: list[torch.Tensor],
+               x: torch.Tensor) -> torch.Tensor:
+        """Restore `x` (B, 1, Z, Y, X) from its skip features, conditioned on codes z."""
+        h = self.mid(skips[-1], self.film[0](z))
+        for i, (up, block) in enumerate(zip(self.up, self.dec, strict=True)):
+            skip = skips[-2 - i]
+            h = block(torch.cat([up(h), skip], dim=1), self.film[i + 1](z))
+        return x + self.head(h)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        z, skips = self.encode(x, sample=self.training)
+        return self.decode(z, skips, x), z

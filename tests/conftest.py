@@ -1,0 +1,50 @@
+"""Shared fixtures: a tiny (identity at initialisation) restorer and small simulations."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+# tests share 2 cores with each other: keep torch from oversubscribing them
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+os.environ.setdefault("CRYOWAE_NO_TENSORBOARD", "1")
+
+
+def run_cli(*args: str, check: bool = False, **kw) -> subprocess.CompletedProcess:
+    """Run `python -m cryowae ARGS` and capture its output (text)."""
+    proc = subprocess.run([sys.executable, "-m", "cryowae", *map(str, args)],
+                          capture_output=True, text=True, **kw)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"cryowae {' '.join(map(str, args))} failed "
+                             f"({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+@pytest.fixture(scope="session")
+def tiny_model_path(tmp_path_factory) -> Path:
+    """An untrained tiny restorer: its output head starts at zero, so it is the identity."""
+    from cryowae.models.restorer import RestorerConfig, WAERestorer
+    from cryowae.training.checkpoint import save_restorer
+    from cryowae.training.config import TrainConfig
+
+    torch.manual_seed(0)
+    cfg = TrainConfig(patch_size=16, channels=4, depth=2, latent_dim=8)
+    model = WAERestorer(RestorerConfig(cfg.channels, cfg.depth, cfg.latent_dim))
+    path = tmp_path_factory.mktemp("tiny_model") / "model.pt"
+    save_restorer(path, model, cfg.to_dict(), voxel_size=10.0, norm=(0.0, 1.0),
+                  codes=torch.randn(64, cfg.latent_dim))
+    return path
+
+
+@pytest.fixture(scope="session")
+def small_sim(tmp_path_factory) -> Path:
+    """A 32x48x48 simulated tomogram set (tomo, halves, gt, meta) at 10 A, seed 0."""
+    out = tmp_path_factory.mktemp("sim") / "sim48"
+    run_cli("simulate", out, "--size", "48", "--thickness", "32", "--voxel-size", "10",
+            "--seed", "0", check=True)
+    return out

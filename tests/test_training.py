@@ -1,0 +1,193 @@
+"""Training: config, determinism, loss decrease, resume, DDP, lambda scale-freedom, bad input."""
+
+from __future__ import annotations
+
+import csv
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from cryowae.errors import CryowaeInputError
+from cryowae.io import write_mrc
+from cryowae.training.config import TrainConfig, load_config
+from cryowae.training.data import load_sources
+from cryowae.training.loop import Trainer
+
+from .conftest import run_cli
+
+TINY = {"patch_size": 16, "channels": 4, "depth": 2, "latent_dim": 8, "batch_size": 2,
+        "bank_size": 64, "log_every": 1, "checkpoint_every": 2, "steps": 6, "lr": 2e-3,
+        "check_prior_preference": False}
+
+
+def _smooth_volume(shape=(24, 32, 32), seed=0, scale=1.0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    v = torch.from_numpy(rng.normal(size=shape).astype(np.float32))[None, None]
+    v = torch.nn.functional.avg_pool3d(v, 5, stride=1, padding=2)[0, 0].numpy()
+    return (scale * (v * 5 + 0.2 * rng.normal(size=shape))).astype(np.float32)
+
+
+@pytest.fixture()
+def tomo(tmp_path) -> Path:
+    p = tmp_path / "tomo.mrc"
+    write_mrc(p, _smooth_volume(), 10.0)
+    return p
+
+
+@pytest.fixture()
+def tiny_config(tmp_path) -> Path:
+    p = tmp_path / "tiny.yaml"
+    p.write_text(yaml.safe_dump({"train": TINY}))
+    return p
+
+
+def test_presets_load_and_validate():
+    for name in ("cpu-small", "gpu-default", "gpu-large"):
+        cfg = load_config(name)
+        assert cfg.patch_size % 2**cfg.depth == 0
+    assert load_config(None).patch_size == load_config("cpu-small").patch_size
+    with pytest.raises(CryowaeInputError, match="unknown setting"):
+        TrainConfig.from_dict({"patchsize": 3})
+    with pytest.raises(CryowaeInputError, match="divergence"):
+        TrainConfig().replace(divergence="kl")
+
+
+def test_same_seed_same_first_steps(tomo, tmp_path):
+    cfg = TrainConfig.from_dict(TINY)
+    runs = []
+    for i in range(2):
+        tr = Trainer(load_sources([tomo], min_size=16), cfg, tmp_path / f"r{i}")
+        runs.append([tr.train_step()["loss"] for _ in range(3)])
+        runs[-1].append(float(sum(p.detach().sum() for p in tr.model.parameters())))
+    assert runs[0] == pytest.approx(runs[1], rel=1e-6, abs=1e-7)
+    tr = Trainer(load_sources([tomo], min_size=16), cfg.replace(seed=1), tmp_path / "r2")
+    other = [tr.train_step()["loss"] for _ in range(3)]
+    assert other != pytest.approx(runs[0][:3], rel=1e-6)
+
+
+def test_training_lowers_the_loss(small_sim, tmp_path):
+    cfg = TrainConfig.from_dict(TINY | {"steps": 40, "batch_size": 2, "lr": 3e-3,
+                                         "tilt_min": -60, "tilt_max": 60})
+    sources = load_sources([small_sim / "tomo.mrc"], [small_sim / "tomo_even.mrc"],
+                           [small_sim / "tomo_odd.mrc"], min_size=16)
+    tr = Trainer(sources, cfg, tmp_path / "run")
+    losses = [tr.train_step()["rec_wedge"] for _ in range(cfg.steps)]
+    first, last = np.mean(losses[:8]), np.mean(losses[-8:])
+    print("wedge-region loss first/last 8 steps", first, last)
+    assert last < 0.9 * first
+
+
+def test_same_default_on_100x_intensities(tmp_path):
+    """lambda needs no per-dataset tuning: global normalisation + term balancing make a
+    100x brighter tomogram train exactly like the original (same losses, same weight)."""
+    vol = _smooth_volume(seed=3)
+    results = []
+    for scale in (1.0, 100.0):
+        p = tmp_path / f"t{scale:g}.mrc"
+        write_mrc(p, vol * scale + 5 * scale, 10.0)
+        tr = Trainer(load_sources([p], min_size=16), TrainConfig.from_dict(TINY),
+                     tmp_path / f"run{scale:g}")
+        steps = [tr.train_step() for _ in range(4)]
+        results.append(([s["loss"] for s in steps], steps[-1]["div_weight"]))
+    assert results[0][0] == pytest.approx(results[1][0], rel=1e-3)
+    assert results[0][1] == pytest.approx(results[1][1], rel=1e-3)
+
+
+def _metric_steps(run: Path) -> list[int]:
+    with open(run / "metrics.csv") as f:
+        return [int(r["step"]) for r in csv.DictReader(f)]
+
+
+def test_resume_after_kill(tomo, tiny_config, tmp_path):
+    run = tmp_path / "run"
+    args = [sys.executable, "-m", "cryowae", "train", str(tomo), "--out", str(run), "--config",
+            str(tiny_config), "--steps", "400", "--tilt-min", "-60", "--tilt-max", "60"]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (run / "checkpoint.pt").exists():
+        time.sleep(0.2)
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    from cryowae.training.checkpoint import KIND_CHECKPOINT, load_state
+
+    saved = load_state(run / "checkpoint.pt", KIND_CHECKPOINT)["step"]
+    assert 2 <= saved < 400
+    res = run_cli("train", tomo, "--out", run, "--resume", "--steps", str(saved + 4))
+    assert res.returncode == 0, res.stderr
+    after = load_state(run / "checkpoint.pt", KIND_CHECKPOINT)["step"]
+    assert after == saved + 4
+    steps = _metric_steps(run)
+    assert steps[-1] == saved + 4
+    # a fresh start without --resume is refused instead of clobbering the run
+    res = run_cli("train", tomo, "--out", run, "--config", tiny_config)
+    assert res.returncode == 2 and "--resume" in res.stderr
+
+
+def test_two_process_gloo_ddp(tomo, tiny_config, tmp_path):
+    torchrun = Path(sys.executable).with_name("torchrun")
+    run = tmp_path / "ddp"
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([str(torchrun), "--nproc-per-node", "2", "--master-port", "29517",
+                           "-m", "cryowae", "train", str(tomo), "--out", str(run), "--config",
+                           str(tiny_config), "--steps", "3", "--tilt-min", "-60",
+                           "--tilt-max", "60", "--device", "cpu"],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "2 process(es)" in proc.stdout + proc.stderr
+    from cryowae.training.checkpoint import load_restorer
+
+    model = load_restorer(run)
+    assert model.train_config["patch_size"] == 16
+    assert _metric_steps(run)[-1] == 3
+
+
+@pytest.mark.parametrize("case", ["small", "halves", "nan", "divergence", "config",
+                                  "version", "corrupt"])
+def test_bad_input_exits_2(case, tomo, tiny_config, tmp_path):
+    run = tmp_path / "run"
+    base = ["train", tomo, "--out", run, "--config", tiny_config, "--steps", "2",
+            "--tilt-min", "-60", "--tilt-max", "60"]
+    if case == "small":
+        write_mrc(tmp_path / "small.mrc", np.zeros((8, 32, 32), np.float32) + 1, 10.0)
+        base[1] = tmp_path / "small.mrc"
+    elif case == "halves":
+        write_mrc(tmp_path / "e.mrc", _smooth_volume(), 10.0)
+        write_mrc(tmp_path / "o.mrc", _smooth_volume((24, 32, 30)), 10.0)
+        base += ["--even", tmp_path / "e.mrc", "--odd", tmp_path / "o.mrc"]
+    elif case == "nan":
+        v = _smooth_volume()
+        v[3, 4, 5] = np.nan
+        write_mrc(tmp_path / "nan.mrc", v, 10.0)
+        base[1] = tmp_path / "nan.mrc"
+    elif case == "divergence":
+        base += ["--divergence", "kl"]
+    elif case == "config":
+        (tmp_path / "bad.yaml").write_text("train: [unclosed\n")
+        base[4] = tmp_path / "bad.yaml"
+    elif case in ("version", "corrupt"):
+        assert run_cli(*base).returncode == 0
+        ck = run / "checkpoint.pt"
+        if case == "version":
+            state = torch.load(ck, weights_only=False)
+            state["cryowae_version"] = "9.9.0"
+            torch.save(state, ck)
+        else:
+            ck.write_bytes(ck.read_bytes()[:1000])
+        base = ["train", tomo, "--out", run, "--resume", "--steps", "4"]
+    res = run_cli(*base)
+    assert res.returncode == 2, (res.stdout, res.stderr)
+    lines = [ln for ln in res.stderr.strip().splitlines() if ln.startswith("cryowae: error")]
+    assert len(lines) == 1 and "Traceback" not in res.stderr, res.stderr
+    if case not in ("version", "corrupt"):
+        assert not (run / "checkpoint.pt").exists()
+    shutil.rmtree(run, ignore_errors=True)
