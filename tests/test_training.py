@@ -191,3 +191,27 @@ def test_bad_input_exits_2(case, tomo, tiny_config, tmp_path):
     if case not in ("version", "corrupt"):
         assert not (run / "checkpoint.pt").exists()
     shutil.rmtree(run, ignore_errors=True)
+
+
+def test_refill_keeps_measured_region_and_fills_wedge(tmp_path):
+    from cryowae.physics.wedge import apply_wedge, wedge_mask
+    from cryowae.training.refill import refill_volume
+
+    tomo = tmp_path / "wedged.mrc"
+    write_mrc(tomo, apply_wedge(torch.from_numpy(_smooth_volume()), -60, 60).numpy(), 10.0)
+    cfg = TrainConfig.from_dict(TINY | {"refill_every": 2, "steps": 4})
+    tr = Trainer(load_sources([tomo], min_size=16), cfg, tmp_path / "run")
+    with torch.no_grad():  # make the restorer non-trivial so the fill is not zero
+        tr.model.head.weight.normal_(0, 0.5)
+    src = tr.sources[0]
+    data = np.asarray(src.full, dtype=np.float32)
+    filled = refill_volume(tr.model, src.full, src.stats["full"], -60, 60, "y", 16, tr.device)
+    m = wedge_mask(data.shape, -60, 60, rfft=True).bool()
+    fa, fb = torch.fft.rfftn(torch.from_numpy(data)), torch.fft.rfftn(torch.from_numpy(filled))
+    assert torch.allclose(fa[m], fb[m], rtol=1e-4, atol=1e-2)
+    wedge_before = fa[~m].abs().pow(2).sum()
+    wedge_after = fb[~m].abs().pow(2).sum()
+    assert wedge_before < 1e-6 * fa.abs().pow(2).sum()
+    assert wedge_after > 1e-3 * fa.abs().pow(2).sum()
+    tr.run()
+    assert "full" in src.refilled and src.refilled["full"].shape == data.shape

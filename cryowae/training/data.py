@@ -70,6 +70,8 @@ class TomogramSource:
     voxel_size: float = 1.0
     stats: dict[str, tuple[float, float]] = field(default_factory=dict)
     structure: np.ndarray | None = None
+    #: volumes whose missing wedge was refilled by the model (see refill.py), by name
+    refilled: dict[str, np.ndarray] = field(default_factory=dict)
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -79,10 +81,12 @@ class TomogramSource:
     def has_halves(self) -> bool:
         return self.even is not None and self.odd is not None
 
-    def crop(self, which: str, start: tuple[int, int, int],
-             size: tuple[int, int, int]) -> np.ndarray:
-        """A normalised float32 crop of `which` ('full', 'even' or 'odd')."""
-        vol = getattr(self, which)
+    def crop(self, which: str, start: tuple[int, int, int], size: tuple[int, int, int],
+             refilled: bool = False) -> np.ndarray:
+        """A normalised float32 crop of `which` ('full', 'even' or 'odd'); from its
+        refilled version if `refilled` and there is one."""
+        vol = self.refilled.get(which) if refilled else None
+        vol = getattr(self, which) if vol is None else vol
         z, y, x = start
         a = np.asarray(vol[z:z + size[0], y:y + size[1], x:x + size[2]], dtype=np.float32)
         mean, std = self.stats[which]
@@ -192,7 +196,10 @@ class SubtomogramSampler:
         return tuple(int(self.rng.integers(0, h + 1)) for h in hi)  # type: ignore[return-value]
 
     def sample(self, batch_size: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
-        """`batch_size` (input, target) crop pairs, normalised float32 (Z, Y, X) arrays."""
+        """`batch_size` (input, target) crop pairs, normalised float32 (Z, Y, X) arrays.
+
+        Targets are always cut from the measured volumes, never from refilled ones.
+        """
         inputs, targets = [], []
         for _ in range(batch_size):
             i = int(self.rng.integers(len(self.sources)))
@@ -200,10 +207,9 @@ class SubtomogramSampler:
             src = self.sources[i]
             if self.noise2noise:
                 a, b = ("even", "odd") if self.rng.random() < 0.5 else ("odd", "even")
-                inputs.append(src.crop(a, start, crop))
+                inputs.append(src.crop(a, start, crop, refilled=True))
                 targets.append(src.crop(b, start, crop))
             else:
-                x = src.crop("full", start, crop)
-                inputs.append(x)
-                targets.append(x)
+                inputs.append(src.crop("full", start, crop, refilled=True))
+                targets.append(src.crop("full", start, crop))
         return inputs, targets

@@ -264,6 +264,17 @@ class Trainer:
         with torch.no_grad():
             return float(mmd_blockwise(codes, z_p, scale=self.cfg.prior_sigma))
 
+    def refill(self) -> None:
+        """Refill the inputs' missing wedges with the current model's prediction."""
+        from cryowae.training.refill import refill_volume
+
+        for src in self.sources:
+            for which in (("even", "odd") if self.sampler.noise2noise else ("full",)):
+                src.refilled[which] = refill_volume(
+                    self.model, getattr(src, which), src.stats[which], self.cfg.tilt_min,
+                    self.cfg.tilt_max, self.cfg.tilt_axis, self.cfg.patch_size, self.device)
+        self.progress.log(f"step {self.step}: refilled the missing wedge of the inputs")
+
     # -- the run ---------------------------------------------------------------------
     def run(self) -> TrainResult:
         cfg = self.cfg
@@ -284,6 +295,8 @@ class Trainer:
                 csv.writer(f).writerow(METRIC_FIELDS)
         tb = _tensorboard(self.run_dir) if self.dist.is_main else None
         budget = cfg.minutes * 60 if cfg.minutes else None
+        if cfg.refill_every and self.step >= cfg.refill_every:
+            self.refill()  # refilled volumes are not checkpointed: rebuild them on resume
         self.progress.start(cfg.steps, "training", done=self.step)
         t_start = time.perf_counter() - self.elapsed
         last: dict[str, float] = {}
@@ -310,6 +323,8 @@ class Trainer:
                         for k, v in row.items():
                             if isinstance(v, float) and math.isfinite(v):
                                 tb.add_scalar(k, v, self.step)
+            if cfg.refill_every and self.step % cfg.refill_every == 0:
+                self.refill()
             if self.step % cfg.checkpoint_every == 0:
                 self.save()
             self.progress.advance(1, loss=last["loss"], rec=last["rec"],
