@@ -6,6 +6,9 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.cryowae-installed
 EXTRAS ?= dev,cluster,napari
 DEMO_DIR ?= demo_out
+# idle OpenMP threads sleep instead of spinning: small torch ops were 10-20x slower
+# with spinning threads on a busy 2-core machine
+export OMP_WAIT_POLICY ?= PASSIVE
 # system packages the tests need: a virtual X server and Mesa software OpenGL (napari),
 # a one-node SLURM with munge (restore-batch --cluster slurm test)
 SYSTEM_PACKAGES := xvfb xauth libgl1-mesa-dri libegl1 libglib2.0-0 libfontconfig1 \

@@ -8,7 +8,13 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
+
+# OpenMP threads that spin while waiting made small torch ops 10-20x slower on this
+# shared 2-core machine (measured); set before torch is imported, inherited by the CLI
+# subprocesses the tests start
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch  # noqa: E402
 
 # tests share 2 cores with each other: keep torch from oversubscribing them
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))

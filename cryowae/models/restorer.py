@@ -50,8 +50,10 @@ class WAERestorer(nn.Module):
         self.enc = nn.ModuleList(ConvBlock(ch[i + 1], ch[i + 1]) for i in range(cfg.depth))
         self.down = nn.ModuleList(Down(ch[i], ch[i + 1]) for i in range(cfg.depth))
         n_out = 2 * cfg.latent_dim if cfg.encoder == "gaussian" else cfg.latent_dim
-        self.to_latent = nn.Sequential(nn.Linear(2 * ch[-1], ch[-1]), nn.SiLU(),
-                                       nn.Linear(ch[-1], n_out))
+        # LayerNorm on the pooled features: the scale of z is set by this head alone, not
+        # by the drift of the encoder's feature magnitudes that reconstruction causes
+        self.to_latent = nn.Sequential(nn.LayerNorm(2 * ch[-1]), nn.Linear(2 * ch[-1], ch[-1]),
+                                       nn.SiLU(), nn.Linear(ch[-1], n_out))
         self.up = nn.ModuleList(Up(ch[i + 1], ch[i]) for i in reversed(range(cfg.depth)))
         self.dec = nn.ModuleList(ConvBlock(2 * ch[i], ch[i]) for i in reversed(range(cfg.depth)))
         self.mid = ConvBlock(ch[-1], ch[-1])
@@ -83,7 +85,18 @@ class WAERestorer(nn.Module):
             h = block(down(h))
             skips.append(h)
         pooled = torch.cat([h.mean(dim=(2, 3, 4)), h.amax(dim=(2, 3, 4))], dim=1)
+        self.last_pooled = pooled.detach()
         return self.to_latent(pooled), skips, h
+
+    def codes_from_pooled(self, pooled: torch.Tensor) -> torch.Tensor:
+        """Latent codes (the mean, for a Gaussian encoder) of pooled bottleneck features
+        (N, 2 * bottleneck channels), through the current latent head. The trainer keeps
+        a bank of pooled features and maps it with this, so banked codes never go stale
+        as the head learns."""
+        stats = self.to_latent(pooled)
+        if self.config.encoder == "gaussian":
+            return stats.chunk(2, dim=1)[0]
+        return stats
 
     def encode(self, x: torch.Tensor, sample: bool = False) -> tuple[torch.Tensor,
                                                                       list[torch.Tensor]]:
@@ -110,4 +123,12 @@ class WAERestorer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         z, skips = self.encode(x, sample=self.training)
-        return self.decode(z, skips, x), z
+        # the decoder gets its own view of z, so the gradient that reconstruction sends
+        # to the codes can be observed apart from the latent divergence's (loss.py)
+        z_dec = z.view_as(z)
+        if z_dec.requires_grad:
+            z_dec.register_hook(self._record_decoder_grad)
+        return self.decode(z_dec, skips, x), z
+
+    def _record_decoder_grad(self, grad: torch.Tensor) -> None:
+        self.decoder_code_grad = grad.detach()

@@ -43,10 +43,10 @@ class TrainConfig:
     kernel: str = "imq"
     lambda_: float = 1.0  # relative weight after automatic balancing (see loss.py)
     balance_steps: int = 10  # steps over which the term scales are measured
-    blur: float = 0.5  # Sinkhorn blur, relative to the prior's sigma
+    blur: float = 4.0  # Sinkhorn blur, relative to the prior sigma (see divergences)
     scaling: float = 0.9  # Sinkhorn epsilon-scaling
     n_projections: int = 128  # sliced Wasserstein
-    bank_size: int = 2048  # memory bank of recent codes
+    bank_size: int = 1024  # memory bank of recent encoder features (0: minibatch only)
     prior: str = "gaussian"  # or "reference"
     prior_sigma: float = 1.0
     check_prior_preference: bool = True

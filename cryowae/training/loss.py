@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from cryowae.training.augment import TrainingBatch
@@ -45,34 +47,60 @@ def masked_fourier_loss(pred: torch.Tensor, batch: TrainingBatch,
 class TermBalancer:
     """Removes the per-dataset tuning of lambda.
 
-    During the first `warmup` steps it records the mean size of the reconstruction and
-    divergence terms; from then on the divergence is multiplied by
-    lambda * rec_ref / div_ref, so lambda = 1 means "as large as the reconstruction term
-    was at the start" whatever the intensity scale, latent size or divergence. During
-    warm-up the running ratio is used. The references are saved in checkpoints.
+    Two measures of how strongly each term acts are combined, and the larger weight is
+    used, so lambda = 1 means "the divergence acts on the codes at least as strongly as
+    reconstruction":
+
+    - values: over the first `warmup` steps the mean sizes of the reconstruction and
+      divergence terms are recorded (rec_ref, div_ref) -> lambda * rec_ref / div_ref;
+    - gradients: running means (EMA) of the norms of the gradients that the two terms
+      send to the batch's codes -> lambda * |d rec / dz| / |d div / dz|. This is what
+      keeps the codes on the prior once the decoder starts to use them (value balancing
+      alone let the codes drift away: the MMD gradient per code is O(1/N)).
+
+    Both are ratios of the data's own numbers, invariant to the intensity scale, the
+    latent size and the divergence. The state is saved in checkpoints.
     """
 
-    def __init__(self, lam: float, warmup: int = 10) -> None:
+    def __init__(self, lam: float, warmup: int = 10, beta: float = 0.9) -> None:
         self.lam = float(lam)
         self.warmup = max(1, int(warmup))
+        self.beta = float(beta)
         self.rec_sum = 0.0
         self.div_sum = 0.0
         self.count = 0
+        self.grad_rec = 0.0
+        self.grad_div = 0.0
+        self.grad_count = 0
+
+    def observe_grads(self, rec_grad_norm: float, div_grad_norm: float) -> None:
+        """Record the norms of d rec / dz and d div / dz of one step."""
+        if not (math.isfinite(rec_grad_norm) and math.isfinite(div_grad_norm)):
+            return
+        b = self.beta if self.grad_count else 0.0
+        self.grad_rec = b * self.grad_rec + (1 - b) * rec_grad_norm
+        self.grad_div = b * self.grad_div + (1 - b) * div_grad_norm
+        self.grad_count += 1
 
     def weight(self, rec: float, div: float) -> float:
         if self.count < self.warmup:
             self.rec_sum += abs(rec)
             self.div_sum += abs(div)
             self.count += 1
-        if self.div_sum <= 1e-12:
-            return self.lam
-        return self.lam * self.rec_sum / self.div_sum
+        w = self.lam if self.div_sum <= 1e-12 else self.lam * self.rec_sum / self.div_sum
+        if self.grad_count and self.grad_div > 1e-20:
+            w = max(w, self.lam * self.grad_rec / self.grad_div)
+        return w
 
     def state_dict(self) -> dict[str, float]:
         return {"lam": self.lam, "warmup": self.warmup, "rec_sum": self.rec_sum,
-                "div_sum": self.div_sum, "count": self.count}
+                "div_sum": self.div_sum, "count": self.count, "grad_rec": self.grad_rec,
+                "grad_div": self.grad_div, "grad_count": self.grad_count}
 
     def load_state_dict(self, state: dict[str, float]) -> None:
         self.rec_sum = float(state["rec_sum"])
         self.div_sum = float(state["div_sum"])
         self.count = int(state["count"])
+        self.grad_rec = float(state.get("grad_rec", 0.0))
+        self.grad_div = float(state.get("grad_div", 0.0))
+        self.grad_count = int(state.get("grad_count", 0))

@@ -1,0 +1,123 @@
+"""`cryowae evaluate`: score a restored tomogram against its ground truth."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+
+def _finite_or_none(value):
+    """JSON has no inf/nan: write them as null."""
+    import math
+
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, list):
+        return [_finite_or_none(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _finite_or_none(v) for k, v in value.items()}
+    return value
+
+
+def evaluate(
+    restored: Path = typer.Argument(..., help="Restored tomogram (MRC or OME-Zarr).",
+                                    show_default=False),
+    gt: Path = typer.Option(..., "--gt", help="Ground-truth tomogram, same shape (MRC or "
+                            "OME-Zarr).", show_default=False),
+    tilt_min: float = typer.Option(-60.0, "--tilt-min", help="Lowest tilt angle of the "
+                                   "acquisition, degrees (defines the missing wedge)."),
+    tilt_max: float = typer.Option(60.0, "--tilt-max", help="Highest tilt angle, degrees."),
+    tilt_axis: str = typer.Option("y", "--tilt-axis", help="Tilt axis: y or x."),
+    voxel_size: float | None = typer.Option(None, "--voxel-size", help="Voxel size in "
+                                            "Angstrom (default: the ground truth's header)."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object on stdout "
+                                 "and nothing else."),
+    out: Path | None = typer.Option(None, "--out", help="Also write the report as JSON here."),
+) -> None:
+    """Compare RESTORED with --gt: Pearson correlation, PSNR (on normalised volumes), FSC
+    resolution at 0.143 and 0.5, and Fourier correlation in the measured and in the
+    missing-wedge region."""
+    import json
+    import sys
+
+    from cryowae.errors import CryowaeInputError
+    from cryowae.io import read_volume
+    from cryowae.physics.wedge import check_tilt_range
+
+    check_tilt_range(tilt_min, tilt_max)
+    if tilt_axis not in ("y", "x"):
+        raise CryowaeInputError(f"unknown tilt axis {tilt_axis!r}: use 'y' or 'x'")
+    if voxel_size is not None and not voxel_size > 0:
+        raise CryowaeInputError(f"--voxel-size must be positive, got {voxel_size:g}")
+    rvol = read_volume(restored, check_nan=True)
+    gvol = read_volume(gt, check_nan=True)
+    if rvol.shape != gvol.shape:
+        raise CryowaeInputError(
+            f"{restored} and {gt} differ in shape: {rvol.shape} vs {gvol.shape} (Z, Y, X)")
+    vs = float(voxel_size) if voxel_size is not None else float(gvol.voxel_size)
+    warnings: list[str] = []
+    if voxel_size is None and abs(rvol.voxel_size - gvol.voxel_size) > 1e-3 * vs:
+        warnings.append(f"voxel sizes differ ({rvol.voxel_size:g} A in {restored.name}, "
+                        f"{gvol.voxel_size:g} A in {gt.name}); using the ground truth's "
+                        f"{vs:g} A")
+
+    from cryowae.metrics.report import evaluate_volumes
+
+    report = evaluate_volumes(rvol.numpy(), gvol.numpy(), vs, tilt_min, tilt_max, tilt_axis)
+    report = {**{k: v for k, v in report.items() if k != "fsc"},
+              "restored": str(restored), "gt": str(gt), "fsc": report["fsc"]}
+    if warnings:
+        report["warnings"] = warnings
+    text = json.dumps(_finite_or_none(report), allow_nan=False)
+    if out is not None:
+        from cryowae.io import atomic_path
+
+        with atomic_path(out) as tmp:
+            tmp.write_text(json.dumps(_finite_or_none(report), indent=2, allow_nan=False)
+                           + "\n", encoding="utf-8")
+    for w in warnings:
+        print(f"cryowae: warning: {w}", file=sys.stderr)
+    if as_json:
+        sys.stdout.write(text + "\n")
+        return
+    _print_table(report, out)
+
+
+def _print_table(report: dict, out: Path | None) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    def num(v: float | None, fmt: str) -> str:
+        return "n/a" if v is None or v != v else (format(v, fmt) if abs(v) != float("inf")
+                                                  else "inf")
+
+    nyq = report["nyquist_A"]
+    t = Table(title=f"{Path(report['restored']).name} vs {Path(report['gt']).name}  "
+              f"({' x '.join(map(str, report['shape']))} voxels, {report['voxel_size_A']:g} A, "
+              f"tilts {report['tilt_min']:g}..{report['tilt_max']:g} deg about "
+              f"{report['tilt_axis'].upper()})")
+    t.add_column("metric")
+    t.add_column("value", justify="right")
+    t.add_column("meaning")
+    t.add_row("Pearson", num(report["pearson"], ".4f"), "real-space correlation, all voxels")
+    t.add_row("PSNR", num(report["psnr_db"], ".2f") + " dB",
+              "normalised volumes; peak = range of the ground truth")
+    for key, thr in (("fsc_0143_A", "0.143"), ("fsc_05_A", "0.5")):
+        v = report[key]
+        note = " (Nyquist: never crossed)" if v is not None and abs(v - nyq) < 1e-9 else ""
+        t.add_row(f"FSC {thr}", num(v, ".1f") + " A", f"resolution at FSC = {thr}{note}")
+    t.add_row("CC measured", num(report["cc_measured"], ".4f"),
+              "Fourier correlation, measured region")
+    t.add_row("CC wedge", num(report["cc_wedge"], ".4f"),
+              "Fourier correlation, missing wedge")
+    t.add_row("wedge power", num(report.get("wedge_power_ratio"), ".3f"),
+              "restored / ground-truth power in the wedge")
+    console = Console()
+    console.print(t)
+    if out is not None:
+        console.print(f"report written to {out}")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("evaluate")(evaluate)

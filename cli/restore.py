@@ -1,0 +1,54 @@
+"""`cryowae restore`: restore a whole tomogram with a trained model (tiled, seam-free)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+
+def restore(
+    model: Path = typer.Argument(..., help="Trained model: model.pt or its run directory.",
+                                 show_default=False),
+    tomogram: Path = typer.Argument(..., help="Tomogram to restore (MRC or OME-Zarr).",
+                                    show_default=False),
+    out: Path = typer.Option(..., "--out", "-o", help="Output: .mrc (or .rec, .map) for "
+                             "float32 MRC, .zarr for OME-Zarr.", show_default=False),
+    even: Path | None = typer.Option(None, "--even", help="Even-tilt half tomogram."),
+    odd: Path | None = typer.Option(None, "--odd", help="Odd-tilt half tomogram."),
+    halves: str = typer.Option(None, "--halves", help="With --even/--odd: 'average' "
+                               "restores each half and averages them, 'full' restores the "
+                               "full tomogram in one pass. Default: the one measured "
+                               "better (see cryowae.inference.restore)."),
+    tile: int = typer.Option(96, "--tile", help="Tile edge in voxels (rounded up to what "
+                             "the model needs)."),
+    overlap: int = typer.Option(32, "--overlap", help="Overlap of neighbouring tiles in "
+                                "voxels (about a third of the tile)."),
+    batch_size: int = typer.Option(4, "--batch-size", help="Tiles per forward pass "
+                                   "(halved automatically when memory runs out)."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output."),
+) -> None:
+    """Restore TOMOGRAM with MODEL: missing-wedge filling and denoising, tile by tile with
+    blended overlaps, in memory bounded by one slab of tiles."""
+    import time
+
+    from cryowae.cli.common import out_console
+    from cryowae.cli.progress import RichProgress
+
+    from cryowae.inference.restore import DEFAULT_HALVES_MODE, restore_file, throughput
+    from cryowae.io import read_volume
+
+    t0 = time.perf_counter()
+    path = restore_file(model, tomogram, out, even=even, odd=odd, tile=tile, overlap=overlap,
+                        batch_size=batch_size, device=device, overwrite=overwrite,
+                        progress=RichProgress(), halves=halves or DEFAULT_HALVES_MODE)
+    elapsed = time.perf_counter() - t0
+    shape = read_volume(path).shape
+    out_console.print(f"restored {'x'.join(map(str, shape))} voxels in {elapsed:.1f} s "
+                      f"({throughput(shape, elapsed) / 1e6:.3g} Mvoxel/s)", highlight=False)
+    out_console.print(f"output: {path}", highlight=False, soft_wrap=True)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("restore")(restore)

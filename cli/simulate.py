@@ -1,0 +1,69 @@
+"""`cryowae simulate`: a crowded synthetic tomogram with its ground truth."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+
+def simulate(
+    out_dir: Path = typer.Argument(..., help="Output folder (created; must be empty or "
+                                   "absent unless --overwrite).", show_default=False),
+    size: int = typer.Option(128, "--size", help="Y and X in voxels."),
+    thickness: int = typer.Option(None, "--thickness", help="Slab thickness Z in voxels "
+                                  "[default: size * 5/8, a multiple of 8]."),
+    voxel_size: float = typer.Option(8.0, "--voxel-size", help="Angstrom per voxel."),
+    tilt_min: float = typer.Option(-60.0, "--tilt-min", help="Lowest tilt (degrees)."),
+    tilt_max: float = typer.Option(60.0, "--tilt-max", help="Highest tilt (degrees)."),
+    tilt_step: float = typer.Option(3.0, "--tilt-step", help="Tilt increment (degrees)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the scene and the noise."),
+    pdb: list[Path] = typer.Option(None, "--pdb", help="Atomic model (PDB/mmCIF) to use "
+                                   "as a particle species (repeatable); default: "
+                                   "procedural shapes."),
+    defocus: float = typer.Option(3.0, "--defocus", help="Defocus in um (underfocus)."),
+    voltage: float = typer.Option(300.0, "--voltage", help="Acceleration voltage (kV)."),
+    cs: float = typer.Option(2.7, "--cs", help="Spherical aberration (mm)."),
+    amplitude_contrast: float = typer.Option(0.07, "--amplitude-contrast",
+                                             help="Amplitude contrast fraction."),
+    dose: float = typer.Option(120.0, "--dose", help="Total dose over the tilt series "
+                               "(e/A^2)."),
+    no_noise: bool = typer.Option(False, "--no-noise", help="No counting noise."),
+    no_ctf: bool = typer.Option(False, "--no-ctf", help="Ideal transfer instead of a CTF."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUT_DIR if it "
+                                   "exists."),
+) -> None:
+    """Simulate a tilt series of a crowded cell-like scene and reconstruct it: writes
+    tomo.mrc, tomo_even.mrc, tomo_odd.mrc, gt.mrc, tilt_series.mrc, tilts.tlt and
+    meta.json to OUT_DIR."""
+    from cryowae.cli.common import out_console
+    from cryowae.cli.progress import RichProgress
+
+    from cryowae.physics.simulate import (
+        SimulationConfig,
+        check_output_dir,
+        write_simulation,
+    )
+
+    cfg = SimulationConfig(
+        size=size, thickness=thickness, voxel_size=voxel_size, tilt_min=tilt_min,
+        tilt_max=tilt_max, tilt_step=tilt_step, seed=seed,
+        pdb=tuple(str(p) for p in (pdb or [])), defocus=defocus, voltage=voltage, cs=cs,
+        amplitude_contrast=amplitude_contrast, dose=dose, noise=not no_noise,
+        ctf=not no_ctf,
+    )
+    cfg.validate()
+    check_output_dir(out_dir, overwrite)
+    progress = RichProgress(transient=True)
+    try:
+        out = write_simulation(out_dir, cfg, overwrite=overwrite, progress=progress)
+    finally:
+        progress.finish()
+    z, y, x = cfg.shape
+    out_console.print(f"simulated {z}x{y}x{x} voxels at {voxel_size:g} A, "
+                      f"{len(cfg.tilt_angles())} tilts: {out}/ (tomo.mrc, tomo_even.mrc, "
+                      "tomo_odd.mrc, gt.mrc, tilt_series.mrc, tilts.tlt, meta.json)")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("simulate")(simulate)

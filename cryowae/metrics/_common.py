@@ -1,0 +1,53 @@
+"""Helpers shared by the metric modules: array conversion and input checks."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from cryowae.errors import CryowaeInputError
+from cryowae.io.volume import Volume
+
+
+def as_tensor(x: Any, name: str = "volume") -> torch.Tensor:
+    """A float32 CPU-or-device tensor from a torch tensor, numpy array or `Volume`.
+
+    A `cryowae.io.Volume` is loaded whole (``Volume.numpy()``); memory maps and zarr
+    arrays are read into memory.
+    """
+    if isinstance(x, Volume):
+        x = x.numpy()
+    if isinstance(x, torch.Tensor):
+        t = x.detach()
+        return t if t.dtype == torch.float32 else t.to(torch.float32)
+    try:
+        arr = np.asarray(x, dtype=np.float32)
+    except (TypeError, ValueError) as exc:
+        raise CryowaeInputError(f"{name}: not a numeric array ({exc})") from None
+    arr = np.ascontiguousarray(arr)
+    if not arr.flags.writeable:  # read-only memory map: torch wants its own copy
+        arr = arr.copy()
+    return torch.from_numpy(arr)
+
+
+def check_pair(a: torch.Tensor, b: torch.Tensor, names: tuple[str, str] = ("restored", "gt"),
+               ndim: int = 3) -> None:
+    """Raise `CryowaeInputError` unless `a` and `b` are `ndim`-D volumes of one shape."""
+    for t, n in zip((a, b), names, strict=True):
+        if t.ndim != ndim:
+            raise CryowaeInputError(f"{n}: expected a {ndim}D (Z, Y, X) volume, got shape "
+                                    f"{tuple(t.shape)}")
+    if tuple(a.shape) != tuple(b.shape):
+        raise CryowaeInputError(
+            f"{names[0]} and {names[1]} differ in shape: {tuple(a.shape)} vs {tuple(b.shape)} "
+            "(Z, Y, X); crop or resample one of them first"
+        )
+
+
+def check_finite_tensor(t: torch.Tensor, name: str) -> None:
+    """Raise `CryowaeInputError` if `t` holds NaN or infinite values."""
+    if not bool(torch.isfinite(t).all()):
+        bad = int((~torch.isfinite(t)).sum())
+        raise CryowaeInputError(f"{name}: contains {bad} NaN or infinite voxels")
