@@ -229,10 +229,15 @@ def run_quality(args: argparse.Namespace) -> None:
     sims = [simulate(work, s, args.quality_size) for s in seeds]
     meta = json.loads((sims[0] / "meta.json").read_text())
     tmin, tmax = meta["config"]["tilt_min"], meta["config"]["tilt_max"]
-    run = work / f"run_q{args.quality_size}_{args.train_minutes:g}min"
+    if args.train_steps:
+        run = work / f"run_q{args.quality_size}_{args.train_steps}steps"
+        steps, minutes = args.train_steps, None
+    else:
+        run = work / f"run_q{args.quality_size}_{args.train_minutes:g}min"
+        steps, minutes = 10**9, args.train_minutes
     if not (run / "model.pt").exists():
         cfg = TrainConfig(patch_size=32, channels=8, depth=2, latent_dim=16, batch_size=4,
-                          steps=10**9, minutes=args.train_minutes, lr=2e-3, bank_size=512,
+                          steps=steps, minutes=minutes, lr=2e-3, bank_size=512,
                           tilt_min=tmin, tilt_max=tmax, seed=0, check_prior_preference=False,
                           device="cpu", checkpoint_every=50)
         s = sims[0]
@@ -275,7 +280,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--batch-size", type=int, default=2)
     ap.add_argument("--quality-size", type=int, default=96)
     ap.add_argument("--quality-seeds", default="1,2")
-    ap.add_argument("--train-minutes", type=float, default=3.0)
+    ap.add_argument("--train-minutes", type=float, default=3.0,
+                    help="quality: training budget (wall clock; the machine may be shared)")
+    ap.add_argument("--train-steps", type=int, default=0,
+                    help="quality: train this many steps instead of --train-minutes")
     # child mode (one restoration per process, for its peak RSS)
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--model", help=argparse.SUPPRESS)

@@ -22,8 +22,9 @@
 Noise-aware intervals: with hard consistency every sample carries the data's own noise in
 the measured region, so the family cannot express it and its intervals are too narrow
 wherever noise dominates. The noise of the full tomogram is measured without ground truth
-by the even/odd halves: Var(noise of (e + o) / 2) = E[(e - o)^2] / 4, smoothed over 5^3
-voxels. The "+noise" columns use Gaussian intervals mean +- z sqrt(var_family +
+by the even/odd halves (`cryowae.sampling.noise_std_from_halves`: for full = (e + o) / 2,
+Var(noise) = E[(e - o)^2] / 4, averaged over 5^3 voxels; `sample_file` writes it as
+noise_std.mrc). The "+noise" columns use Gaussian intervals mean +- z sqrt(var_family +
 var_noise). This uses no ground truth; it is a principled correction, not a fitted one.
 
 The ground truth is put on the tomogram's intensity scale by the affine map that best
@@ -128,13 +129,6 @@ def gt_on_data_scale(gt: np.ndarray, tomo: np.ndarray) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------- metrics
-def noise_variance(even: np.ndarray, odd: np.ndarray, box: int = 5) -> np.ndarray:
-    d = torch.from_numpy(((even - odd) ** 2 / 4).astype(np.float32))[None, None]
-    v = torch.nn.functional.avg_pool3d(d, box, stride=1, padding=box // 2,
-                                       count_include_pad=False)
-    return v[0, 0].numpy()
-
-
 def gaussian_coverage(mean: np.ndarray, var: np.ndarray, gt: np.ndarray,
                       levels=(0.5, 0.9)) -> dict[float, float]:
     from scipy.stats import norm
@@ -211,12 +205,12 @@ def main(argv: list[str] | None = None) -> None:
             files[k] = work / f"{k}.mrc"
             if not files[k].exists():
                 write_mrc(files[k], v, 10.0)
-    data = {k: read_volume(p).numpy() for k, p in files.items()}
+    data = {k: np.array(read_volume(p).numpy()) for k, p in files.items()}
     print(f"data: {source}, shape {data['tomo'].shape}, files in {work}")
 
     def trained(seed: int) -> Path:
         tag = "sim" if source == "cryowae simulate" else "phantom"
-        run = work / f"run_{tag}_seed{seed}"
+        run = work / f"run_{tag}_steps{args.steps}_seed{seed}"
         if not (run / "model.pt").exists():
             cfg = TrainConfig(patch_size=32, channels=8, depth=3, latent_dim=16,
                               batch_size=4, steps=args.steps, lr=2e-3, bank_size=512,
@@ -243,7 +237,9 @@ def main(argv: list[str] | None = None) -> None:
     mu, sd = float(tomo.mean()), float(tomo.std())
     hard = prepare_consistency((tomo - mu) / sd, "hard", *TILT)
     single_hard = hard.apply((single - mu) / sd) * sd + mu
-    var_noise = noise_variance(data["even"], data["odd"])
+    from cryowae.sampling import noise_std_from_halves
+
+    var_noise = noise_std_from_halves(tomo, data["even"], data["odd"]).astype(np.float64) ** 2
     print(f"noise std (even/odd) {math.sqrt(var_noise.mean()):.3f}, gt std {gt.std():.3f}; "
           f"true noise std {np.std(tomo - apply_wedge(torch.from_numpy(gt), *TILT).numpy()):.3f}")
     print(f"pearson to gt: tomogram {pearson(tomo, gt):.4f}, single restoration "

@@ -106,6 +106,9 @@ def sample(
         out_console.print(f"note: {cons.get('reason')}")
     out_console.print(f"family:  {result / 'samples.zarr'}  (axes s, z, y, x)")
     out_console.print(f"mean:    {result / 'mean.mrc'}    std: {result / 'std.mrc'}")
+    if "noise_std" in meta.get("files", {}):
+        out_console.print(f"noise:   {result / 'noise_std.mrc'}  (the data's own noise, "
+                          "from --even/--odd; not part of std.mrc)")
     out_console.print(f"details: {result / 'family.json'}")
     out_console.print(f"open in napari:  cryowae view {result}")
 

@@ -41,9 +41,10 @@ def train(
     """Train a restorer on TOMOGRAMS alone (no ground truth needed)."""
     from cryowae.cli.common import out_console, resolve_tilt_range
     from cryowae.cli.progress import RichProgress
+
     from cryowae.errors import CryowaeInputError
     from cryowae.io import read_volume
-    from cryowae.training.config import TrainConfig, load_config
+    from cryowae.training.config import load_config
     from cryowae.training.data import load_sources
     from cryowae.training.loop import train as run_training
 

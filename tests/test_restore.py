@@ -473,6 +473,7 @@ def test_cli_warns_on_voxel_size_mismatch(tiny_model_path, tmp_path):
     assert "voxel size 13.2 A differs from the training data's 10.0 A by 32%" in proc.stderr
 
 
+@pytest.mark.filterwarnings("ignore:Data array contains NaN")
 def test_cli_nan_input_and_bad_suffix(tiny_model_path, tmp_path):
     x = np.random.default_rng(9).normal(size=(12, 20, 20)).astype(np.float32)
     x[3, 4, 5] = np.nan

@@ -21,6 +21,7 @@ from cryowae.sampling import (
     entropic_plan,
     fourier_region_energy,
     measured_fsc,
+    noise_std_from_halves,
     prepare_consistency,
     sample_array,
     sample_file,
@@ -174,6 +175,20 @@ def test_hard_consistency_keeps_measured_fourier_region(rand_model):
     assert _measured_error(free.samples, data) > 1e-3
 
 
+def test_own_codes_without_consistency_equal_restore_array(rand_model):
+    """interpolation=0 decodes every tile with its own code: the family's engine then
+    reproduces `cryowae.inference.restore.restore_array` (same tiles, same blending)."""
+    from cryowae.inference.restore import restore_array
+
+    r = load_restorer(rand_model)
+    data = _synthetic_tomogram((20, 28, 36))
+    single = restore_array(r, data, tile=16, overlap=4, batch_size=3)
+    res = sample_array(r, data, n_samples=2, tile=16, overlap=4, interpolation=0.0,
+                       consistency="none")
+    np.testing.assert_allclose(res.samples[0], single, rtol=1e-4, atol=1e-4)
+    assert float(res.std.max()) < 1e-4
+
+
 def test_spread_lives_in_the_wedge(rand_model, request):
     data, source = _sim_tomogram(request)
     r = load_restorer(rand_model)
@@ -206,6 +221,18 @@ def test_soft_consistency_needs_halves_and_uses_the_fsc():
     assert 0 < np.abs(out).sum() < np.abs(data - 0).sum() * 1.01
     with pytest.raises(CryowaeInputError):
         prepare_consistency(data, "sometimes", -60, 60)
+
+
+def test_noise_std_from_halves_matches_the_true_noise():
+    rng = np.random.default_rng(7)
+    sig = _synthetic_tomogram((20, 24, 24)) - 7.0
+    ne = rng.normal(scale=0.8, size=sig.shape).astype(np.float32)
+    no = rng.normal(scale=0.8, size=sig.shape).astype(np.float32)
+    e, o = sig + ne, sig + no
+    for full, truth in (((e + o) / 2, 0.8 / np.sqrt(2)), (e + o, 0.8 * np.sqrt(2))):
+        est = noise_std_from_halves(full, e, o)
+        assert est.shape == sig.shape
+        assert float(np.sqrt((est**2).mean())) == pytest.approx(truth, rel=0.05)
 
 
 # -------------------------------------------------------------------- samplers
@@ -264,6 +291,18 @@ def test_sample_file_layout(rand_model, tmp_path):
     sample_file(rand_model, tomo, out, n_samples=2, tile=16, overlap=4, overwrite=True)
     assert read_ome_zarr(out / "samples.zarr").data.shape[0] == 2
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".fam")]  # no leftovers
+    # with halves: soft consistency and the data's own noise as noise_std.mrc
+    rng = np.random.default_rng(1)
+    base = read_mrc(tomo, mmap=False).data
+    halves = []
+    for name in ("even", "odd"):
+        halves.append(tmp_path / f"{name}.mrc")
+        write_mrc(halves[-1], base + rng.normal(size=base.shape).astype(np.float32), 7.5)
+    out2 = sample_file(rand_model, tomo, tmp_path / "fam_soft", n_samples=2, tile=16,
+                       overlap=4, consistency="soft", even=halves[0], odd=halves[1])
+    meta = json.loads((out2 / "family.json").read_text())
+    assert meta["consistency"]["mode"] == "soft" and meta["files"]["noise_std"]
+    assert read_mrc(out2 / "noise_std.mrc").voxel_size == pytest.approx(7.5)
 
 
 def test_cli_sample_and_bad_input(rand_model, tmp_path):

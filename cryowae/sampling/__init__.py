@@ -10,6 +10,7 @@ from cryowae.sampling.consistency import (
     fourier_region_energy,
     impose_consistency_blockwise,
     measured_fsc,
+    noise_std_from_halves,
     prepare_consistency,
 )
 from cryowae.sampling.family import (
@@ -35,6 +36,6 @@ __all__ = [
     "SAMPLERS", "Consistency", "EntropicPlan", "FamilyResult", "FamilyStream",
     "GaussianCodeSampler", "OTCodeSampler", "SamplingCancelled", "barycentric_map",
     "build_prior_sample", "effective_codes", "entropic_plan", "fourier_region_energy",
-    "impose_consistency_blockwise", "measured_fsc", "prepare_consistency", "sample_array",
-    "sample_file", "stream_family",
+    "impose_consistency_blockwise", "measured_fsc", "noise_std_from_halves",
+    "prepare_consistency", "sample_array", "sample_file", "stream_family",
 ]

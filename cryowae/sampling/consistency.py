@@ -60,8 +60,8 @@ def shell_index(shape: tuple[int, int, int]) -> tuple[torch.Tensor, int]:
 def measured_fsc(even: Any, odd: Any, tilt_min: float, tilt_max: float,
                  tilt_axis: str = "y") -> np.ndarray:
     """FSC of the even and odd halves per radial shell, over the measured region only."""
-    e = torch.as_tensor(np.asarray(even, dtype=np.float32))
-    o = torch.as_tensor(np.asarray(odd, dtype=np.float32))
+    e = torch.from_numpy(np.array(even, dtype=np.float32))
+    o = torch.from_numpy(np.array(odd, dtype=np.float32))
     if e.shape != o.shape or e.ndim != 3:
         raise CryowaeInputError(f"even/odd halves must be two (Z, Y, X) volumes of one shape, "
                                 f"got {tuple(e.shape)} and {tuple(o.shape)}")
@@ -108,7 +108,7 @@ class Consistency:
     shell_weights: np.ndarray | None = None  # soft: weight per shell
 
     def apply(self, sample: np.ndarray | torch.Tensor) -> np.ndarray:
-        s = torch.as_tensor(np.asarray(sample, dtype=np.float32))
+        s = torch.from_numpy(np.require(sample, np.float32, ["W"]))
         if self.mode == "none":
             return s.numpy()
         assert self.data_spec is not None and self.weight is not None
@@ -137,7 +137,7 @@ def prepare_consistency(data: np.ndarray, mode: str, tilt_min: float, tilt_max: 
     if mode == "none":
         return Consistency("none", mode, "no consistency requested", shape)  # type: ignore[arg-type]
     mask = wedge_mask(shape, tilt_min, tilt_max, tilt_axis, rfft=True)
-    spec = torch.fft.rfftn(torch.as_tensor(np.asarray(data, dtype=np.float32)))
+    spec = torch.fft.rfftn(torch.from_numpy(np.array(data, dtype=np.float32)))
     if mode == "soft" and (even is None or odd is None):
         return Consistency("hard", "soft", "soft consistency needs --even and --odd halves; "
                            "used hard", shape, spec, mask)  # type: ignore[arg-type]
@@ -206,7 +206,7 @@ def fourier_region_energy(volume: np.ndarray | torch.Tensor, tilt_min: float,
                           mask: torch.Tensor | None = None) -> tuple[float, float]:
     """Mean energy per Fourier voxel of `volume` in the missing wedge and in the measured
     region, both within |k| <= 0.5 and without DC (full-spectrum counting)."""
-    v = torch.as_tensor(np.asarray(volume, dtype=np.float32))
+    v = torch.from_numpy(np.array(volume, dtype=np.float32))
     shape = tuple(int(s) for s in v.shape)
     spec = torch.fft.rfftn(v)
     if mask is None:
@@ -227,3 +227,28 @@ def region_energy_of_spectrum(spec: torch.Tensor, mask: torch.Tensor,
     e_w = float(p[wedge].sum() / w[wedge].sum()) if wedge.any() else float("nan")
     e_m = float(p[meas].sum() / w[meas].sum()) if meas.any() else float("nan")
     return e_w, e_m
+
+
+def noise_std_from_halves(full: Any, even: Any, odd: Any, box: int = 5) -> np.ndarray:
+    """Per-voxel standard deviation of the full tomogram's noise, from its halves.
+
+    With independent noise in the halves and ``full ~ c (even + odd)`` (c = 1/2 for an
+    average, 1 for a sum; fitted by least squares), the noise of the full tomogram is
+    ``c (n_e + n_o)``, whose variance ``c^2 E[(e - o)^2]`` is estimated by averaging
+    ``c^2 (e - o)^2`` over a `box`^3 neighbourhood. Hard consistency puts this noise,
+    identically, into every sample, so the family's own spread never shows it; add the
+    two variances for the total per-voxel uncertainty. No ground truth is involved.
+    """
+    f = np.asarray(full, dtype=np.float64)
+    e = np.asarray(even, dtype=np.float32)
+    o = np.asarray(odd, dtype=np.float32)
+    if e.shape != f.shape or o.shape != f.shape:
+        raise CryowaeInputError(f"even/odd halves {e.shape}, {o.shape} must have the "
+                                f"tomogram's shape {f.shape}")
+    s = e.astype(np.float64) + o
+    sc, fc = s - s.mean(), f - f.mean()
+    c = float((sc * fc).sum() / max((sc * sc).sum(), 1e-300))
+    d = torch.from_numpy(((c * (e - o)) ** 2).astype(np.float32))[None, None]
+    v = torch.nn.functional.avg_pool3d(d, box, stride=1, padding=box // 2,
+                                       count_include_pad=False)[0, 0]
+    return v.sqrt().numpy()

@@ -7,6 +7,8 @@ sample at a time (plus a running mean and M2, Welford) so any tomogram fits:
     OUT_DIR/mean.mrc       per-voxel mean of the samples
     OUT_DIR/std.mrc        per-voxel standard deviation (ddof = 0, as numpy's default)
     OUT_DIR/family.json    parameters and figures
+    OUT_DIR/noise_std.mrc  with even/odd halves: the data's own noise per voxel, which
+                           hard consistency puts into every sample (not in std.mrc)
 
 A sample is made in three steps: every tile (subtomogram) of the globally normalised
 tomogram is restored by the network - decoded with a code chosen by the sampler, or
@@ -46,6 +48,7 @@ from cryowae.inference.tiling import AxisPlan, TilePlan, plan_tiles, round_up
 from cryowae.physics.wedge import apply_fourier_mask, wedge_mask
 from cryowae.progress import ProgressReporter, ensure_progress
 from cryowae.sampling.consistency import (
+    noise_std_from_halves,
     prepare_consistency,
     region_energy_of_spectrum,
 )
@@ -81,12 +84,17 @@ class FamilyResult:
         Parameters and figures: sampler, epsilon, effective codes per tile, consistency
         mode, Fourier energy of sample-to-sample differences in the wedge vs measured
         region, ... (what ``family.json`` holds).
+    noise_std
+        With even/odd halves: (Z, Y, X) per-voxel std of the data's own noise
+        (`consistency.noise_std_from_halves`), which hard consistency puts identically
+        into every sample; ``sqrt(std**2 + noise_std**2)`` is the total uncertainty.
     """
 
     samples: np.ndarray
     mean: np.ndarray
     std: np.ndarray
     info: dict[str, Any] = field(default_factory=dict)
+    noise_std: np.ndarray | None = None
 
 
 # ------------------------------------------------------------------------- tiling
@@ -363,6 +371,16 @@ def stream_family(restorer: Any, data: Any, n_samples: int = 16, sampler: str = 
         std_map = np.sqrt(m2 / n_samples).astype(np.float32)
         info["_mean"] = run_mean.astype(np.float32)
         info["_std"] = std_map
+        if even is not None and odd is not None:
+            noise = noise_std_from_halves(eng.xn, even, odd) * np.float32(std)
+            info["_noise_std"] = noise
+            info["noise"] = {
+                "noise_std_mean": float(noise.mean()),
+                "noise_over_family_std": float(noise.mean() / max(std_map.mean(), 1e-30)),
+                "note": "per-voxel std of the data's own noise (even/odd halves, 5^3 "
+                        "voxels): hard consistency puts it in every sample, so the "
+                        "family's std does not show it; total = sqrt(std^2 + noise^2)",
+            }
         info["figures"] = {
             "voxel_std_mean": float(std_map.mean()),
             "voxel_std_relative": float(std_map.mean() / std),
@@ -426,7 +444,8 @@ def sample_array(restorer: Any, data: Any, n_samples: int = 16, sampler: str = "
         samples[s] = x
     info = stream.info
     mean, std = info.pop("_mean"), info.pop("_std")
-    return FamilyResult(samples=samples, mean=mean, std=std, info=info)
+    return FamilyResult(samples=samples, mean=mean, std=std, info=info,
+                        noise_std=info.pop("_noise_std", None))
 
 
 def _pyramid_levels(shape: tuple[int, int, int], max_levels: int = 3, min_size: int = 16
@@ -507,12 +526,17 @@ def sample_file(model: str | os.PathLike | Sequence[str | os.PathLike], tomogram
         mean, std = info.pop("_mean"), info.pop("_std")
         write_mrc(tmp / "mean.mrc", mean, vol.voxel_size, vol.origin)
         write_mrc(tmp / "std.mrc", std, vol.voxel_size, vol.origin)
+        files = {"samples": "samples.zarr", "mean": "mean.mrc", "std": "std.mrc"}
+        noise = info.pop("_noise_std", None)
+        if noise is not None:
+            write_mrc(tmp / "noise_std.mrc", noise, vol.voxel_size, vol.origin)
+            files["noise_std"] = "noise_std.mrc"
         meta = {
             "cryowae_version": __version__, "kind": "posterior-family",
             "tomogram": str(tomogram), "even": str(even) if even else None,
             "odd": str(odd) if odd else None, "voxel_size": vol.voxel_size,
             "origin": list(vol.origin), "std_ddof": 0,
-            "files": {"samples": "samples.zarr", "mean": "mean.mrc", "std": "std.mrc"},
+            "files": files,
             "parameters": {"n_samples": s_count, "sampler": sampler, "epsilon": epsilon,
                            "consistency": consistency, "tile": tile, "overlap": overlap,
                            "batch_size": batch_size, "seed": seed, "device": str(dev),

@@ -322,7 +322,7 @@ class Trainer:
         if cfg.divergence != "none" and cfg.check_prior_preference and self.step == 0:
             chk = prefers_prior(self.divergence, self.prior,
                                 n=min(cfg.bank_size + cfg.batch_size, 4096),
-                                device=self.device)
+                                n_seeds=5, device=self.device)
             self.prior_check = chk.message
             if not chk.passed:
                 log(f"warning: {chk.message}")
@@ -374,8 +374,8 @@ class Trainer:
         if tb is not None:
             tb.close()
         shutdown_distributed(self.dist)
-        return TrainResult(self.run_dir, self.dist.rank, self.step, self.elapsed, final, self.sampler.mode,
-                           self.prior_check)
+        return TrainResult(self.run_dir, self.dist.rank, self.step, self.elapsed, final,
+                           self.sampler.mode, self.prior_check)
 
 
 def divergence_kwargs(cfg: TrainConfig) -> dict[str, Any]:
