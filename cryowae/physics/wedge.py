@@ -117,7 +117,10 @@ def wedge_mask(shape: Sequence[int], tilt_min: float = -60.0, tilt_max: float = 
             r = rotation.to(device=k.device, dtype=k.dtype)
             k = torch.einsum("bji,zyxj->bzyxi", r[None] if r.ndim == 2 else r, k)
         elev, on_axis = _elevation_deg(k, tilt_axis)
-        m = ((elev >= tilt_min) & (elev <= tilt_max)) | on_axis
+        # half-open [tilt_min, tilt_max): grid points lying exactly on a boundary (e.g.
+        # the diagonals at +-45 degrees) are counted once, so the measured fraction of
+        # Fourier space equals (tilt_max - tilt_min) / 180 on the grid too
+        m = ((elev >= tilt_min) & (elev < tilt_max)) | on_axis
         measured = m if measured is None else measured & m
     assert measured is not None
     if tilt_max - tilt_min >= 180.0 - 1e-9:
