@@ -19,7 +19,11 @@
    ground truth); a small restorer trained briefly on the first (noise2noise on the
    halves, `cryowae.training.loop.train`); then each tomogram restored (a) in one pass on
    the full tomogram and (b) half by half, averaged (`restore_halves`), and scored
-   against the ground truth with `cryowae.metrics.report.evaluate_volumes`.
+   against the ground truth with `cryowae.metrics.report.evaluate_volumes`. The numbers
+   behind the `cryowae restore --halves` default are in
+   `cryowae.inference.restore.DEFAULT_HALVES_MODE` (``--train-steps 600``, and the
+   default 3-minute budget). Training time is wall clock: on a shared machine the same
+   budget gives very different step counts, hence ``--train-steps``.
 """
 
 from __future__ import annotations

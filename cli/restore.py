@@ -16,10 +16,11 @@ def restore(
                              "float32 MRC, .zarr for OME-Zarr.", show_default=False),
     even: Path | None = typer.Option(None, "--even", help="Even-tilt half tomogram."),
     odd: Path | None = typer.Option(None, "--odd", help="Odd-tilt half tomogram."),
-    halves: str = typer.Option(None, "--halves", help="With --even/--odd: 'average' "
-                               "restores each half and averages them, 'full' restores the "
-                               "full tomogram in one pass. Default: the one measured "
-                               "better (see cryowae.inference.restore)."),
+    halves: str = typer.Option(None, "--halves", help="With --even/--odd: 'full' "
+                               "restores the full tomogram in one pass (default: measured "
+                               "as good as or better than averaging, at half the cost; see "
+                               "cryowae.inference.restore.DEFAULT_HALVES_MODE), 'average' "
+                               "restores each half and averages the two."),
     tile: int = typer.Option(96, "--tile", help="Tile edge in voxels (rounded up to what "
                              "the model needs)."),
     overlap: int = typer.Option(32, "--overlap", help="Overlap of neighbouring tiles in "

@@ -409,9 +409,11 @@ def test_restore_file_halves(tiny_model_path, tomo, tmp_path):
     (me, se), (mo, so), (mx, sx) = (volume_stats(v) for v in (e, o, x))
     want = ((e - me) / se + (o - mo) / so) / 2 * sx + mx  # on the full tomogram's scale
     assert np.abs(y - want).max() < 1e-4
+    rec = Recorder()  # default: one pass on the full tomogram (measured; see restore.py)
     out = restore_file(tiny_model_path, tomo, tmp_path / "full.mrc", even=even, odd=odd,
-                       tile=16, overlap=8, halves="full")
+                       tile=16, overlap=8, progress=rec)
     assert np.abs(read_volume(out).numpy() - x).max() < 1e-5
+    assert any("one pass" in m for m in rec.messages)
     with pytest.raises(CryowaeInputError, match="both"):
         restore_file(tiny_model_path, tomo, tmp_path / "x.mrc", even=even)
 
