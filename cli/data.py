@@ -62,7 +62,6 @@ def fetch_cmd(
 ) -> None:
     """Download the manifest's files into DIRECTORY, checked against size and SHA-256."""
     from cryowae.cli.progress import RichProgress
-
     from cryowae.data.fetch import fetch
     from cryowae.data.manifest import load_manifest
     from cryowae.errors import CryowaeInputError

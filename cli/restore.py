@@ -36,7 +36,6 @@ def restore(
 
     from cryowae.cli.common import out_console
     from cryowae.cli.progress import RichProgress
-
     from cryowae.inference.restore import DEFAULT_HALVES_MODE, restore_file, throughput
     from cryowae.io import read_volume
 

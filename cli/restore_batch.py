@@ -39,7 +39,6 @@ def restore_batch(
     batch and redoes only the missing blocks."""
     from cryowae.cli.common import err_console, out_console
     from cryowae.cli.progress import RichProgress
-
     from cryowae.inference.batch import restore_batch as run
 
     result = run(inputs, model, out, block=block, chunk=chunk, tile=tile, overlap=overlap,

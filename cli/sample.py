@@ -51,7 +51,6 @@ def sample(
 
     from cryowae.cli.common import out_console
     from cryowae.cli.progress import RichProgress
-
     from cryowae.errors import CryowaeInputError
     from cryowae.io.atomic import check_output_path
     from cryowae.physics.wedge import check_tilt_range

@@ -38,7 +38,6 @@ def simulate(
     meta.json to OUT_DIR."""
     from cryowae.cli.common import out_console
     from cryowae.cli.progress import RichProgress
-
     from cryowae.physics.simulate import (
         SimulationConfig,
         check_output_dir,

@@ -41,7 +41,6 @@ def train(
     """Train a restorer on TOMOGRAMS alone (no ground truth needed)."""
     from cryowae.cli.common import out_console, resolve_tilt_range
     from cryowae.cli.progress import RichProgress
-
     from cryowae.errors import CryowaeInputError
     from cryowae.io import read_volume
     from cryowae.training.config import load_config

@@ -48,9 +48,8 @@ def view(
 ) -> None:
     """Open PATHS in napari with the cryowae reader (lazily: memory-mapped MRC, chunked
     Zarr) and the restore/sample panel."""
-    from cryowae.plugins._reader import path_kind
-
     from cryowae.errors import CryowaeInputError
+    from cryowae.plugins._reader import path_kind
 
     paths = list(paths or [])
     for p in paths:

@@ -50,7 +50,6 @@ def simulate(work: Path, size: int, seed: int) -> Path:
 
 def train(work: Path, sim: Path, steps: int, minutes: float | None) -> Path:
     from cryowae.cli.progress import RichProgress
-
     from cryowae.training.config import load_config
     from cryowae.training.data import load_sources
     from cryowae.training.loop import train as run_training
@@ -147,8 +146,9 @@ def _save(viewer, path: Path, canvas_only: bool = True) -> None:
 
 def screenshots(sim: Path, model: Path, out: Path, n_samples: int) -> None:
     import napari
-    from cryowae.plugins._widget import CryowaeWidget
     from qtpy.QtWidgets import QApplication
+
+    from cryowae.plugins._widget import CryowaeWidget
 
     out.mkdir(parents=True, exist_ok=True)
     viewer = napari.Viewer(title="cryowae")  # shown: a hidden canvas renders black
@@ -259,6 +259,7 @@ def time_lazy_open(work: Path, shape=(256, 512, 512)) -> dict[str, float]:
     """Time the plugin opening a large MRC: reader + layer + first render."""
     import mrcfile
     import napari
+
     from cryowae.plugins._reader import napari_get_reader
 
     t_import = time.perf_counter()

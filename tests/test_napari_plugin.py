@@ -20,11 +20,11 @@ import numpy as np
 import pytest
 import torch
 import zarr
-from cryowae.plugins._display import fourier_section, robust_limits, subsample
-from cryowae.plugins._reader import napari_get_reader
 
 from cryowae.io import write_mrc, write_ome_zarr
 from cryowae.physics.wedge import apply_wedge
+from cryowae.plugins._display import fourier_section, robust_limits, subsample
+from cryowae.plugins._reader import napari_get_reader
 
 HAS_NAPARI = importlib.util.find_spec("napari") is not None
 NO_NAPARI = "napari is not installed (pip install 'cryowae[napari]')"

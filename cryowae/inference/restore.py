@@ -8,7 +8,9 @@ one row of tiles along Z is processed at a time, its weighted outputs accumulate
 buffer one tile thick, and every Z-range that no later tile touches is divided by the
 (separable) weight sum, de-normalised and written out at once. Pages of memory-mapped
 inputs and outputs are handed back to the kernel as the work moves on, so even the
-resident size of the process stays near one slab.
+resident size of the process stays near one slab (tile x Y x X float32) plus the
+network's working set for one batch of tiles (which dominates: ~0.9 GB for two 96^3
+tiles through a channels=12 restorer on the CPU; see benchmarks/bench_restore.py).
 """
 
 from __future__ import annotations
