@@ -54,6 +54,7 @@ tile: it gives no diversity at all and is provided only for reference.
 
 from __future__ import annotations
 
+import abc
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -236,18 +237,18 @@ def absolute_eps(epsilon: float, dim: int, scale: float) -> float:
 
 
 # -------------------------------------------------------------------------- samplers
-class CodeSampler:
+class CodeSampler(abc.ABC):
     """Chooses, for each sample, the code each tile is decoded with."""
 
     name = "base"
 
+    @abc.abstractmethod
     def setup(self, tile_codes: torch.Tensor) -> dict[str, Any]:
         """Receive the tiles' own codes (n, d); return figures for the metadata."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def codes(self, sample: int) -> torch.Tensor:
         """(n, d) codes for sample number `sample` (deterministic given the seed)."""
-        raise NotImplementedError
 
 
 class OTCodeSampler(CodeSampler):
