@@ -96,8 +96,8 @@ def load_checkpoint(path: str | Path | None) -> Any:
         p = p / "model.pt"
     if not p.is_file():
         raise CryowaeInputError(f"{p}: no such checkpoint file")
+    from cryowae.devices import resolve_device
     from cryowae.training.checkpoint import load_restorer
-    from cryowae.training.loop import resolve_device
 
     key = (str(p.resolve()), p.stat().st_mtime)
     with _cache_lock:

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from cryowae.devices import resolve_device
 from cryowae.errors import CryowaeInputError
 from cryowae.inference.tiling import TilePlan, plan_tiles, round_up
 from cryowae.progress import ProgressReporter, ensure_progress
@@ -423,20 +424,6 @@ def restore_halves(restorer: Any, even: Any, odd: Any, tile: int = 96, overlap: 
 
 
 # --------------------------------------------------------------------------- files
-
-def resolve_device(name: str | torch.device) -> torch.device:
-    """``auto`` -> cuda when available, else cpu; refuses cuda without a GPU."""
-    name = str(name)
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise CryowaeInputError("--device cuda asked for, but torch sees no CUDA GPU")
-    try:
-        return torch.device(name)
-    except RuntimeError:
-        raise CryowaeInputError(f"--device: unknown device {name!r} (auto, cpu or cuda)"
-                                ) from None
-
 
 def _output_kind(out: Path) -> str:
     from cryowae.io import MRC_SUFFIXES

@@ -488,7 +488,7 @@ def sample_file(model: str | os.PathLike | Sequence[str | os.PathLike], tomogram
     name and renamed at the end; an existing `out_dir` is refused unless `overwrite`.
     Memory holds one sample at a time (plus the running mean and M2), never the family.
     """
-    from cryowae.inference.restore import resolve_device
+    from cryowae.devices import resolve_device
     from cryowae.io import read_volume, write_mrc
     from cryowae.io.atomic import atomic_path, check_output_path
     from cryowae.io.omezarr import OmeZarrWriter

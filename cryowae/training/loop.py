@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from cryowae import __version__
+from cryowae.devices import resolve_device
 from cryowae.divergences import (
     CodeBank,
     GaussianPrior,
@@ -61,14 +62,6 @@ class TrainResult:
     final: dict[str, float]
     mode: str
     prior_check: str
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise CryowaeInputError("--device cuda asked for, but torch sees no CUDA GPU")
-    return torch.device(name)
 
 
 def _seed_everything(seed: int) -> None:
