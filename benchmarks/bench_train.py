@@ -17,9 +17,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -67,6 +69,55 @@ def lowpass_floor(tomo: np.ndarray, gt: np.ndarray, voxel: float) -> dict:
     return m
 
 
+def run_one(out: Path, seed: int, div: str, config: str, minutes: float, tile: int) -> dict:
+    """Train one divergence on one seed's halves, restore both halves, evaluate.
+
+    The result is written to ``run_seed{seed}_{div}/result.json``; an existing result is
+    reused, so an interrupted benchmark resumes with the runs it had not finished.
+    """
+    from cryowae.inference.restore import restore_array
+    from cryowae.io import read_volume
+    from cryowae.metrics.report import evaluate_volumes
+    from cryowae.training.checkpoint import load_restorer
+    from cryowae.training.config import load_config
+    from cryowae.training.data import load_sources
+    from cryowae.training.loop import train
+
+    run = out / f"run_seed{seed}_{div}"
+    done = run / "result.json"
+    if done.exists():
+        return json.loads(done.read_text())
+    if run.exists():  # an interrupted run: start it again from scratch
+        import shutil
+
+        shutil.rmtree(run)
+    sim = out / f"sim_seed{seed}"
+    gt_vol = read_volume(sim / "gt.mrc")
+    gt = gt_vol.numpy()
+    even = read_volume(sim / "tomo_even.mrc").numpy()
+    odd = read_volume(sim / "tomo_odd.mrc").numpy()
+    cfg = load_config(config).replace(divergence=div, minutes=minutes, steps=10**9,
+                                      seed=seed)
+    sources = load_sources([sim / "tomo.mrc"], [sim / "tomo_even.mrc"],
+                           [sim / "tomo_odd.mrc"], min_size=cfg.patch_size)
+    t0 = time.time()
+    res = train(sources, cfg, run)
+    t_train = time.time() - t0
+    model = load_restorer(run / "model.pt")
+    t0 = time.time()
+    rest = 0.5 * (restore_array(model, even, tile=tile, overlap=tile // 3)
+                  + restore_array(model, odd, tile=tile, overlap=tile // 3))
+    t_restore = time.time() - t0
+    m = evaluate_volumes(rest, gt, gt_vol.voxel_size)
+    row = {"seed": seed, "method": f"cryowae {div}", "steps": res.steps,
+           "train_s": t_train, "restore_s": t_restore,
+           "subtomos_per_s": res.steps * cfg.batch_size / max(t_train, 1e-9),
+           "mmd_to_prior": res.final.get("mmd_to_prior"),
+           "threads": torch.get_num_threads()} | m
+    done.write_text(json.dumps(row, default=float))
+    return row
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -76,19 +127,23 @@ def main() -> None:
                     default=["mmd", "sinkhorn", "sliced", "adversarial", "none"])
     ap.add_argument("--config", default="cpu-small")
     ap.add_argument("--tile", type=int, default=64)
+    ap.add_argument("--parallel", type=int, default=1,
+                    help="runs at once, each with cores/parallel torch threads")
     ap.add_argument("--no-pdb", action="store_true", help="procedural particles only")
     ap.add_argument("--out", type=Path, default=Path("bench_train_out"))
+    ap.add_argument("--single", nargs=2, metavar=("SEED", "DIVERGENCE"),
+                    help=argparse.SUPPRESS)  # one run, in a child process
     a = ap.parse_args()
     command = "python " + " ".join(sys.argv)
     a.out.mkdir(parents=True, exist_ok=True)
+    if a.single:
+        row = run_one(a.out, int(a.single[0]), a.single[1], a.config, a.minutes, a.tile)
+        print(json.dumps({k: v for k, v in row.items() if k != "fsc"}, default=float),
+              flush=True)
+        return
 
-    from cryowae.inference.restore import restore_array
     from cryowae.io import read_volume
     from cryowae.metrics.report import evaluate_volumes
-    from cryowae.training.checkpoint import load_restorer
-    from cryowae.training.config import load_config
-    from cryowae.training.data import load_sources
-    from cryowae.training.loop import train
 
     pdbs: list[Path] = []
     if not a.no_pdb:
@@ -108,41 +163,34 @@ def main() -> None:
         rows.append({"seed": seed, "method": "raw tomogram"} | evaluate_volumes(raw, gt, voxel))
         rows.append({"seed": seed, "method": "best Gaussian low-pass (oracle)"}
                     | lowpass_floor(raw, gt, voxel))
-        even = read_volume(sim / "tomo_even.mrc").numpy()
-        odd = read_volume(sim / "tomo_odd.mrc").numpy()
-        for div in a.divergences:
-            run = a.out / f"run_seed{seed}_{div}"
-            cfg = load_config(a.config).replace(divergence=div, minutes=a.minutes,
-                                                steps=10**9, seed=seed)
-            sources = load_sources([sim / "tomo.mrc"], [sim / "tomo_even.mrc"],
-                                   [sim / "tomo_odd.mrc"], min_size=cfg.patch_size)
-            t0 = time.time()
-            res = train(sources, cfg, run)
-            t_train = time.time() - t0
-            model = load_restorer(run / "model.pt")
-            t0 = time.time()
-            rest = 0.5 * (restore_array(model, even, tile=a.tile, overlap=a.tile // 3)
-                          + restore_array(model, odd, tile=a.tile, overlap=a.tile // 3))
-            t_restore = time.time() - t0
-            m = evaluate_volumes(rest, gt, voxel)
-            rows.append({"seed": seed, "method": f"cryowae {div}", "steps": res.steps,
-                         "train_s": t_train, "restore_s": t_restore,
-                         "subtomos_per_s": res.steps * cfg.batch_size / max(t_train, 1e-9),
-                         "mmd_to_prior": res.final.get("mmd_to_prior")} | m)
-            print(json.dumps({k: v for k, v in rows[-1].items() if k != "fsc"}), flush=True)
+    jobs = [(seed, div) for seed in a.seeds for div in a.divergences]
+    threads = max(1, (os.cpu_count() or 1) // a.parallel)
+
+    def launch(job: tuple[int, str]) -> None:
+        env = os.environ | {"OMP_NUM_THREADS": str(threads), "OMP_WAIT_POLICY": "PASSIVE",
+                            "CRYOWAE_NO_TENSORBOARD": "1"}
+        cmd = [sys.executable, __file__, "--single", str(job[0]), job[1], "--out", str(a.out),
+               "--minutes", str(a.minutes), "--config", a.config, "--tile", str(a.tile)]
+        subprocess.run(cmd, check=True, env=env)
+
+    with ThreadPoolExecutor(max_workers=a.parallel) as pool:
+        list(pool.map(launch, jobs))
+    for seed, div in jobs:
+        rows.append(json.loads((a.out / f"run_seed{seed}_{div}" / "result.json").read_text()))
     (a.out / "results.json").write_text(json.dumps(rows, indent=2, default=float))
     keys = ["pearson", "cc_measured", "cc_wedge", "fsc_0143_A", "mmd_to_prior", "steps",
             "subtomos_per_s", "restore_s"]
     print("\n| seed | method | " + " | ".join(keys) + " |")
     print("|---|---|" + "---|" * len(keys))
-    for r in rows:
+    for r in sorted(rows, key=lambda r: r["seed"]):
         cells = []
         for k in keys:
             v = r.get(k)
             cells.append("" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v))
         print(f"| {r['seed']} | {r['method']} | " + " | ".join(cells) + " |")
     print(f"\ncommand: {command}")
-    print(f"torch threads: {torch.get_num_threads()}")
+    print(f"runs at once: {a.parallel}, torch threads per run: {threads}, "
+          f"cores: {os.cpu_count()}")
 
 
 if __name__ == "__main__":

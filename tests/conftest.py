@@ -33,14 +33,16 @@ def run_cli(*args: str, check: bool = False, **kw) -> subprocess.CompletedProces
 
 @pytest.fixture(scope="session")
 def tiny_model_path(tmp_path_factory) -> Path:
-    """An untrained tiny restorer: its output head starts at zero, so it is the identity."""
+    """An untrained tiny restorer with the identity skip: its output head starts at zero,
+    so it is the identity."""
     from cryowae.models.restorer import RestorerConfig, WAERestorer
     from cryowae.training.checkpoint import save_restorer
     from cryowae.training.config import TrainConfig
 
     torch.manual_seed(0)
-    cfg = TrainConfig(patch_size=16, channels=4, depth=2, latent_dim=8)
-    model = WAERestorer(RestorerConfig(cfg.channels, cfg.depth, cfg.latent_dim))
+    cfg = TrainConfig(patch_size=16, channels=4, depth=2, latent_dim=8, skip="identity")
+    model = WAERestorer(RestorerConfig(cfg.channels, cfg.depth, cfg.latent_dim,
+                                       skip="identity"))
     path = tmp_path_factory.mktemp("tiny_model") / "model.pt"
     save_restorer(path, model, cfg.to_dict(), voxel_size=10.0, norm=(0.0, 1.0),
                   codes=torch.randn(64, cfg.latent_dim))

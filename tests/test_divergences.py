@@ -471,7 +471,7 @@ def test_prefers_prior_passes_for_mmd_at_1024_codes_d64():
 def test_prefers_prior_detects_sinkhorn_failure_at_1024_codes_d64():
     """FIELD_NOTES reproduced: Sinkhorn ranks the contracted cloud below the null."""
     prior = GaussianPrior(64)
-    div = build_divergence("sinkhorn", 64, prior)  # default blur 4 sigma
+    div = build_divergence("sinkhorn", 64, prior, p=2)  # blur 4 sigma, squared cost
     res = prefers_prior(div, prior, 1024, n_seeds=3)
     # measured: contracted 0.743 vs null 0.894 +- 0.025 (-6.1 null spreads); shifted +19.6.
     # blur 1 sigma was worse: contracted 29.6 vs null 39.2 +- 0.16 (-60 null spreads).
@@ -480,6 +480,20 @@ def test_prefers_prior_detects_sinkhorn_failure_at_1024_codes_d64():
     assert res.separation_contracted < -3
     assert res.separation_shifted > 10
     assert "closer than a fresh prior sample" in res.message
+
+
+def test_prefers_prior_sinkhorn_default_cost_passes_at_1024_codes_d64():
+    """The default cost |x - y| (energy-distance limit) fixes the failure above, and a
+    collapsed cloud (what the squared cost let training produce) scores far above the
+    null."""
+    prior = GaussianPrior(64)
+    div = build_divergence("sinkhorn", 64, prior)
+    res = prefers_prior(div, prior, 1024, n_seeds=3)
+    assert res.checked and res.passed, res.message
+    assert res.separation_contracted > 20 and res.separation_shifted > 20
+    g = _gen(23)
+    collapsed = 0.05 * torch.randn(1024, 64, generator=g)
+    assert float(div(collapsed, prior.sample(1024, g))) > 10 * res.null_mean
 
 
 def test_prefers_prior_sliced_and_not_applicable():

@@ -233,3 +233,26 @@ def test_refill_keeps_measured_region_and_fills_wedge(tmp_path):
     assert wedge_after > 1e-3 * fa.abs().pow(2).sum()
     tr.run()
     assert "full" in src.refilled and src.refilled["full"].shape == data.shape
+
+
+def test_untrained_restorer_is_a_lowpass_and_identity_skip_is_exact():
+    """The default skip starts as a normalised 1-voxel Gaussian: an untrained restorer
+    returns the low-passed input (noise variance down ~20x, constants kept); with
+    skip="identity" it returns the input exactly."""
+    from cryowae.models.restorer import RestorerConfig, WAERestorer
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 1, 16, 16, 16, generator=g)
+    lp = WAERestorer(RestorerConfig(4, 2, 8)).eval()
+    ident = WAERestorer(RestorerConfig(4, 2, 8, skip="identity")).eval()
+    with torch.no_grad():
+        y_lp, _ = lp(x)
+        y_id, _ = ident(x)
+        const, _ = lp(torch.full((1, 1, 16, 16, 16), 3.0))
+    assert torch.equal(y_id, x)
+    # white noise through a Gaussian of sigma 1 voxel: variance x 1 / (8 pi^1.5) = 0.022
+    assert float(y_lp[:, :, 4:-4, 4:-4, 4:-4].var()) == pytest.approx(0.0224, rel=0.25)
+    assert torch.allclose(const, torch.full_like(const, 3.0), atol=1e-5)
+    assert lp.skip_filter.weight.requires_grad  # learnable
+    with pytest.raises(CryowaeInputError, match="skip"):
+        TrainConfig().replace(skip="median").validate()

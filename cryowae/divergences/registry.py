@@ -7,7 +7,7 @@ them and does something only for ``"adversarial"`` (it returns the discriminator
 ``None`` elsewhere), so the trainer can call it unconditionally once per step.
 
 Values are dimensionless: MMD's kernel constants scale with the prior's sigma, and the
-transport-based divergences (Sinkhorn, sliced) are divided by sigma^2 when
+transport-based divergences (Sinkhorn, sliced) are divided by sigma^p (sigma^2 for sliced) when
 ``normalize=True`` (default), so one penalty weight lambda fits priors of any scale.
 
 =============  ==============================================================  ==========
@@ -16,7 +16,7 @@ name           options (keyword, default)                                      m
 mmd            kernel="imq" | "rbf", scales=None, block_size=1024,             O(N d)
                implementation="blockwise" | "dense"
 sinkhorn       blur=4.0 (x sigma), scaling=0.9, backend="tensorized",          O(N^2)
-               normalize=True
+               normalize=True, p=1 (cost |x-y|^p)
 sliced         n_projections=128, generator=None, seed=0, normalize=True       O(N L)
 adversarial    hidden=512, layers=4, lr=5e-4, seed=0  (unstable baseline)      O(N)
 none           (no options) returns 0 with a graph to z_q                      -
@@ -131,20 +131,22 @@ class SinkhornLatent(LatentDivergence):
         scaling: float = 0.9,
         backend: str = "tensorized",
         normalize: bool = True,
+        p: int = 1,
     ) -> None:
         super().__init__(dim, scale)
-        self.sinkhorn = SinkhornDivergence(scale, blur, scaling, backend)
+        self.sinkhorn = SinkhornDivergence(scale, blur, scaling, backend, p)
         self.normalize = bool(normalize)
 
     def forward(self, z_q: torch.Tensor, z_p: torch.Tensor) -> torch.Tensor:
         self._check(z_q, z_p)
         value = self.sinkhorn(z_q, z_p)
-        return value / self.scale**2 if self.normalize else value
+        return value / self.scale**self.sinkhorn.p if self.normalize else value
 
     def extra_repr(self) -> str:
         s = self.sinkhorn
         return (
-            f"{super().extra_repr()}, blur={s.blur_rel:g} sigma, scaling={s.scaling:g}, "
+            f"{super().extra_repr()}, p={s.p}, blur={s.blur_rel:g} sigma, "
+            f"scaling={s.scaling:g}, "
             f"backend={s.backend}, normalize={self.normalize}"
         )
 

@@ -1,8 +1,18 @@
 """Debiased entropic-OT Sinkhorn divergence between two clouds of codes (GeomLoss).
 
 ``S_eps(a, b) = OT_eps(a, b) - OT_eps(a, a) / 2 - OT_eps(b, b) / 2`` with the cost
-``|x - y|^2 / 2`` (GeomLoss ``p=2``) and ``eps = blur^2``; it is >= 0 and 0 for identical
-clouds. ``blur`` is given relative to the prior's scale: ``blur_abs = blur_rel * sigma``.
+``|x - y|`` (GeomLoss ``p=1``, the default) or ``|x - y|^2 / 2`` (``p=2``) and
+``eps = blur^p``; it is >= 0 and 0 for identical clouds. ``blur`` is given relative to
+the prior's scale: ``blur_abs = blur_rel * sigma``.
+
+Why p = 1 by default: as eps grows, the Sinkhorn divergence tends to the MMD whose
+kernel is minus the cost. For ``|x - y|`` that is the energy distance, a proper
+divergence that sees every difference between two distributions; for ``|x - y|^2`` it
+only compares the means. With p = 2 the blur that the prefers-prior check needs at a
+few thousand codes (4 sigma) let the training codes collapse to a point near the prior's
+mean (measured: code std 0.008 against the prior's 1). With p = 1 and blur 4 at 1,028
+codes, d = 32, the contracted cloud lay 190 and the shifted cloud 117 null spreads above
+the null, and a collapsed cloud scored 1.50 against a null of 0.025.
 
 Backend: always ``"tensorized"`` unless told otherwise. Without KeOps GeomLoss's
 automatic backend switches to ``"online"`` above ~5,000 points and errors; the
@@ -35,6 +45,7 @@ class SinkhornDivergence:
             Default 4: measured to pass the prefers-prior check at 4,096 codes, d = 64
             (contracted +37, shifted +127 null spreads); at 1,024 codes blurs 0.5, 1,
             2 and 4 all failed it.
+        p: exponent of the cost ``|x - y|^p / p`` (1 or 2; see the module docstring).
         scaling: epsilon-scaling ratio of GeomLoss's annealing, 0.7 <= scaling < 1
             (higher = more iterations, more accurate).
         backend: GeomLoss backend; ``"tensorized"`` (default) needs no KeOps.
@@ -46,7 +57,10 @@ class SinkhornDivergence:
         blur: float = 4.0,
         scaling: float = 0.9,
         backend: str = "tensorized",
+        p: int = 1,
     ) -> None:
+        if p not in (1, 2):
+            raise CryowaeInputError(f"Sinkhorn cost exponent p must be 1 or 2, got {p}")
         if not float(scale) > 0:
             raise CryowaeInputError(f"prior scale must be positive, got {scale}")
         if not float(blur) > 0:
@@ -65,9 +79,10 @@ class SinkhornDivergence:
         self.blur_abs = self.blur_rel * self.scale
         self.scaling = float(scaling)
         self.backend = backend
+        self.p = int(p)
         self._loss = SamplesLoss(
             "sinkhorn",
-            p=2,
+            p=self.p,
             blur=self.blur_abs,
             scaling=self.scaling,
             debias=True,
@@ -91,6 +106,7 @@ def sinkhorn_divergence(
     blur: float = 4.0,
     scaling: float = 0.9,
     backend: str = "tensorized",
+    p: int = 1,
 ) -> torch.Tensor:
     """Debiased Sinkhorn divergence of codes ``x`` (n, d) and ``y`` (m, d); scalar."""
-    return SinkhornDivergence(scale, blur, scaling, backend)(x, y)
+    return SinkhornDivergence(scale, blur, scaling, backend, p)(x, y)

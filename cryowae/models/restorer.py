@@ -10,6 +10,7 @@ subtomograms (B, 1, Z, Y, X) with Z, Y, X divisible by 2**depth.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 import torch
@@ -26,6 +27,10 @@ class RestorerConfig:
     depth: int = 3  # number of down-sampling steps
     latent_dim: int = 64  # dimension of z
     encoder: str = "deterministic"  # or "gaussian" (z = mu + sigma * eps in training)
+    # what the decoder's correction is added to: "lowpass" (a learnable 3D filter of the
+    # input, initialised as a Gaussian of `skip_sigma` voxels), "identity" (the input)
+    skip: str = "lowpass"
+    skip_sigma: float = 1.0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -63,6 +68,9 @@ class WAERestorer(nn.Module):
         for lin in self.film:  # start as the identity modulation
             nn.init.zeros_(lin.weight)
             nn.init.zeros_(lin.bias)
+        if cfg.skip not in ("lowpass", "identity"):
+            raise ValueError(f"unknown skip {cfg.skip!r}")
+        self.skip_filter = _gaussian_filter(cfg.skip_sigma) if cfg.skip == "lowpass" else None
         self.head = nn.Conv3d(ch[0], 1, 1)
         nn.init.zeros_(self.head.weight)
         nn.init.zeros_(self.head.bias)
@@ -119,7 +127,8 @@ class WAERestorer(nn.Module):
         for i, (up, block) in enumerate(zip(self.up, self.dec, strict=True)):
             skip = skips[-2 - i]
             h = block(torch.cat([up(h), skip], dim=1), self.film[i + 1](z))
-        return x + self.head(h)
+        base = x if self.skip_filter is None else self.skip_filter(x)
+        return base + self.head(h)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         z, skips = self.encode(x, sample=self.training)
@@ -132,3 +141,18 @@ class WAERestorer(nn.Module):
 
     def _record_decoder_grad(self, grad: torch.Tensor) -> None:
         self.decoder_code_grad = grad.detach()
+
+
+def _gaussian_filter(sigma: float) -> nn.Conv3d:
+    """A learnable 1-channel 3D filter initialised as a normalised Gaussian (sigma in
+    voxels; the kernel spans +-3 sigma). At the noise levels of tomograms the plain
+    identity skip makes the untrained restorer return the noise; starting from a
+    low-pass lets the decoder learn a correction rather than to cancel its input."""
+    r = max(1, int(math.ceil(3 * sigma)))
+    conv = nn.Conv3d(1, 1, 2 * r + 1, padding=r, padding_mode="replicate", bias=False)
+    x = torch.arange(-r, r + 1, dtype=torch.float32)
+    g = torch.exp(-x**2 / (2 * sigma**2))
+    k = g[:, None, None] * g[None, :, None] * g[None, None, :]
+    with torch.no_grad():
+        conv.weight.copy_((k / k.sum())[None, None])
+    return conv

@@ -27,6 +27,8 @@ class TrainConfig:
     depth: int = 3
     latent_dim: int = 64
     encoder: str = "deterministic"
+    skip: str = "lowpass"  # restored = skip(input) + correction: "lowpass" or "identity"
+    skip_sigma: float = 1.0  # initial width of the low-pass skip filter (voxels)
     # optimisation
     batch_size: int = 4
     lr: float = 1e-3
@@ -45,8 +47,11 @@ class TrainConfig:
     balance_steps: int = 10  # steps over which the term scales are measured
     blur: float = 4.0  # Sinkhorn blur, relative to the prior sigma (see divergences)
     scaling: float = 0.9  # Sinkhorn epsilon-scaling
+    sinkhorn_p: int = 1  # Sinkhorn cost |x-y|^p: 1 (energy-distance limit) or 2
     n_projections: int = 128  # sliced Wasserstein
     bank_size: int = 1024  # memory bank of recent encoder features (0: minibatch only)
+    bank_grad: bool = False  # let the penalty's gradient reach the head through the bank
+    bank_centering: bool = True  # re-centre the banked codes on the batch mean (loop.py)
     prior: str = "gaussian"  # or "reference"
     prior_sigma: float = 1.0
     check_prior_preference: bool = True
@@ -96,6 +101,8 @@ class TrainConfig:
             raise CryowaeInputError(f"{source}: unknown kernel {self.kernel!r} (imq or rbf)")
         if self.prior not in ("gaussian", "reference"):
             raise CryowaeInputError(f"{source}: unknown prior {self.prior!r}")
+        if self.skip not in ("lowpass", "identity"):
+            raise CryowaeInputError(f"{source}: unknown skip {self.skip!r} (lowpass or identity)")
         if self.encoder not in ("deterministic", "gaussian"):
             raise CryowaeInputError(f"{source}: unknown encoder {self.encoder!r}")
         if not 8 <= self.latent_dim <= 256:

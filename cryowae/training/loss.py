@@ -82,12 +82,16 @@ class TermBalancer:
         self.grad_div = b * self.grad_div + (1 - b) * div_grad_norm
         self.grad_count += 1
 
-    def weight(self, rec: float, div: float) -> float:
+    def weight(self, rec: float, div: float, value_scale: float = 1.0) -> float:
+        """The divergence weight for this step. `value_scale` multiplies the value-based
+        weight only (the trainer passes N/B for an aggregate of N codes of which B get
+        gradients); the gradient-based weight already sees the force per code."""
         if self.count < self.warmup:
             self.rec_sum += abs(rec)
             self.div_sum += abs(div)
             self.count += 1
         w = self.lam if self.div_sum <= 1e-12 else self.lam * self.rec_sum / self.div_sum
+        w *= value_scale
         if self.grad_count and self.grad_div > 1e-20:
             w = max(w, self.lam * self.grad_rec / self.grad_div)
         return w
