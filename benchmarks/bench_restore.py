@@ -55,6 +55,15 @@ def parse_size(text: str) -> tuple[int, int, int]:
     return tuple(parts)  # type: ignore[return-value]
 
 
+def parse_settings(text: str) -> tuple[tuple[int, int], ...]:
+    try:
+        pairs = tuple((int(a), int(b)) for a, b in (p.split(":") for p in text.split(",")))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"--settings wants tile:overlap,..., got {text!r}") from None
+    return pairs
+
+
 # ----------------------------------------------------------------------------- data
 def smooth_volume(path: Path, shape: tuple[int, int, int], voxel_size: float = 10.0) -> None:
     """A smooth tomogram-like volume (low-frequency waves + soft blobs), slab by slab."""
@@ -79,8 +88,8 @@ def smooth_volume(path: Path, shape: tuple[int, int, int], voxel_size: float = 1
 
 def bench_model(path: Path) -> Path:
     """An untrained restorer of realistic size whose output head is random (not zero)."""
+    from cryowae.models.checkpoint import save_restorer
     from cryowae.models.restorer import RestorerConfig, WAERestorer
-    from cryowae.training.checkpoint import save_restorer
     from cryowae.training.config import TrainConfig
 
     if path.exists():
@@ -161,7 +170,7 @@ def run_speed(args: argparse.Namespace) -> None:
     from cryowae.inference.restore import restore_array
     from cryowae.inference.tiling import plan_tiles
     from cryowae.io import read_volume
-    from cryowae.training.checkpoint import load_restorer
+    from cryowae.models.checkpoint import load_restorer
 
     work = args.work
     shape = args.size
@@ -176,7 +185,7 @@ def run_speed(args: argparse.Namespace) -> None:
     print(f"{'tile/overlap':>12} {'tiles':>6} {'seconds':>8} {'out Mvox/s':>10} "
           f"{'tile Mvox/s':>11} {'peak RSS MB':>11} {'growth MB':>9} {'seam':>6} "
           f"{'est. 256x512x512':>16}")
-    for tile, overlap in SETTINGS:
+    for tile, overlap in args.settings:
         out = work / f"restored_{tile}_{overlap}.mrc"
         cmd = [sys.executable, __file__, "--child", "--model", str(model), "--input", str(src),
                "--output", str(out), "--tile", str(tile), "--overlap", str(overlap),
@@ -219,10 +228,11 @@ def simulate(work: Path, seed: int, size: int) -> Path:
 def run_quality(args: argparse.Namespace) -> None:
     from cryowae.inference.restore import restore_array, restore_halves
     from cryowae.io import read_volume
+    from cryowae.io.stats import volume_stats
     from cryowae.metrics.report import evaluate_volumes
-    from cryowae.training.checkpoint import load_restorer
+    from cryowae.models.checkpoint import load_restorer
     from cryowae.training.config import TrainConfig
-    from cryowae.training.data import load_sources, volume_stats
+    from cryowae.training.data import load_sources
     from cryowae.training.loop import train
 
     if importlib.util.find_spec("cryowae.cli.simulate") is None:
@@ -282,6 +292,9 @@ def main(argv: list[str] | None = None) -> None:
                     help="speed: tomogram ZxYxX (default 64x192x192; the spec's 256x512x512 "
                     "takes ~2 h on 2 CPU cores)")
     ap.add_argument("--batch-size", type=int, default=2)
+    ap.add_argument("--settings", type=parse_settings, default=SETTINGS,
+                    help="speed: tile:overlap pairs, e.g. 128:32,96:32 (default "
+                    + ",".join(f"{t}:{o}" for t, o in SETTINGS) + ")")
     ap.add_argument("--quality-size", type=int, default=96)
     ap.add_argument("--quality-seeds", default="1,2")
     ap.add_argument("--train-minutes", type=float, default=3.0,

@@ -190,7 +190,7 @@ def main(argv: list[str] | None = None) -> None:
     print("command:", " ".join([f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '')}",
                                 ".venv/bin/python", *sys.argv]))
 
-    from cryowae.training.checkpoint import load_restorer
+    from cryowae.models.checkpoint import load_restorer
     from cryowae.training.config import TrainConfig
     from cryowae.training.data import load_sources
     from cryowae.training.loop import train

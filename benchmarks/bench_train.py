@@ -78,7 +78,7 @@ def run_one(out: Path, seed: int, div: str, config: str, minutes: float, tile: i
     from cryowae.inference.restore import restore_array
     from cryowae.io import read_volume
     from cryowae.metrics.report import evaluate_volumes
-    from cryowae.training.checkpoint import load_restorer
+    from cryowae.models.checkpoint import load_restorer
     from cryowae.training.config import load_config
     from cryowae.training.data import load_sources
     from cryowae.training.loop import train

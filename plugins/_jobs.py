@@ -97,7 +97,7 @@ def load_checkpoint(path: str | Path | None) -> Any:
     if not p.is_file():
         raise CryowaeInputError(f"{p}: no such checkpoint file")
     from cryowae.devices import resolve_device
-    from cryowae.training.checkpoint import load_restorer
+    from cryowae.models.checkpoint import load_restorer
 
     key = (str(p.resolve()), p.stat().st_mtime)
     with _cache_lock:

@@ -35,8 +35,8 @@ def run_cli(*args: str, check: bool = False, **kw) -> subprocess.CompletedProces
 def tiny_model_path(tmp_path_factory) -> Path:
     """An untrained tiny restorer with the identity skip: its output head starts at zero,
     so it is the identity."""
+    from cryowae.models.checkpoint import save_restorer
     from cryowae.models.restorer import RestorerConfig, WAERestorer
-    from cryowae.training.checkpoint import save_restorer
     from cryowae.training.config import TrainConfig
 
     torch.manual_seed(0)

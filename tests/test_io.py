@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import mrcfile
 import numpy as np
 import pytest
@@ -140,3 +142,26 @@ def test_tilt_files(tmp_path):
     p.write_text("-60\nabc\n")
     with pytest.raises(CryowaeInputError, match="not a tilt angle"):
         read_tilt_angles(p)
+
+
+def test_release_pages_keeps_data_and_drops_resident_pages(tmp_path):
+    """A pass over a memory-mapped output leaves it resident; release_pages drops it
+    (the data stay in the file)."""
+    from cryowae.io.mrc import open_mrc_writer, release_pages
+
+    def rss_mb() -> float:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+    path = tmp_path / "big.mrc"
+    with open_mrc_writer(path, (64, 256, 256), 10.0) as out:  # 16 MiB
+        for z in range(0, 64, 8):
+            out[z:z + 8] = z
+        before = rss_mb()
+        assert release_pages(out)
+        after = rss_mb()
+        assert before - after > 10  # most of the 16 MiB left the process
+        assert float(out[63, 0, 0]) == 56.0  # read back from the file
+    assert not release_pages(np.zeros(4))
+    vol = read_mrc(path)
+    assert float(np.asarray(vol.data[40]).mean()) == 40.0

@@ -34,10 +34,10 @@ from cryowae.inference.tiling import (
     window_1d,
 )
 from cryowae.io import open_mrc_writer, read_mrc_header, read_ome_zarr, read_volume, write_mrc
+from cryowae.io.stats import volume_stats
+from cryowae.models.checkpoint import LoadedRestorer, load_restorer
 from cryowae.models.restorer import RestorerConfig, WAERestorer
 from cryowae.progress import ProgressReporter
-from cryowae.training.checkpoint import LoadedRestorer, load_restorer
-from cryowae.training.data import volume_stats
 from tests.conftest import run_cli
 
 # --------------------------------------------------------------------------- helpers
@@ -332,7 +332,7 @@ MEMORY_SCRIPT = textwrap.dedent("""
     torch.set_num_threads(1)
     from cryowae.inference.restore import restore_array
     from cryowae.io import open_mrc_writer, read_volume
-    from cryowae.training.checkpoint import load_restorer
+    from cryowae.models.checkpoint import load_restorer
 
     model, src, dst = sys.argv[1:4]
     r = load_restorer(model)

@@ -51,8 +51,8 @@ def tomos(tmp_path_factory) -> list[Path]:
 @pytest.fixture(scope="module")
 def real_model_path(tmp_path_factory) -> Path:
     """A tiny restorer that is NOT the identity: random output head and FiLM layers."""
+    from cryowae.models.checkpoint import save_restorer
     from cryowae.models.restorer import RestorerConfig, WAERestorer
-    from cryowae.training.checkpoint import save_restorer
     from cryowae.training.config import TrainConfig
 
     torch.manual_seed(1)
@@ -125,7 +125,7 @@ def test_overwrite_replaces_finished_output(client, tiny_model_path, tmp_path):
 
 def test_blocks_match_single_pass(real_run, tomos, real_model_path):
     from cryowae.inference.restore import restore_array
-    from cryowae.training.checkpoint import load_restorer
+    from cryowae.models.checkpoint import load_restorer
 
     data = read_volume(tomos[0]).numpy()
     ref = restore_array(load_restorer(real_model_path), data, tile=32, overlap=8)

@@ -12,6 +12,7 @@ import torch
 
 from cryowae.errors import CryowaeInputError
 from cryowae.io import read_mrc, read_ome_zarr, write_mrc
+from cryowae.models.checkpoint import load_restorer, save_restorer
 from cryowae.physics.wedge import apply_wedge, wedge_mask
 from cryowae.progress import ProgressReporter
 from cryowae.sampling import (
@@ -27,7 +28,6 @@ from cryowae.sampling import (
     sample_file,
 )
 from cryowae.sampling.ot_sampler import absolute_eps, cube_rotations, rotate_cube
-from cryowae.training.checkpoint import load_restorer, save_restorer
 
 from .conftest import run_cli
 

@@ -136,7 +136,7 @@ def test_resume_after_kill(tomo, tiny_config, tmp_path):
     time.sleep(1.0)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    from cryowae.training.checkpoint import KIND_CHECKPOINT, load_state
+    from cryowae.models.checkpoint import KIND_CHECKPOINT, load_state
 
     saved = load_state(run / "checkpoint.pt", KIND_CHECKPOINT)["step"]
     assert 2 <= saved < 400
@@ -162,7 +162,7 @@ def test_two_process_gloo_ddp(tomo, tiny_config, tmp_path):
                           capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "2 process(es)" in proc.stdout + proc.stderr
-    from cryowae.training.checkpoint import load_restorer
+    from cryowae.models.checkpoint import load_restorer
 
     model = load_restorer(run)
     assert model.train_config["patch_size"] == 16

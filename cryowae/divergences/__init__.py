@@ -7,7 +7,7 @@ above fresh prior samples.
 """
 
 from cryowae.divergences.adversarial import AdversarialDivergence, LatentDiscriminator
-from cryowae.divergences.bank import CodeBank
+from cryowae.divergences.bank import CodeBank, aggregate_with_bank
 from cryowae.divergences.check import PrefersPriorResult, prefers_prior
 from cryowae.divergences.mmd import (
     IMQ_SCALES,
@@ -46,6 +46,7 @@ __all__ = [
     "AdversarialDivergence",
     "AdversarialLatent",
     "CodeBank",
+    "aggregate_with_bank",
     "GaussianPrior",
     "LatentDiscriminator",
     "LatentDivergence",

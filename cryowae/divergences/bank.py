@@ -1,18 +1,21 @@
-"""`CodeBank`: a FIFO memory bank of recent detached codes.
+"""Memory bank for latent matching: a FIFO store and the aggregate it feeds the penalty.
 
-One minibatch of subtomograms gives a few dozen codes, far too few to estimate the
-aggregated posterior in 8-256 dimensions. The bank keeps the last ``capacity`` codes
-(detached, so no graph is kept) and the penalty compares the concatenation
-``[z_batch (with grad), bank (detached)]`` with a prior sample of the same size, so
-the aggregate is estimated from up to ``batch + capacity`` codes while gradients still
-reach only the current batch. The banked codes come from slightly older encoder
-weights; keep the capacity to a few hundred steps' worth.
+One minibatch of subtomograms gives a few codes, far too few to estimate the aggregated
+posterior in 8-256 dimensions. `CodeBank` keeps the last ``capacity`` rows (detached;
+the trainer stores pooled encoder features and maps them through the current latent
+head, see `cryowae.training.loop`), and `aggregate_with_bank` builds the sample the
+divergence compares with the prior: ``[z_batch (with grad), banked codes]``, the banked
+codes re-centred on the batch mean. Why re-centred: banked codes come from older
+weights and lag behind; an uncentred, detached bank repels each new batch away from
+where the codes were and the codes run away (docs/benchmarks.md, "what the memory bank
+does"). Centred, the bank contributes only the spread of the aggregate.
 
 Typical step::
 
-    loss = recon + lam * bank.penalty(z)      # z (B, d) with grad
+    z_all = aggregate_with_bank(z, head(bank.codes()))
+    loss = recon + lam * divergence(z_all, prior.sample(len(z_all)))
     loss.backward(); opt.step()
-    bank.push(z)                              # after the step
+    bank.push(features.detach())              # after the step
 """
 
 from __future__ import annotations
@@ -21,33 +24,34 @@ from typing import Any
 
 import torch
 
-from cryowae.divergences.priors import Prior
 from cryowae.errors import CryowaeInputError
 
 
+def aggregate_with_bank(z_batch: torch.Tensor, banked: torch.Tensor,
+                        center: bool = True) -> torch.Tensor:
+    """``[z_batch, banked]`` (B + N, d): the batch codes (B, d) keep their graph; the
+    banked codes (N, d) are shifted so that their mean equals the batch mean (detached)
+    when `center` is set. An empty bank returns `z_batch`."""
+    if banked.numel() == 0:
+        return z_batch
+    banked = banked.to(dtype=z_batch.dtype, device=z_batch.device)
+    if center:
+        banked = banked - banked.mean(0, keepdim=True) + z_batch.detach().mean(0, keepdim=True)
+    return torch.cat([z_batch, banked], dim=0)
+
+
 class CodeBank:
-    """FIFO queue of up to ``capacity`` detached codes (rows of a (capacity, d) buffer).
+    """FIFO queue of up to ``capacity`` detached rows (of a (capacity, d) buffer): codes,
+    or the pooled features the trainer maps to codes.
 
     Args:
-        divergence: callable ``(z_q (n, d), z_p (n, d)) -> scalar`` (a `LatentDivergence`).
-        prior: has ``.sample(n, generator, device)``.
-        capacity: number of banked codes kept (oldest dropped first).
-        generator: torch.Generator for the prior samples (None: global RNG).
+        capacity: number of rows kept (oldest dropped first); 0 keeps nothing.
     """
 
-    def __init__(
-        self,
-        divergence: Any,
-        prior: Prior,
-        capacity: int = 4096,
-        generator: torch.Generator | None = None,
-    ) -> None:
+    def __init__(self, capacity: int = 4096) -> None:
         if int(capacity) < 0:
             raise CryowaeInputError(f"code bank capacity must be >= 0, got {capacity}")
-        self.divergence = divergence
-        self.prior = prior
         self.capacity = int(capacity)
-        self.generator = generator
         self._buf: torch.Tensor | None = None  # (capacity, d), allocated at first push
         self._next = 0  # row the next code is written to
         self._count = 0  # number of valid rows
@@ -93,25 +97,6 @@ class CodeBank:
             self._buf[: end - self.capacity] = z[k:]
         self._next = end % self.capacity
         self._count = min(self.capacity, self._count + z.shape[0])
-
-    def aggregate(self, z_batch: torch.Tensor) -> torch.Tensor:
-        """``[z_batch (with grad), banked codes (detached)]``, shape (B + len, d)."""
-        if self._count == 0:
-            return z_batch
-        bank = self.codes().to(dtype=z_batch.dtype, device=z_batch.device)
-        return torch.cat([z_batch, bank], dim=0)
-
-    def penalty(
-        self, z_batch: torch.Tensor, generator: torch.Generator | None = None
-    ) -> torch.Tensor:
-        """Divergence of the aggregate (B + len, d) against a prior sample of that size."""
-        zq = self.aggregate(z_batch)
-        zp = self.prior.sample(
-            zq.shape[0],
-            generator=generator if generator is not None else self.generator,
-            device=zq.device,
-        ).to(zq.dtype)
-        return self.divergence(zq, zp)
 
     def state_dict(self) -> dict[str, Any]:
         """Checkpointable state: the codes oldest first (CPU), and the capacity."""

@@ -211,7 +211,7 @@ def cached_restorer(model: str | os.PathLike, device: str):
     reloaded. Only the latest model is kept.
     """
     global _MODEL_LOADS
-    from cryowae.training.checkpoint import load_restorer
+    from cryowae.models.checkpoint import load_restorer
 
     f = _model_file(model)
     st = f.stat()
@@ -374,7 +374,7 @@ def tomogram_norm(path: str) -> tuple[float, float]:
     """Worker task: the global (mean, std) `restore_array` would use for a tomogram."""
     from cryowae.inference.restore import page_releasing
     from cryowae.io import check_finite, read_volume
-    from cryowae.training.data import volume_stats
+    from cryowae.io.stats import volume_stats
 
     vol = read_volume(path)
     try:
@@ -692,7 +692,7 @@ def restore_batch(inputs: Sequence[str | os.PathLike], model: str | os.PathLike,
     from distributed import Client, as_completed
 
     from cryowae.inference.cluster import BLOCK_RESOURCE, DevicePlugin, load_slurm_config
-    from cryowae.training.checkpoint import load_restorer
+    from cryowae.models.checkpoint import load_restorer
 
     progress = ensure_progress(progress)
     t_start = time.perf_counter()

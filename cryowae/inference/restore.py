@@ -315,7 +315,7 @@ def _write(out: Any, z0: int, z1: int, block: np.ndarray) -> None:
 
 
 def _stats(data: Any, norm: tuple[float, float] | None) -> tuple[float, float]:
-    from cryowae.training.data import volume_stats
+    from cryowae.io.stats import volume_stats
 
     if norm is not None:
         mean, std = float(norm[0]), float(norm[1])
@@ -494,7 +494,7 @@ def restore_file(model: str | os.PathLike, tomogram: str | os.PathLike,
         Reporter for tiles done and messages (e.g. a voxel-size mismatch warning).
     """
     from cryowae.io import check_output_path, create_ome_zarr, open_mrc_writer
-    from cryowae.training.checkpoint import load_restorer
+    from cryowae.models.checkpoint import load_restorer
 
     progress = ensure_progress(progress)
     out = Path(out)

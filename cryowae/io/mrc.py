@@ -7,6 +7,7 @@ loaded to learn its shape or voxel size.
 from __future__ import annotations
 
 import contextlib
+import mmap
 import os
 import warnings
 from collections.abc import Iterator
@@ -173,15 +174,37 @@ def open_mrc_writer(path: str | os.PathLike, shape: tuple[int, int, int], voxel_
             _update_stats_slabwise(mrc)
 
 
+def release_pages(data: Any) -> bool:
+    """Write a memory-mapped array's dirty pages to its file and drop its pages from this
+    process's resident memory (they are read back from the file when touched again).
+
+    A pass over a memory-mapped output (header statistics, a finite check) otherwise
+    leaves the whole file resident in the process. Returns False for arrays that are not
+    memory-mapped or on platforms without ``madvise``.
+    """
+    base = data
+    while base is not None and not isinstance(getattr(base, "_mmap", None), mmap.mmap):
+        base = getattr(base, "base", None)
+    if base is None or not hasattr(mmap, "MADV_DONTNEED"):
+        return False
+    mm = base._mmap
+    mm.flush()
+    mm.madvise(mmap.MADV_DONTNEED)
+    return True
+
+
 def _update_stats_slabwise(mrc: Any, slab: int = 16) -> None:
     data = mrc.data
     lo, hi, total, total2, n = np.inf, -np.inf, 0.0, 0.0, 0
     for z in range(0, data.shape[0], slab):
+        if z and z % (8 * slab) == 0:
+            release_pages(data)  # keep the resident part of the output bounded
         block = np.asarray(data[z:z + slab], dtype=np.float64)
         lo, hi = min(lo, block.min()), max(hi, block.max())
         total += block.sum()
         total2 += (block**2).sum()
         n += block.size
+    release_pages(data)
     mean = total / n
     mrc.header.dmin, mrc.header.dmax, mrc.header.dmean = lo, hi, mean
     mrc.header.rms = float(np.sqrt(max(total2 / n - mean**2, 0.0)))

@@ -254,7 +254,7 @@ def stream_family(restorer: Any, data: Any, n_samples: int = 16, sampler: str = 
     if sampler == "rotations" and n_samples > 24:
         raise CryowaeInputError(f"--sampler rotations gives at most 24 distinct samples "
                                 f"(the cube's rotations), asked for {n_samples}")
-    from cryowae.training.data import volume_stats
+    from cryowae.io.stats import volume_stats
 
     first = models[0]
     arr = np.asarray(data, dtype=np.float32)
@@ -406,7 +406,7 @@ def sample_array(restorer: Any, data: Any, n_samples: int = 16, sampler: str = "
     Parameters
     ----------
     restorer
-        A `LoadedRestorer` (`cryowae.training.checkpoint.load_restorer`), or a list of
+        A `LoadedRestorer` (`cryowae.models.checkpoint.load_restorer`), or a list of
         them for ``sampler="ensemble"``.
     data
         (Z, Y, X) tomogram (numpy, memmap, zarr), any intensity scale; samples come back
@@ -492,7 +492,7 @@ def sample_file(model: str | os.PathLike | Sequence[str | os.PathLike], tomogram
     from cryowae.io import read_volume, write_mrc
     from cryowae.io.atomic import atomic_path, check_output_path
     from cryowae.io.omezarr import OmeZarrWriter
-    from cryowae.training.checkpoint import load_restorer
+    from cryowae.models.checkpoint import load_restorer
 
     out = check_output_path(out_dir, overwrite)
     dev = resolve_device(device)

@@ -19,28 +19,7 @@ import torch.nn.functional as F
 from cryowae.errors import CryowaeInputError
 from cryowae.io import read_volume
 from cryowae.io.mrc import check_finite
-
-
-def volume_stats(data: Any, max_slabs: int = 64, slab: int = 4) -> tuple[float, float]:
-    """Mean and standard deviation of a (Z, Y, X) volume, read slab by slab.
-
-    Up to `max_slabs` evenly spaced slabs are read, so a huge memory-mapped tomogram is
-    never loaded whole.
-    """
-    nz = data.shape[0]
-    starts = np.unique(np.linspace(0, max(nz - slab, 0), num=min(max_slabs, nz)).astype(int))
-    s = s2 = 0.0
-    n = 0
-    for z in starts:
-        block = np.asarray(data[z:z + slab], dtype=np.float64)
-        s += block.sum()
-        s2 += (block**2).sum()
-        n += block.size
-    mean = s / n
-    std = math.sqrt(max(s2 / n - mean**2, 0.0))
-    if not np.isfinite(std) or std <= 0:
-        raise CryowaeInputError("volume has zero variance (constant); nothing to restore")
-    return float(mean), float(std)
+from cryowae.io.stats import volume_stats
 
 
 def structure_map(data: Any, bin_factor: int = 4) -> np.ndarray:
@@ -160,39 +139,43 @@ class SubtomogramSampler:
         self.noise2noise = all(s.has_halves for s in sources)
         want = rotation_crop_size(patch_size)
         self.crop_shapes = [tuple(min(want, d) for d in s.shape) for s in sources]
-        self._weights = [self._start_weights(s, c) for s, c in zip(sources, self.crop_shapes,
-                                                                  strict=True)]
+        # per source: (probabilities over coarse start cells, the cell grid's shape, the
+        # cell size in voxels)
+        self._grids = [self._start_grid(s, c) for s, c in zip(sources, self.crop_shapes,
+                                                             strict=True)]
 
     @property
     def mode(self) -> str:
         return "noise2noise (even/odd halves)" if self.noise2noise else "single-tomogram"
 
-    def _start_weights(self, src: TomogramSource, crop: tuple[int, ...]) -> np.ndarray:
-        """Probability over crop start positions on the coarse structure grid."""
+    @staticmethod
+    def _start_grid(src: TomogramSource, crop: tuple[int, ...]
+                    ) -> tuple[np.ndarray, tuple[int, int, int], float]:
+        """Probabilities over crop start positions on the coarse structure grid, the
+        grid's shape and its cell size (voxels)."""
         smap = src.structure
         assert smap is not None
         b = src.shape[0] / max(smap.shape[0], 1)
         # coarse cells whose crop fits inside the volume
-        limits = [max(1, int((d - c) / b) + 1) for d, c in zip(src.shape, crop, strict=True)]
+        limits = tuple(max(1, int((d - c) / b) + 1) for d, c in zip(src.shape, crop,
+                                                                    strict=True))
         half = [int(c / (2 * b)) for c in crop]
         sub = smap[half[0]:half[0] + limits[0], half[1]:half[1] + limits[1],
                    half[2]:half[2] + limits[2]]
         w = np.zeros(limits, dtype=np.float64)
         w[:sub.shape[0], :sub.shape[1], :sub.shape[2]] = sub
         w = np.clip(w, 0, None) + 1e-6
-        return (w / w.sum()).ravel()
+        return (w / w.sum()).ravel(), limits, b  # type: ignore[return-value]
 
     def _start(self, i: int) -> tuple[int, int, int]:
         src, crop = self.sources[i], self.crop_shapes[i]
         hi = [d - c for d, c in zip(src.shape, crop, strict=True)]
         if self.rng.random() < self.structure_bias:
-            w = self._weights[i]
-            shape = [max(1, int((d - c) / (src.shape[0] / src.structure.shape[0])) + 1)  # type: ignore[union-attr]
-                     for d, c in zip(src.shape, crop, strict=True)]
+            w, shape, b = self._grids[i]
             cell = np.unravel_index(self.rng.choice(w.size, p=w), shape)
-            b = src.shape[0] / src.structure.shape[0]  # type: ignore[union-attr]
             jitter = self.rng.integers(0, max(1, int(b)), size=3)
-            return tuple(int(min(h, c * b + j)) for h, c, j in zip(hi, cell, jitter, strict=True))  # type: ignore[return-value]
+            return tuple(int(min(h, c * b + j))  # type: ignore[return-value]
+                         for h, c, j in zip(hi, cell, jitter, strict=True))
         return tuple(int(self.rng.integers(0, h + 1)) for h in hi)  # type: ignore[return-value]
 
     def sample(self, batch_size: int) -> tuple[list[np.ndarray], list[np.ndarray]]:

@@ -25,20 +25,21 @@ from cryowae.divergences import (
     CodeBank,
     GaussianPrior,
     ReferencePrior,
+    aggregate_with_bank,
     build_divergence,
     mmd_blockwise,
     prefers_prior,
 )
 from cryowae.errors import CryowaeInputError
-from cryowae.models.restorer import RestorerConfig, WAERestorer
-from cryowae.progress import NullProgress, ProgressReporter, ensure_progress
-from cryowae.training.augment import make_batch
-from cryowae.training.checkpoint import (
+from cryowae.models.checkpoint import (
     KIND_CHECKPOINT,
     load_state,
     save_restorer,
     save_state,
 )
+from cryowae.models.restorer import RestorerConfig, WAERestorer
+from cryowae.progress import NullProgress, ProgressReporter, ensure_progress
+from cryowae.training.augment import make_batch
 from cryowae.training.config import TrainConfig, save_config
 from cryowae.training.data import SubtomogramSampler, TomogramSource
 from cryowae.training.distributed import (
@@ -134,11 +135,10 @@ class Trainer:
         self.divergence = build_divergence(cfg.divergence, cfg.latent_dim, self.prior,
                                            **divergence_kwargs(cfg))
         self.divergence.to(self.device)
-        self.bank = CodeBank(self.divergence, self.prior, capacity=cfg.bank_size,
-                             generator=self.gen)
+        self.bank = CodeBank(capacity=cfg.bank_size)  # pooled encoder features
         # the last codes seen (detached), for the monitoring figure during training; the
         # final figure and model.pt use codes of fresh subtomograms (`fresh_codes`)
-        self.recent = CodeBank(self.divergence, self.prior, capacity=256)
+        self.recent = CodeBank(capacity=256)
         self.balancer = TermBalancer(cfg.lambda_, cfg.balance_steps)
         self.step = 0
         self.elapsed = 0.0
@@ -298,10 +298,8 @@ class Trainer:
         as within a minibatch) while the batch codes carry the mean: |mean z| 0.56,
         std 1.05 against the N(0, I) prior in the same run.
         """
-        banked = self.banked_codes(grad=self.cfg.bank_grad)
-        if self.cfg.bank_centering and len(banked):
-            banked = banked - banked.mean(0, keepdim=True) + z.detach().mean(0, keepdim=True)
-        z_all = torch.cat([z, banked], dim=0)
+        z_all = aggregate_with_bank(z, self.banked_codes(grad=self.cfg.bank_grad),
+                                    center=self.cfg.bank_centering)
         z_p = self.prior.sample(z_all.shape[0], generator=self.gen, device=self.device)
         return self.divergence(z_all, z_p.to(z_all.dtype))
 
