@@ -53,6 +53,7 @@ def main(argv: list[str] | None = None) -> None:
           "--odd", sim / "tomo_odd.mrc", "--out", restored, "--tile", 32, "--overlap", 16,
           "--overwrite"])
     _run(["sample", run / "model.pt", sim / "tomo.mrc", "--n", a.samples, "--out", family,
+          "--even", sim / "tomo_even.mrc", "--odd", sim / "tomo_odd.mrc",
           "--tile", 32, "--overlap", 16, "--overwrite"])
     metrics = {}
     for label, path in (("raw tomogram", sim / "tomo.mrc"), ("restored", restored),

@@ -313,6 +313,19 @@ def test_cli_sample_and_bad_input(rand_model, tmp_path):
                  "--overlap", "4", "--device", "cpu")
     assert ok.returncode == 0, ok.stderr
     assert "cryowae view" in ok.stdout and (out / "samples.zarr").is_dir()
+    # --consistency auto: hard without halves, soft (noise-aware) with them
+    assert json.loads((out / "family.json").read_text())["consistency"]["mode"] == "hard"
+    rng = np.random.default_rng(5)
+    halves = []
+    for name in ("even", "odd"):
+        halves.append(tmp_path / f"{name}.mrc")
+        write_mrc(halves[-1], read_mrc(tomo).numpy() + rng.normal(size=(16, 24, 24))
+                  .astype(np.float32), 10.0)
+    soft = run_cli("sample", rand_model, tomo, "--n", "2", "--out", tmp_path / "fam_auto",
+                   "--tile", "16", "--overlap", "4", "--even", halves[0], "--odd", halves[1])
+    assert soft.returncode == 0, soft.stderr
+    meta = json.loads((tmp_path / "fam_auto" / "family.json").read_text())
+    assert meta["consistency"]["mode"] == "soft"
     again = run_cli("sample", rand_model, tomo, "--n", "2", "--out", out, "--tile", "16")
     assert again.returncode == 2
     assert len(again.stderr.strip().splitlines()) == 1 and "overwrite" in again.stderr
