@@ -6,7 +6,7 @@
 Trains the `cpu-small` preset (IMQ-MMD unless --divergence) on a simulated tomogram's
 even/odd halves (made by `cryowae simulate` or `benchmarks/bench_train.py`) with each
 bank design for the same wall-clock budget, then encodes 256 fresh subtomograms with the
-final model (`Trainer.fresh_codes`, the codes stored in model.pt) and reports the norm
+final model (`Trainer.fresh_codes`; the run stores them in model.pt) and reports the norm
 of their mean, their mean per-dimension standard deviation (the N(0, I) prior has 0 and
 1) and their IMQ-MMD to a prior sample. Designs (training-config overrides):
 
@@ -45,9 +45,10 @@ def main() -> None:
     a = ap.parse_args()
     command = "python " + " ".join(sys.argv)
 
+    from cryowae.models.checkpoint import load_restorer
     from cryowae.training.config import load_config
     from cryowae.training.data import load_sources
-    from cryowae.training.loop import Trainer
+    from cryowae.training.loop import train
 
     rows = []
     for name in a.designs:
@@ -56,13 +57,13 @@ def main() -> None:
         sources = load_sources([a.sim / "tomo.mrc"], [a.sim / "tomo_even.mrc"],
                                [a.sim / "tomo_odd.mrc"], min_size=cfg.patch_size)
         t0 = time.time()
-        trainer = Trainer(sources, cfg, a.out / name)
-        res = trainer.run()
-        codes = trainer.fresh_codes(256)
+        res = train(sources, cfg, a.out / name)
+        # the fresh codes the run stored in model.pt, and the MMD it computed on them
+        codes = load_restorer(a.out / name / "model.pt").codes
         row = {"design": name, "steps": res.steps, "seconds": round(time.time() - t0),
                "mean_norm": float(codes.mean(0).norm()),
                "std": float(codes.std(0).mean()),
-               "mmd_to_prior": trainer.mmd_to_prior(codes)}
+               "mmd_to_prior": res.final["mmd_to_prior"]}
         rows.append(row)
         print(json.dumps(row), flush=True)
     print("\n| design | steps | mean of z | std of z | MMD to prior |\n|---|---|---|---|---|")

@@ -18,6 +18,9 @@ from torch import nn
 
 from cryowae.models.blocks import ConvBlock, Down, Up
 
+#: what the decoder's correction is added to (`RestorerConfig.skip`)
+SKIPS = ("lowpass", "identity")
+
 
 @dataclass(frozen=True)
 class RestorerConfig:
@@ -68,7 +71,7 @@ class WAERestorer(nn.Module):
         for lin in self.film:  # start as the identity modulation
             nn.init.zeros_(lin.weight)
             nn.init.zeros_(lin.bias)
-        if cfg.skip not in ("lowpass", "identity"):
+        if cfg.skip not in SKIPS:
             raise ValueError(f"unknown skip {cfg.skip!r}")
         self.skip_filter = _gaussian_filter(cfg.skip_sigma) if cfg.skip == "lowpass" else None
         self.head = nn.Conv3d(ch[0], 1, 1)

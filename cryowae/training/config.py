@@ -89,6 +89,7 @@ class TrainConfig:
 
     def validate(self, source: str = "config") -> None:
         from cryowae.divergences.registry import DIVERGENCES
+        from cryowae.models.restorer import SKIPS
 
         m = 2**self.depth
         if self.patch_size < 16 or self.patch_size % m:
@@ -101,8 +102,9 @@ class TrainConfig:
             raise CryowaeInputError(f"{source}: unknown kernel {self.kernel!r} (imq or rbf)")
         if self.prior not in ("gaussian", "reference"):
             raise CryowaeInputError(f"{source}: unknown prior {self.prior!r}")
-        if self.skip not in ("lowpass", "identity"):
-            raise CryowaeInputError(f"{source}: unknown skip {self.skip!r} (lowpass or identity)")
+        if self.skip not in SKIPS:
+            raise CryowaeInputError(f"{source}: unknown skip {self.skip!r} "
+                                    f"({' or '.join(SKIPS)})")
         if self.encoder not in ("deterministic", "gaussian"):
             raise CryowaeInputError(f"{source}: unknown encoder {self.encoder!r}")
         if not 8 <= self.latent_dim <= 256:
