@@ -69,6 +69,25 @@ def lowpass_floor(tomo: np.ndarray, gt: np.ndarray, voxel: float) -> dict:
     return m
 
 
+def code_stats(codes: torch.Tensor) -> dict:
+    """Norm of the mean and mean per-dimension standard deviation of the fresh codes
+    stored in model.pt (the N(0, I) prior: about 0 and 1)."""
+    if codes.numel() == 0:
+        return {}
+    return {"code_mean_norm": float(codes.mean(0).norm()),
+            "code_std": float(codes.std(0).mean())}
+
+
+def read_result(run: Path) -> dict:
+    """The result.json of a finished run (code statistics added for older files)."""
+    from cryowae.models.checkpoint import load_restorer
+
+    row = json.loads((run / "result.json").read_text())
+    if "code_std" not in row and (run / "model.pt").exists():
+        row |= code_stats(load_restorer(run / "model.pt").codes)
+    return row
+
+
 def run_one(out: Path, seed: int, div: str, config: str, minutes: float, tile: int) -> dict:
     """Train one divergence on one seed's halves, restore both halves, evaluate.
 
@@ -86,7 +105,7 @@ def run_one(out: Path, seed: int, div: str, config: str, minutes: float, tile: i
     run = out / f"run_seed{seed}_{div}"
     done = run / "result.json"
     if done.exists():
-        return json.loads(done.read_text())
+        return read_result(run)
     if run.exists():  # an interrupted run: start it again from scratch
         import shutil
 
@@ -113,7 +132,7 @@ def run_one(out: Path, seed: int, div: str, config: str, minutes: float, tile: i
            "train_s": t_train, "restore_s": t_restore,
            "subtomos_per_s": res.steps * cfg.batch_size / max(t_train, 1e-9),
            "mmd_to_prior": res.final.get("mmd_to_prior"),
-           "threads": torch.get_num_threads()} | m
+           "threads": torch.get_num_threads()} | code_stats(model.codes) | m
     done.write_text(json.dumps(row, default=float))
     return row
 
@@ -176,9 +195,10 @@ def main() -> None:
     with ThreadPoolExecutor(max_workers=a.parallel) as pool:
         list(pool.map(launch, jobs))
     for seed, div in jobs:
-        rows.append(json.loads((a.out / f"run_seed{seed}_{div}" / "result.json").read_text()))
+        rows.append(read_result(a.out / f"run_seed{seed}_{div}"))
     (a.out / "results.json").write_text(json.dumps(rows, indent=2, default=float))
-    keys = ["pearson", "cc_measured", "cc_wedge", "fsc_0143_A", "mmd_to_prior", "steps",
+    keys = ["pearson", "cc_measured", "cc_wedge", "fsc_0143_A", "mmd_to_prior",
+            "code_mean_norm", "code_std", "steps",
             "subtomos_per_s", "restore_s"]
     print("\n| seed | method | " + " | ".join(keys) + " |")
     print("|---|---|" + "---|" * len(keys))

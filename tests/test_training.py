@@ -120,6 +120,21 @@ def test_same_default_on_100x_intensities(tmp_path):
     assert results[0][1] == pytest.approx(results[1][1], rel=1e-3)
 
 
+def test_codes_start_on_the_prior_scale(tomo, tmp_path):
+    """The data-dependent head initialisation puts the first codes at the prior's mean
+    and spread; without it they start as a near-point cloud."""
+    src = load_sources([tomo], min_size=16)
+    stats = {}
+    for n in (0, 32):
+        cfg = TrainConfig.from_dict(TINY | {"divergence": "sinkhorn", "init_codes": n})
+        tr = Trainer(src, cfg, tmp_path / f"run{n}")
+        codes = tr.fresh_codes(64)
+        stats[n] = (float(codes.mean(0).abs().mean()), float(codes.std(0).mean()))
+    assert stats[0][1] < 0.3
+    assert 0.7 < stats[32][1] < 1.3
+    assert stats[32][0] < 0.5
+
+
 def _metric_steps(run: Path) -> list[int]:
     with open(run / "metrics.csv") as f:
         return [int(r["step"]) for r in csv.DictReader(f)]

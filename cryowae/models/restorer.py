@@ -109,6 +109,23 @@ class WAERestorer(nn.Module):
             return stats.chunk(2, dim=1)[0]
         return stats
 
+    @torch.no_grad()
+    def standardise_codes(self, mean: torch.Tensor, std: torch.Tensor,
+                          sigma: float = 1.0) -> None:
+        """Rescale the last layer of the latent head so that codes with per-dimension
+        `mean` and `std` (latent_dim,) come out with mean 0 and standard deviation
+        `sigma`: a data-dependent initialisation (as in weight normalisation or Glow's
+        ActNorm). A freshly initialised head gives codes with a spread of about 0.05 (the
+        pooled features differ little between subtomograms), a near-point cloud on which
+        the IMQ-MMD's repulsion is weak; started on the prior's first two moments, the
+        penalty only has to keep the codes there. For a Gaussian encoder the mean half
+        is rescaled and the log-variance half is left alone."""
+        last = self.to_latent[-1]
+        d = self.latent_dim
+        scale = sigma / std.to(last.weight).clamp_min(1e-6)
+        last.weight[:d] *= scale[:, None]
+        last.bias[:d] = (last.bias[:d] - mean.to(last.bias)) * scale
+
     def encode(self, x: torch.Tensor, sample: bool = False) -> tuple[torch.Tensor,
                                                                       list[torch.Tensor]]:
         """Latent codes z (B, latent_dim) and the skip features for `decode`.

@@ -52,6 +52,8 @@ class TrainConfig:
     bank_size: int = 1024  # memory bank of recent encoder features (0: minibatch only)
     bank_grad: bool = False  # let the penalty's gradient reach the head through the bank
     bank_centering: bool = True  # re-centre the banked codes on the batch mean (loop.py)
+    bank_value_scaling: bool | None = None  # N/B on the value weight; None: divergence's
+    init_codes: int = 0  # subtomograms that set the codes' initial scale (0: off)
     prior: str = "gaussian"  # or "reference"
     prior_sigma: float = 1.0
     check_prior_preference: bool = True
