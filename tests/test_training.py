@@ -135,6 +135,20 @@ def test_codes_start_on_the_prior_scale(tomo, tmp_path):
     assert stats[32][0] < 0.5
 
 
+@pytest.mark.parametrize("divergence,override,scaled", [
+    ("mmd", None, False), ("sinkhorn", None, True), ("sliced", None, True),
+    ("mmd", True, True), ("sinkhorn", False, False)])
+def test_value_weight_bank_factor_per_divergence(tomo, tmp_path, divergence, override,
+                                                 scaled):
+    cfg = TrainConfig.from_dict(TINY | {"divergence": divergence,
+                                        "bank_value_scaling": override})
+    tr = Trainer(load_sources([tomo], min_size=16), cfg, tmp_path / "run")
+    for _ in range(3):
+        tr.train_step()
+    assert len(tr.bank) == 6
+    assert tr.value_scale(2) == (pytest.approx(4.0) if scaled else 1.0)
+
+
 def _metric_steps(run: Path) -> list[int]:
     with open(run / "metrics.csv") as f:
         return [int(r["step"]) for r in csv.DictReader(f)]

@@ -246,12 +246,11 @@ class Trainer:
             # the estimate without diluting the force on the encoder. The gradient-based
             # weight measures that force directly and needs no such factor (applying it
             # twice made the penalty N/B times stronger than reconstruction on the codes,
-            # and they ran away: |mean z| 0.3 -> 6 in 100 steps).
-            n_all = z.shape[0] + len(self.bank)
-            scaled = (cfg.bank_value_scaling if cfg.bank_value_scaling is not None
-                      else getattr(self.divergence, "bank_value_scaling", True))
+            # and they ran away: |mean z| 0.3 -> 6 in 100 steps). Whether the value weight
+            # gets N/B is the divergence's default (off for the IMQ-MMD: with it the codes
+            # oscillated and collapsed over 10-minute runs; docs/benchmarks.md).
             weight = self.balancer.weight(rec.item(), div.item(),
-                                          value_scale=n_all / z.shape[0] if scaled else 1.0)
+                                          value_scale=self.value_scale(z.shape[0]))
             loss = rec + weight * div
             out |= {"div": div.item(), "div_weight": weight}
         out["loss"] = loss.item()
@@ -278,6 +277,14 @@ class Trainer:
         out["lr"] = self.opt.param_groups[0]["lr"]
         self.step += 1
         return out
+
+    def value_scale(self, batch: int) -> float:
+        """N/B for an aggregate of N = batch + banked codes, or 1 where the config or
+        (by default) the divergence turns the factor off."""
+        scaled = self.cfg.bank_value_scaling
+        if scaled is None:
+            scaled = getattr(self.divergence, "bank_value_scaling", True)
+        return (batch + len(self.bank)) / batch if scaled else 1.0
 
     def banked_codes(self, grad: bool = False) -> torch.Tensor:
         """Codes of the banked features through the current latent head (N, latent_dim)."""
