@@ -136,8 +136,8 @@ def test_codes_start_on_the_prior_scale(tomo, tmp_path):
 
 
 @pytest.mark.parametrize("divergence,override,scaled", [
-    ("mmd", None, False), ("sinkhorn", None, True), ("sliced", None, True),
-    ("mmd", True, True), ("sinkhorn", False, False)])
+    ("mmd", None, False), ("sinkhorn", None, False), ("sliced", None, True),
+    ("mmd", True, True), ("sliced", False, False)])
 def test_value_weight_bank_factor_per_divergence(tomo, tmp_path, divergence, override,
                                                  scaled):
     cfg = TrainConfig.from_dict(TINY | {"divergence": divergence,
