@@ -80,7 +80,7 @@ class MMDLatent(LatentDivergence):
     """Multi-scale IMQ (or RBF) kernel MMD^2; see `cryowae.divergences.mmd`."""
 
     name = "mmd"
-    # Measured (docs/benchmarks.md, "IMQ-MMD and the N/B weight"): with the value-based
+    # Measured (docs/benchmarks.md, "IMQ-MMD over 10 minutes: the N/B weight"): with the value-based
     # weight scaled by N/B (about 70 once the bank is full) the IMQ-MMD codes oscillated
     # between the prior and a collapsed, drifting cloud over 10-minute runs (seed 2: std
     # 0.08, |mean| 12.4, MMD 5.7 against 4.7 for no penalty); without it the same runs

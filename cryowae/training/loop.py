@@ -247,8 +247,7 @@ class Trainer:
             # weight measures that force directly and needs no such factor (applying it
             # twice made the penalty N/B times stronger than reconstruction on the codes,
             # and they ran away: |mean z| 0.3 -> 6 in 100 steps). Whether the value weight
-            # gets N/B is the divergence's default (off for the IMQ-MMD: with it the codes
-            # oscillated and collapsed over 10-minute runs; docs/benchmarks.md).
+            # gets N/B at all is the divergence's default (`value_scale`).
             weight = self.balancer.weight(rec.item(), div.item(),
                                           value_scale=self.value_scale(z.shape[0]))
             loss = rec + weight * div
@@ -283,7 +282,7 @@ class Trainer:
         (by default) the divergence turns the factor off."""
         scaled = self.cfg.bank_value_scaling
         if scaled is None:
-            scaled = getattr(self.divergence, "bank_value_scaling", True)
+            scaled = self.divergence.bank_value_scaling
         return (batch + len(self.bank)) / batch if scaled else 1.0
 
     def banked_codes(self, grad: bool = False) -> torch.Tensor:
