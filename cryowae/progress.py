@@ -9,6 +9,13 @@ from __future__ import annotations
 
 from typing import Any
 
+from cryowae.errors import CryowaeInputError
+
+
+class Cancelled(CryowaeInputError):
+    """The user cancelled a long task through `ProgressReporter.cancel`; no output was
+    written (checkpoints and finished blocks, where a task keeps them, stay)."""
+
 
 class ProgressReporter:
     """Base reporter: records state, draws nothing. Subclass to draw."""
@@ -38,6 +45,11 @@ class ProgressReporter:
     def cancel(self) -> None:
         """Ask the running loop to stop at its next check."""
         self.cancelled = True
+
+    def check_cancelled(self, what: str = "task") -> None:
+        """Raise `Cancelled` if `cancel` was called: the one check every loop makes."""
+        if self.cancelled:
+            raise Cancelled(f"{what} cancelled; no output was written")
 
 
 class NullProgress(ProgressReporter):

@@ -34,6 +34,19 @@ class Volume:
     def shape(self) -> tuple[int, int, int]:
         return tuple(int(s) for s in self.data.shape)  # type: ignore[return-value]
 
+    def close(self) -> None:
+        """Release the file behind `data` (an open MRC memory map); `data` must not be
+        used afterwards. Safe to call twice; does nothing for in-memory arrays."""
+        handle = self.meta.pop("_mrc_handle", None)
+        if handle is not None:
+            handle.close()
+
+    def __enter__(self) -> Volume:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     def numpy(self, dtype: np.dtype | type = np.float32) -> np.ndarray:
         """Load the whole volume as a numpy array (Z, Y, X) of `dtype`."""
         return np.asarray(self.data, dtype=dtype)

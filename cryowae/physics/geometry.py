@@ -1,0 +1,149 @@
+"""Tilt geometry of a tomogram: the one settings object every command accepts.
+
+A tilt series is recorded about one axis (Y by default, X for some set-ups) over a
+limited range of angles (degrees); the directions outside that range form the missing
+wedge of Fourier space (`cryowae.physics.wedge`). `TiltGeometry` is validated once,
+when it is made, and travels whole: into training, into ``model.pt``, into restoration,
+sampling, evaluation, simulation and the napari plugin.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cryowae.errors import CryowaeInputError
+
+#: tilt axes cryowae knows (lower case, as in the array's axis names)
+TILT_AXES = ("y", "x")
+#: the tilt range assumed when nothing says otherwise (degrees)
+DEFAULT_TILT_RANGE = (-60.0, 60.0)
+#: tilt-file suffixes looked for next to a tomogram
+TILT_FILE_SUFFIXES = (".tlt", ".rawtlt")
+
+
+@dataclass(frozen=True)
+class TiltGeometry:
+    """The measured angular range of a single-axis tilt series.
+
+    Attributes
+    ----------
+    tilt_min, tilt_max
+        Lowest and highest tilt angle, degrees, -90 < tilt_min < tilt_max < 90.
+    axis
+        Tilt axis, ``"y"`` or ``"x"`` (upper case is accepted and stored lower case).
+    source
+        Where the geometry came from (``"options"``, ``"tilt file PATH"``, ``"model"``,
+        ``"default"``...): shown to the user, not compared.
+    """
+
+    tilt_min: float = DEFAULT_TILT_RANGE[0]
+    tilt_max: float = DEFAULT_TILT_RANGE[1]
+    axis: str = "y"
+    source: str = "default"
+
+    def __post_init__(self) -> None:
+        lo, hi = float(self.tilt_min), float(self.tilt_max)
+        if not (-90.0 < lo < hi < 90.0):
+            raise CryowaeInputError(
+                f"impossible tilt range {lo:g}..{hi:g} degrees: need "
+                "-90 < tilt-min < tilt-max < 90")
+        axis = str(self.axis).lower()
+        if axis not in TILT_AXES:
+            raise CryowaeInputError(f"unknown tilt axis {self.axis!r}: use Y or X")
+        object.__setattr__(self, "tilt_min", lo)
+        object.__setattr__(self, "tilt_max", hi)
+        object.__setattr__(self, "axis", axis)
+
+    # ------------------------------------------------------------------ constructors
+    @classmethod
+    def from_range(cls, tilt_min: float, tilt_max: float, axis: str = "y",
+                   source: str = "options") -> TiltGeometry:
+        """A geometry from a tilt range in degrees."""
+        return cls(tilt_min, tilt_max, axis, source)
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike, axis: str = "y") -> TiltGeometry:
+        """A geometry from a ``.tlt`` / ``.rawtlt`` file (one angle in degrees a line)."""
+        from cryowae.io.tilts import read_tilt_angles
+
+        a = read_tilt_angles(path)
+        return cls(float(a.min()), float(a.max()), axis, f"tilt file {path}")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TiltGeometry:
+        """Inverse of `to_dict`; also reads the flat keys of older checkpoints
+        (``tilt_min``, ``tilt_max``, ``tilt_axis``)."""
+        axis = data.get("axis", data.get("tilt_axis", "y"))
+        return cls(float(data["tilt_min"]), float(data["tilt_max"]), str(axis),
+                   str(data.get("source", "model")))
+
+    @classmethod
+    def resolve(cls, *, tilt_min: float | None = None, tilt_max: float | None = None,
+                tilt_file: str | os.PathLike | None = None, axis: str | None = None,
+                tomogram: str | os.PathLike | None = None,
+                fallback: TiltGeometry | None = None) -> TiltGeometry:
+        """The geometry a command should use, from (in this order): a tilt file, the
+        tilt-range options (a missing end taken from the default -60..60), a tilt file
+        next to `tomogram` (``<stem>.tlt``, ``<stem>.rawtlt``, ``tilts.tlt``), the
+        `fallback` (e.g. the model's training geometry), else the default -60..60 with
+        ``source="default"`` so that the caller can warn."""
+        ax = axis if axis is not None else (fallback.axis if fallback is not None else "y")
+        if tilt_file is not None:
+            return cls.from_file(tilt_file, ax)
+        if tilt_min is not None or tilt_max is not None:
+            lo = DEFAULT_TILT_RANGE[0] if tilt_min is None else float(tilt_min)
+            hi = DEFAULT_TILT_RANGE[1] if tilt_max is None else float(tilt_max)
+            return cls(lo, hi, ax, "options")
+        if tomogram is not None:
+            found = find_tilt_file(tomogram)
+            if found is not None:
+                return cls.from_file(found, ax)
+        if fallback is not None:
+            return cls(fallback.tilt_min, fallback.tilt_max, ax, fallback.source)
+        return cls(*DEFAULT_TILT_RANGE, ax, "default")
+
+    # ------------------------------------------------------------------ views
+    @property
+    def tilt_range(self) -> tuple[float, float]:
+        """(tilt_min, tilt_max) in degrees."""
+        return self.tilt_min, self.tilt_max
+
+    @property
+    def span(self) -> float:
+        """Measured angular span, degrees."""
+        return self.tilt_max - self.tilt_min
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain values for JSON, YAML and checkpoints."""
+        return {"tilt_min": self.tilt_min, "tilt_max": self.tilt_max, "axis": self.axis}
+
+    def describe(self) -> str:
+        """One line for logs: ``-60..60 degrees about Y (tilt file x.tlt)``."""
+        return (f"{self.tilt_min:g}..{self.tilt_max:g} degrees about {self.axis.upper()} "
+                f"({self.source})")
+
+    def wedge_mask(self, shape: tuple[int, ...], rfft: bool = True,
+                   device: torch.device | str | None = None) -> torch.Tensor:
+        """The measured-region mask of a (Z, Y, X) grid (`cryowae.physics.wedge`)."""
+        from cryowae.physics.wedge import wedge_mask
+
+        return wedge_mask(shape, self.tilt_min, self.tilt_max, self.axis, rfft=rfft,
+                          device=device)
+
+
+def find_tilt_file(tomogram: str | os.PathLike) -> Path | None:
+    """A tilt file next to `tomogram`: ``<stem>.tlt``, ``<stem>.rawtlt`` or
+    ``tilts.tlt`` in its folder, else None."""
+    p = Path(tomogram)
+    for cand in (*(p.with_suffix(s) for s in TILT_FILE_SUFFIXES), p.parent / "tilts.tlt"):
+        if cand.is_file():
+            return cand
+    return None
+
+
+__all__ = ["DEFAULT_TILT_RANGE", "TILT_AXES", "TiltGeometry", "find_tilt_file"]
