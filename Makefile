@@ -16,7 +16,7 @@ SYSTEM_PACKAGES := xvfb xauth libgl1-mesa-dri libegl1 libglib2.0-0 libfontconfig
 	libxcb-render-util0 libxcb-shape0 libxcb-xinerama0 libxcb-xfixes0 libxcb-cursor0 \
 	libdbus-1-3 slurm-wlm munge
 
-.PHONY: install system-packages demo test lint clean
+.PHONY: install system-packages demo test test-fast lint clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -39,8 +39,13 @@ system-packages:
 demo: $(STAMP)
 	$(PY) -m cryowae.demo --out $(DEMO_DIR)
 
+# the whole suite (CI runs this)
 test: $(STAMP) system-packages
 	$(PY) -m pytest -q
+
+# the inner loop: the same set-up, without the tests marked slow
+test-fast: $(STAMP) system-packages
+	$(PY) -m pytest -q -m "not slow"
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check cryowae cli plugins tests benchmarks

@@ -29,7 +29,6 @@
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import math
 import os
@@ -95,11 +94,11 @@ def bench_model(path: Path) -> Path:
     if path.exists():
         return path
     torch.manual_seed(0)
-    cfg = TrainConfig(patch_size=64, channels=12, depth=3, latent_dim=32)
-    model = WAERestorer(RestorerConfig(cfg.channels, cfg.depth, cfg.latent_dim))
+    cfg = TrainConfig(patch_size=64, restorer=RestorerConfig(12, 3, 32))
+    model = WAERestorer(cfg.restorer)
     torch.nn.init.normal_(model.head.weight, std=0.05)
     save_restorer(path, model, cfg.to_dict(), voxel_size=10.0, norm=(0.0, 1.0),
-                  codes=torch.randn(64, cfg.latent_dim))
+                  codes=torch.randn(64, cfg.restorer.latent_dim))
     return path
 
 
@@ -160,7 +159,7 @@ def child(args: argparse.Namespace) -> None:
 
 
 def tile_voxels(shape, tile: int, overlap: int, multiple: int = 8) -> int:
-    from cryowae.inference.tiling import plan_tiles, round_up
+    from cryowae.tiling.plan import plan_tiles, round_up
 
     plan = plan_tiles(shape, round_up(tile, multiple), overlap, multiple)
     return plan.n_tiles * math.prod(plan.tile)
@@ -168,9 +167,9 @@ def tile_voxels(shape, tile: int, overlap: int, multiple: int = 8) -> int:
 
 def run_speed(args: argparse.Namespace) -> None:
     from cryowae.inference.restore import restore_array
-    from cryowae.inference.tiling import plan_tiles
     from cryowae.io import read_volume
     from cryowae.models.checkpoint import load_restorer
+    from cryowae.tiling.plan import plan_tiles
 
     work = args.work
     shape = args.size
@@ -231,13 +230,11 @@ def run_quality(args: argparse.Namespace) -> None:
     from cryowae.io.stats import volume_stats
     from cryowae.metrics.report import evaluate_volumes
     from cryowae.models.checkpoint import load_restorer
+    from cryowae.physics.geometry import TiltGeometry
     from cryowae.training.config import TrainConfig
     from cryowae.training.data import load_sources
     from cryowae.training.loop import train
 
-    if importlib.util.find_spec("cryowae.cli.simulate") is None:
-        print("\n== quality: skipped (`cryowae simulate` is not installed)")
-        return
     work = args.work
     seeds = [int(s) for s in args.quality_seeds.split(",")]
     sims = [simulate(work, s, args.quality_size) for s in seeds]
@@ -250,10 +247,10 @@ def run_quality(args: argparse.Namespace) -> None:
         run = work / f"run_q{args.quality_size}_{args.train_minutes:g}min"
         steps, minutes = 10**9, args.train_minutes
     if not (run / "model.pt").exists():
-        cfg = TrainConfig(patch_size=32, channels=8, depth=2, latent_dim=16, batch_size=4,
-                          steps=steps, minutes=minutes, lr=2e-3, bank_size=512,
-                          tilt_min=tmin, tilt_max=tmax, seed=0, check_prior_preference=False,
-                          device="cpu", checkpoint_every=50)
+        cfg = TrainConfig.from_dict(dict(
+            patch_size=32, channels=8, depth=2, latent_dim=16, batch_size=4, steps=steps,
+            minutes=minutes, lr=2e-3, bank_size=512, tilt_min=tmin, tilt_max=tmax, seed=0,
+            check_prior_preference=False, device="cpu", checkpoint_every=50))
         s = sims[0]
         res = train(load_sources([s / "tomo.mrc"], [s / "tomo_even.mrc"],
                                  [s / "tomo_odd.mrc"], min_size=32), cfg, run)
@@ -278,7 +275,7 @@ def run_quality(args: argparse.Namespace) -> None:
             "halves, averaged": restore_halves(restorer, even, odd, out_norm=full_norm, **kw),
         }
         for name, vol in results.items():
-            rep = evaluate_volumes(vol, gt, 10.0, tmin, tmax)
+            rep = evaluate_volumes(vol, gt, 10.0, TiltGeometry(tmin, tmax))
             label = f"seed {seed}" + (" (train)" if seed == seeds[0] else "")
             print(f"{label:>10} {name:>22} " + " ".join(f"{rep[k]:>11.4f}" for k in keys),
                   flush=True)

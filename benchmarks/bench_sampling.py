@@ -212,11 +212,11 @@ def main(argv: list[str] | None = None) -> None:
         tag = "sim" if source == "cryowae simulate" else "phantom"
         run = work / f"run_{tag}_steps{args.steps}_seed{seed}"
         if not (run / "model.pt").exists():
-            cfg = TrainConfig(patch_size=32, channels=8, depth=3, latent_dim=16,
-                              batch_size=4, steps=args.steps, lr=2e-3, bank_size=512,
-                              tilt_min=TILT[0], tilt_max=TILT[1], seed=seed,
-                              check_prior_preference=False, device="cpu",
-                              checkpoint_every=max(25, args.steps // 4))
+            cfg = TrainConfig.from_dict(dict(
+                patch_size=32, channels=8, depth=3, latent_dim=16, batch_size=4,
+                steps=args.steps, lr=2e-3, bank_size=512, tilt_min=TILT[0],
+                tilt_max=TILT[1], seed=seed, check_prior_preference=False, device="cpu",
+                checkpoint_every=max(25, args.steps // 4)))
             t0 = time.perf_counter()
             res = train(load_sources([files["tomo"]], [files["even"]], [files["odd"]]), cfg,
                         run)

@@ -167,7 +167,7 @@ def main() -> None:
     pdbs: list[Path] = []
     if not a.no_pdb:
         try:
-            from cryowae.physics.structures import fetch_example_structures
+            from cryowae.data.structures import fetch_example_structures
 
             pdbs = fetch_example_structures(a.out / "structures")
         except Exception as exc:  # offline: fall back to procedural particles, say so

@@ -1,37 +1,35 @@
-"""Helpers shared by the command modules: tilt-range resolution, console output."""
+"""Helpers shared by the command modules: console output, tilt geometry with a warning."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rich.console import Console
+
+if TYPE_CHECKING:
+    from cryowae.physics.geometry import TiltGeometry
 
 err_console = Console(stderr=True)
 out_console = Console()
 
 
-def resolve_tilt_range(tomogram: str | Path, tilt_min: float | None, tilt_max: float | None,
-                       tilt_file: Path | None) -> tuple[float, float, str]:
-    """Tilt range (degrees) from, in order: a tilt file, the options, a tilt file next to
-    the tomogram (<stem>.tlt, <stem>.rawtlt, tilts.tlt), or the default -60..60 with a
-    warning. Returns (min, max, where it came from)."""
-    from cryowae.io import read_tilt_angles
-    from cryowae.physics.wedge import check_tilt_range
+def resolve_geometry(tomogram: str | Path | None, tilt_min: float | None = None,
+                     tilt_max: float | None = None, tilt_file: Path | None = None,
+                     axis: str | None = None,
+                     fallback: TiltGeometry | None = None) -> TiltGeometry:
+    """`TiltGeometry.resolve` for a command's options (tilt file, range, a tilt file
+    next to `tomogram`, `fallback`, else the default -60..60), with a warning on stderr
+    when it falls back to the default."""
+    from cryowae.physics.geometry import TiltGeometry
 
-    if tilt_file is not None:
-        a = read_tilt_angles(tilt_file)
-        return float(a.min()), float(a.max()), f"tilt file {tilt_file}"
-    if tilt_min is not None or tilt_max is not None:
-        lo = -60.0 if tilt_min is None else tilt_min
-        hi = 60.0 if tilt_max is None else tilt_max
-        check_tilt_range(lo, hi)
-        return lo, hi, "options"
-    p = Path(tomogram)
-    for cand in (p.with_suffix(".tlt"), p.with_suffix(".rawtlt"), p.parent / "tilts.tlt"):
-        if cand.is_file():
-            a = read_tilt_angles(cand)
-            return float(a.min()), float(a.max()), f"tilt file {cand}"
-    err_console.print("[yellow]warning:[/] no tilt range given and no .tlt file found next "
-                      f"to {p.name}; assuming -60..60 degrees (set --tilt-min/--tilt-max)",
-                      soft_wrap=True)
-    return -60.0, 60.0, "default"
+    geometry = TiltGeometry.resolve(tilt_min=tilt_min, tilt_max=tilt_max,
+                                    tilt_file=tilt_file, axis=axis, tomogram=tomogram,
+                                    fallback=fallback)
+    if geometry.source == "default":
+        where = f" next to {Path(tomogram).name}" if tomogram is not None else ""
+        err_console.print("[yellow]warning:[/] no tilt range given and no .tlt file found"
+                          f"{where}; assuming {geometry.tilt_min:g}..{geometry.tilt_max:g} "
+                          "degrees (set --tilt-min/--tilt-max or --tilt-file)",
+                          soft_wrap=True)
+    return geometry

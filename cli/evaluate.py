@@ -25,10 +25,18 @@ def evaluate(
                                     show_default=False),
     gt: Path = typer.Option(..., "--gt", help="Ground-truth tomogram, same shape (MRC or "
                             "OME-Zarr).", show_default=False),
-    tilt_min: float = typer.Option(-60.0, "--tilt-min", help="Lowest tilt angle of the "
-                                   "acquisition, degrees (defines the missing wedge)."),
-    tilt_max: float = typer.Option(60.0, "--tilt-max", help="Highest tilt angle, degrees."),
-    tilt_axis: str = typer.Option("y", "--tilt-axis", help="Tilt axis: y or x."),
+    tilt_min: float | None = typer.Option(None, "--tilt-min", help="Lowest tilt angle of "
+                                          "the acquisition, degrees (defines the missing "
+                                          "wedge)."),
+    tilt_max: float | None = typer.Option(None, "--tilt-max", help="Highest tilt angle, "
+                                          "degrees."),
+    tilt_axis: str | None = typer.Option(None, "--tilt-axis", help="Tilt axis: y or x "
+                                         "[default: y]."),
+    tilt_file: Path | None = typer.Option(None, "--tilt-file", help="Tilt angles "
+                                          "(.tlt/.rawtlt). Without it or --tilt-min/"
+                                          "--tilt-max, a tilt file next to RESTORED, then "
+                                          "next to --gt (<stem>.tlt, <stem>.rawtlt, "
+                                          "tilts.tlt), else -60..60 with a warning."),
     voxel_size: float | None = typer.Option(None, "--voxel-size", help="Voxel size in "
                                             "Angstrom (default: the ground truth's header)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object on stdout "
@@ -43,11 +51,13 @@ def evaluate(
 
     from cryowae.errors import CryowaeInputError
     from cryowae.io import read_volume
-    from cryowae.physics.wedge import check_tilt_range
+    from cryowae.physics.geometry import TiltGeometry, find_tilt_file
 
-    check_tilt_range(tilt_min, tilt_max)
-    if tilt_axis not in ("y", "x"):
-        raise CryowaeInputError(f"unknown tilt axis {tilt_axis!r}: use 'y' or 'x'")
+    geometry = TiltGeometry.resolve(tilt_min=tilt_min, tilt_max=tilt_max,
+                                    tilt_file=tilt_file, axis=tilt_axis, tomogram=restored)
+    near_gt = find_tilt_file(gt) if geometry.source == "default" else None
+    if near_gt is not None:
+        geometry = TiltGeometry.from_file(near_gt, geometry.axis)
     if voxel_size is not None and not voxel_size > 0:
         raise CryowaeInputError(f"--voxel-size must be positive, got {voxel_size:g}")
     rvol = read_volume(restored, check_nan=True)
@@ -57,6 +67,10 @@ def evaluate(
             f"{restored} and {gt} differ in shape: {rvol.shape} vs {gvol.shape} (Z, Y, X)")
     vs = float(voxel_size) if voxel_size is not None else float(gvol.voxel_size)
     warnings: list[str] = []
+    if geometry.source == "default":
+        warnings.append(f"no tilt range given and no tilt file found next to {restored.name} "
+                        f"or {gt.name}; assuming -60..60 degrees (set --tilt-min/--tilt-max "
+                        "or --tilt-file)")
     if voxel_size is None and abs(rvol.voxel_size - gvol.voxel_size) > 1e-3 * vs:
         warnings.append(f"voxel sizes differ ({rvol.voxel_size:g} A in {restored.name}, "
                         f"{gvol.voxel_size:g} A in {gt.name}); using the ground truth's "
@@ -64,7 +78,7 @@ def evaluate(
 
     from cryowae.metrics.report import evaluate_volumes
 
-    report = evaluate_volumes(rvol.numpy(), gvol.numpy(), vs, tilt_min, tilt_max, tilt_axis)
+    report = evaluate_volumes(rvol.numpy(), gvol.numpy(), vs, geometry)
     report = {**{k: v for k, v in report.items() if k != "fsc"},
               "restored": str(restored), "gt": str(gt), "fsc": report["fsc"]}
     if warnings:
@@ -96,7 +110,7 @@ def _print_table(report: dict, out: Path | None) -> None:
     t = Table(title=f"{Path(report['restored']).name} vs {Path(report['gt']).name}  "
               f"({' x '.join(map(str, report['shape']))} voxels, {report['voxel_size_A']:g} A, "
               f"tilts {report['tilt_min']:g}..{report['tilt_max']:g} deg about "
-              f"{report['tilt_axis'].upper()})")
+              f"{report['tilt_axis'].upper()}, {report['tilt_source']})")
     t.add_column("metric")
     t.add_column("value", justify="right")
     t.add_column("meaning")

@@ -59,14 +59,10 @@ def _root(
 
 
 def _register_all() -> None:
+    """Register every command; a command module that fails to import is an error (a
+    broken install must not lose a command silently)."""
     for name in COMMAND_MODULES:
-        try:
-            mod = importlib.import_module(f"cryowae.cli.{name}")
-        except ModuleNotFoundError as exc:
-            if exc.name == f"cryowae.cli.{name}":
-                continue  # command not built in this version
-            raise
-        mod.register(app)
+        importlib.import_module(f"cryowae.cli.{name}").register(app)
 
 
 _register_all()

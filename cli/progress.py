@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 from typing import Any
 
 from rich.console import Console
@@ -29,7 +28,6 @@ class RichProgress(ProgressReporter):
             TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
             TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TextColumn("eta"),
             TimeRemainingColumn(), console=console, transient=transient,
-            disable=not sys.stderr.isatty() and False,
         )
         self._task: Any = None
 

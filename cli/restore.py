@@ -44,7 +44,8 @@ def restore(
                         batch_size=batch_size, device=device, overwrite=overwrite,
                         progress=RichProgress(), halves=halves or DEFAULT_HALVES_MODE)
     elapsed = time.perf_counter() - t0
-    shape = read_volume(path).shape
+    with read_volume(path) as vol:
+        shape = vol.shape
     out_console.print(f"restored {'x'.join(map(str, shape))} voxels in {elapsed:.1f} s "
                       f"({throughput(shape, elapsed) / 1e6:.3g} Mvoxel/s)", highlight=False)
     out_console.print(f"output: {path}", highlight=False, soft_wrap=True)

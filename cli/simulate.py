@@ -14,9 +14,16 @@ def simulate(
     thickness: int = typer.Option(None, "--thickness", help="Slab thickness Z in voxels "
                                   "[default: size * 5/8, a multiple of 8]."),
     voxel_size: float = typer.Option(8.0, "--voxel-size", help="Angstrom per voxel."),
-    tilt_min: float = typer.Option(-60.0, "--tilt-min", help="Lowest tilt (degrees)."),
-    tilt_max: float = typer.Option(60.0, "--tilt-max", help="Highest tilt (degrees)."),
+    tilt_min: float | None = typer.Option(None, "--tilt-min", help="Lowest tilt (degrees) "
+                                          "[default: -60]."),
+    tilt_max: float | None = typer.Option(None, "--tilt-max", help="Highest tilt (degrees) "
+                                          "[default: 60]."),
     tilt_step: float = typer.Option(3.0, "--tilt-step", help="Tilt increment (degrees)."),
+    tilt_axis: str = typer.Option("y", "--tilt-axis", help="Tilt axis: y or x."),
+    tilt_file: Path | None = typer.Option(None, "--tilt-file", help="Simulate these tilt "
+                                          "angles (.tlt/.rawtlt, one angle in degrees a "
+                                          "line) instead of --tilt-min/--tilt-max/"
+                                          "--tilt-step."),
     seed: int = typer.Option(0, "--seed", help="Seed of the scene and the noise."),
     pdb: list[Path] = typer.Option(None, "--pdb", help="Atomic model (PDB/mmCIF) to use "
                                    "as a particle species (repeatable); default: "
@@ -38,18 +45,18 @@ def simulate(
     meta.json to OUT_DIR."""
     from cryowae.cli.common import out_console
     from cryowae.cli.progress import RichProgress
-    from cryowae.physics.simulate import (
-        SimulationConfig,
-        check_output_dir,
-        write_simulation,
-    )
+    from cryowae.io import read_tilt_angles
+    from cryowae.physics.geometry import TiltGeometry
+    from cryowae.simulation import SimulationConfig, check_output_dir, write_simulation
 
-    cfg = SimulationConfig(
-        size=size, thickness=thickness, voxel_size=voxel_size, tilt_min=tilt_min,
-        tilt_max=tilt_max, tilt_step=tilt_step, seed=seed,
-        pdb=tuple(str(p) for p in (pdb or [])), defocus=defocus, voltage=voltage, cs=cs,
-        amplitude_contrast=amplitude_contrast, dose=dose, noise=not no_noise,
-        ctf=not no_ctf,
+    geometry = TiltGeometry.resolve(tilt_min=tilt_min, tilt_max=tilt_max,
+                                    tilt_file=tilt_file, axis=tilt_axis)
+    angles = read_tilt_angles(tilt_file) if tilt_file is not None else ()
+    cfg = SimulationConfig.from_geometry(
+        geometry, angles, size=size, thickness=thickness, voxel_size=voxel_size,
+        tilt_step=tilt_step, seed=seed, pdb=tuple(str(p) for p in (pdb or [])),
+        defocus=defocus, voltage=voltage, cs=cs, amplitude_contrast=amplitude_contrast,
+        dose=dose, noise=not no_noise, ctf=not no_ctf,
     )
     cfg.validate()
     check_output_dir(out_dir, overwrite)
@@ -60,8 +67,10 @@ def simulate(
         progress.finish()
     z, y, x = cfg.shape
     out_console.print(f"simulated {z}x{y}x{x} voxels at {voxel_size:g} A, "
-                      f"{len(cfg.tilt_angles())} tilts: {out}/ (tomo.mrc, tomo_even.mrc, "
-                      "tomo_odd.mrc, gt.mrc, tilt_series.mrc, tilts.tlt, meta.json)")
+                      f"{len(cfg.tilt_angles())} tilts {geometry.tilt_min:g}.."
+                      f"{geometry.tilt_max:g} degrees about {geometry.axis.upper()}: {out}/ "
+                      "(tomo.mrc, tomo_even.mrc, tomo_odd.mrc, gt.mrc, tilt_series.mrc, "
+                      "tilts.tlt, meta.json)", soft_wrap=True)
 
 
 def register(app: typer.Typer) -> None:

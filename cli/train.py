@@ -17,7 +17,13 @@ def train(
     odd: list[Path] = typer.Option(None, "--odd", help="Odd-tilt half tomogram(s)."),
     tilt_min: float = typer.Option(None, "--tilt-min", help="Lowest tilt (degrees)."),
     tilt_max: float = typer.Option(None, "--tilt-max", help="Highest tilt (degrees)."),
-    tilt_file: Path = typer.Option(None, "--tilt-file", help=".tlt/.rawtlt file of angles."),
+    tilt_file: Path = typer.Option(None, "--tilt-file", help=".tlt/.rawtlt file of angles. "
+                                   "Without it or --tilt-min/--tilt-max: a tilt file next "
+                                   "to the first tomogram (<stem>.tlt, <stem>.rawtlt, "
+                                   "tilts.tlt), else the config's geometry, else -60..60 "
+                                   "with a warning; --resume keeps the run's."),
+    tilt_axis: str = typer.Option(None, "--tilt-axis", help="Tilt axis: y or x "
+                                  "[default: the config's, else y]."),
     config: str = typer.Option(None, "--config", "-c", help="YAML file or preset "
                                "(cpu-small, gpu-default, gpu-large). Default: cpu-small, "
                                "or the run's own config with --resume."),
@@ -30,7 +36,8 @@ def train(
     minutes: float = typer.Option(None, "--minutes", help="Wall-clock budget in minutes."),
     batch_size: int = typer.Option(None, "--batch-size"),
     patch_size: int = typer.Option(None, "--patch-size"),
-    latent_dim: int = typer.Option(None, "--latent-dim"),
+    latent_dim: int = typer.Option(None, "--latent-dim", help="Dimension of the latent "
+                                   "code (the restorer's latent_dim)."),
     prior: str = typer.Option(None, "--prior", help="gaussian or reference."),
     reference: list[Path] = typer.Option(None, "--reference", help="Clean reference maps "
                                          "(MRC) for --prior reference."),
@@ -39,7 +46,9 @@ def train(
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out."),
 ) -> None:
     """Train a restorer on TOMOGRAMS alone (no ground truth needed)."""
-    from cryowae.cli.common import out_console, resolve_tilt_range
+    import dataclasses
+
+    from cryowae.cli.common import out_console, resolve_geometry
     from cryowae.cli.progress import RichProgress
     from cryowae.errors import CryowaeInputError
     from cryowae.io import read_volume
@@ -57,13 +66,17 @@ def train(
             raise CryowaeInputError(f"{run_dir} already holds a run; pass --resume to "
                                     "continue it or choose another --out")
         cfg = load_config(config)
-    if not resume or tilt_file or tilt_min is not None or tilt_max is not None:
-        lo, hi, _ = resolve_tilt_range(tomograms[0], tilt_min, tilt_max, tilt_file)
+    if resume and tilt_file is None and tilt_min is None and tilt_max is None:
+        geometry = cfg.geometry  # the run's own
+        if tilt_axis is not None:
+            geometry = dataclasses.replace(geometry, axis=tilt_axis, source="options")
     else:
-        lo, hi = cfg.tilt_min, cfg.tilt_max
+        given = cfg.geometry if cfg.geometry.source != "default" else None
+        geometry = resolve_geometry(tomograms[0], tilt_min, tilt_max, tilt_file, tilt_axis,
+                                    fallback=given)
     if prior is None and reference:
         prior = "reference"
-    cfg = cfg.replace(tilt_min=lo, tilt_max=hi, divergence=divergence, kernel=kernel,
+    cfg = cfg.replace(geometry=geometry, divergence=divergence, kernel=kernel,
                       lambda_=lam, steps=steps, minutes=minutes, batch_size=batch_size,
                       patch_size=patch_size, latent_dim=latent_dim, prior=prior, seed=seed,
                       device=device)

@@ -39,7 +39,7 @@ def _log(msg: str) -> None:
 
 
 def simulate(work: Path, size: int, seed: int) -> Path:
-    from cryowae.physics.simulate import SimulationConfig, write_simulation
+    from cryowae.simulation import SimulationConfig, write_simulation
 
     sim = work / f"sim{size}"
     if not (sim / "tomo.mrc").is_file():

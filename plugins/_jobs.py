@@ -2,25 +2,34 @@
 checkpoint, restore or sample with the library, and return layer data tuples.
 
 These functions run in a napari worker thread; they report through a
-`ThreadProgress`, which the widget polls from the GUI thread, and stop when its
-`cancelled` flag is set (the library checks it between tiles).
+`ThreadProgress`, which the widget polls from the GUI thread. Cancel calls the
+reporter's `cancel`: the library stops at its next check, and the job raises
+`cryowae.progress.Cancelled`. Everything but parsing the panel's text lives in the
+library: the model cache (`cryowae.models.cache`), the voxel-size warning
+(`cryowae.inference.restore`), the tilt geometry (`cryowae.physics.geometry`).
 """
 
 from __future__ import annotations
 
+import re
 import threading
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cryowae.errors import CryowaeInputError
+from cryowae.physics.geometry import TiltGeometry
 from cryowae.progress import ProgressReporter
 
 from ._layers import LayerData, family_layers, fourier_layers, volume_layer
 
-#: relative voxel-size mismatch (layer vs. training data) above which a warning is shown
-VOXEL_TOLERANCE = 0.1
+if TYPE_CHECKING:
+    from cryowae.models.checkpoint import LoadedRestorer
+
+#: the tilt-axis choices of the panel ("model": the restorer's training axis)
+AXIS_CHOICES = ("model", "y", "x")
+_RANGE = re.compile(r"^\s*([-+]?\d+(?:\.\d*)?)\s*(?:,|\.\.|\s)\s*([-+]?\d+(?:\.\d*)?)\s*$")
 
 
 class ThreadProgress(ProgressReporter):
@@ -83,42 +92,58 @@ def input_from_layer(layer: Any) -> JobInput:
                     meta=meta)
 
 
-_cache: dict[tuple[str, float], Any] = {}
-_cache_lock = threading.Lock()
-
-
-def load_checkpoint(path: str | Path | None) -> Any:
-    """`load_restorer` on the best device, cached by path and modification time."""
+def load_checkpoint(path: str | Path | None) -> LoadedRestorer:
+    """The restorer of `path` (model.pt or a run directory) on the best device, loaded
+    once per process (`cryowae.models.cache.cached_restorer`)."""
     if path is None or not str(path).strip() or str(path) == ".":
         raise CryowaeInputError("choose a checkpoint file (model.pt of a training run) first")
-    p = Path(path)
-    if p.is_dir():
-        p = p / "model.pt"
-    if not p.is_file():
-        raise CryowaeInputError(f"{p}: no such checkpoint file")
     from cryowae.devices import resolve_device
-    from cryowae.models.checkpoint import load_restorer
+    from cryowae.models.cache import cached_restorer
 
-    key = (str(p.resolve()), p.stat().st_mtime)
-    with _cache_lock:
-        if key not in _cache:
-            _cache.clear()
-            _cache[key] = load_restorer(p, resolve_device("auto"))
-        return _cache[key]
+    return cached_restorer(path, str(resolve_device("auto")))
 
 
-def check_compatible(restorer: Any, inp: JobInput, progress: ProgressReporter) -> None:
-    """Refuse volumes the restorer cannot take; warn on a voxel-size mismatch."""
+def tilt_geometry(text: str, axis: str, restorer: LoadedRestorer) -> TiltGeometry:
+    """The panel's tilt settings as a `TiltGeometry`.
+
+    `text` is blank (the restorer's training range), ``MIN,MAX`` (or ``MIN..MAX``, in
+    degrees) or the path of a .tlt/.rawtlt file; `axis` is one of `AXIS_CHOICES`.
+    """
+    if axis not in AXIS_CHOICES:
+        raise CryowaeInputError(f"unknown tilt axis {axis!r}: choose from "
+                                f"{', '.join(AXIS_CHOICES)}")
+    ax = None if axis == "model" else axis
+    text = (text or "").strip()
+    match = _RANGE.match(text)
+    if not text:
+        return TiltGeometry.resolve(axis=ax, fallback=restorer.geometry)
+    if match:
+        return TiltGeometry.resolve(tilt_min=float(match[1]), tilt_max=float(match[2]),
+                                    axis=ax, fallback=restorer.geometry)
+    if not Path(text).is_file():
+        raise CryowaeInputError(f"tilt range {text!r}: give MIN,MAX in degrees or a "
+                                ".tlt/.rawtlt file")
+    return TiltGeometry.resolve(tilt_file=text, axis=ax, fallback=restorer.geometry)
+
+
+def check_compatible(restorer: LoadedRestorer, inp: JobInput, geometry: TiltGeometry,
+                     progress: ProgressReporter) -> None:
+    """Refuse volumes the restorer cannot take; warn on a voxel-size or tilt-axis
+    mismatch (the library's warning)."""
+    from cryowae.inference.restore import voxel_size_warning
+
     multiple = int(getattr(restorer.model, "multiple", 1))
     if min(int(s) for s in inp.data.shape) < multiple:
         raise CryowaeInputError(
             f"layer {inp.name!r} ({'x'.join(map(str, inp.data.shape))}) is smaller than the "
             f"restorer's minimum of {multiple} voxels per axis")
-    v_model = float(restorer.voxel_size)
-    if v_model > 0 and abs(inp.voxel_size - v_model) > VOXEL_TOLERANCE * v_model:
-        progress.log(f"warning: layer {inp.name!r} has voxel size {inp.voxel_size:g} A, the "
-                     f"restorer was trained at {v_model:g} A; results may be poor "
-                     "(rescale the tomogram to match)")
+    warning = voxel_size_warning(inp.voxel_size, restorer.voxel_size)
+    if warning:
+        progress.log(warning)
+    if geometry.axis != restorer.geometry.axis:
+        progress.log(f"warning: the restorer was trained on tilt axis "
+                     f"{restorer.geometry.axis.upper()}, the tomogram is tilted about "
+                     f"{geometry.axis.upper()}; its missing wedge will not be filled well")
 
 
 def _fourier_offset(inp: JobInput) -> float:
@@ -129,44 +154,52 @@ def _fourier_offset(inp: JobInput) -> float:
 
 def restore_job(checkpoint: str | Path, inp: JobInput,
                 progress: ProgressReporter | None = None, tile: int = 96,
-                overlap: int = 32, batch_size: int = 4) -> list[LayerData]:
-    """Restore the tomogram: the restored volume plus the raw vs. restored Fourier pair."""
+                overlap: int = 32, batch_size: int = 4, tilt: str = "",
+                tilt_axis: str = "model") -> list[LayerData]:
+    """Restore the tomogram: the restored volume plus the raw vs. restored Fourier pair
+    (sections through the missing wedge of the tilt geometry `tilt`, `tilt_axis`)."""
     from cryowae.inference.restore import restore_array
 
     prog = progress if progress is not None else ThreadProgress()
     restorer = load_checkpoint(checkpoint)
-    check_compatible(restorer, inp, prog)
+    geometry = tilt_geometry(tilt, tilt_axis, restorer)
+    check_compatible(restorer, inp, geometry, prog)
     out = restore_array(restorer, inp.data, tile=tile, overlap=overlap,
                         batch_size=batch_size, progress=prog)
-    if prog.cancelled:
-        raise JobCancelled()
-    extra = {"source_layer": inp.name, "checkpoint": str(checkpoint)}
+    prog.check_cancelled("restoration")
+    extra = {"source_layer": inp.name, "checkpoint": str(checkpoint),
+             "geometry": geometry.to_dict()}
     layers = [volume_layer(out, f"{inp.name} restored", inp.voxel_size, inp.origin,
                            kind="restored", extra=extra)]
     layers += fourier_layers(inp.data, out, inp.name, inp.voxel_size,
-                             tilt_axis=str(restorer.tilt_axis), offset=_fourier_offset(inp))
+                             tilt_axis=geometry.axis, offset=_fourier_offset(inp))
     return layers
 
 
 def sample_job(checkpoint: str | Path, inp: JobInput, n_samples: int = 8,
                epsilon: float = 0.5, progress: ProgressReporter | None = None,
                tile: int = 96, overlap: int = 32, batch_size: int = 4,
-               seed: int = 0) -> list[LayerData]:
-    """Sample a posterior family: samples (slider over S), mean and std overlay layers."""
+               seed: int = 0, tilt: str = "", tilt_axis: str = "model") -> list[LayerData]:
+    """Sample a posterior family: samples (slider over S), mean and std overlay layers.
+    The tilt range (`tilt`) sets the measured region the samples must agree with."""
     from cryowae.sampling.family import sample_array
 
     prog = progress if progress is not None else ThreadProgress()
     restorer = load_checkpoint(checkpoint)
-    check_compatible(restorer, inp, prog)
+    geometry = tilt_geometry(tilt, tilt_axis, restorer)
+    check_compatible(restorer, inp, geometry, prog)
+    if geometry.axis != restorer.geometry.axis:
+        raise CryowaeInputError(
+            f"sampling uses the restorer's tilt axis ({restorer.geometry.axis.upper()}); "
+            f"for a tomogram tilted about {geometry.axis.upper()} train on such data")
     if n_samples < 2:
         raise CryowaeInputError("a family needs at least 2 samples")
     if not epsilon > 0:
         raise CryowaeInputError(f"epsilon must be positive, got {epsilon:g}")
     fam = sample_array(restorer, inp.data, n_samples=int(n_samples), epsilon=float(epsilon),
                        tile=tile, overlap=overlap, batch_size=batch_size, seed=seed,
-                       progress=prog)
-    if prog.cancelled:
-        raise JobCancelled()
+                       progress=prog, tilt_range=geometry.tilt_range)
+    prog.check_cancelled("sampling")
     info = dict(fam.info) | {"source_layer": inp.name, "checkpoint": str(checkpoint)}
     layers = family_layers(fam.samples, fam.mean, fam.std, inp.name, inp.voxel_size,
                            inp.origin, info)
@@ -175,7 +208,3 @@ def sample_job(checkpoint: str | Path, inp: JobInput, n_samples: int = 8,
         kw = layer[1]
         kw["visible"] = kw["metadata"]["cryowae"]["kind"] in ("samples", "std")
     return layers
-
-
-class JobCancelled(RuntimeError):
-    """The user pressed Cancel; nothing was added."""

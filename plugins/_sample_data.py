@@ -31,7 +31,7 @@ def simulated_dir(size: int = SIZE, seed: int = SEED) -> Path:
     target = cache_dir() / "sample_data" / f"sim{size}_seed{seed}_v{VOXEL_SIZE:g}A"
     if (target / "tomo.mrc").is_file() and (target / "gt.mrc").is_file():
         return target
-    from cryowae.physics.simulate import SimulationConfig, write_simulation
+    from cryowae.simulation import SimulationConfig, write_simulation
 
     target.parent.mkdir(parents=True, exist_ok=True)
     write_simulation(target, SimulationConfig(size=size, seed=seed, voxel_size=VOXEL_SIZE),

@@ -1,9 +1,11 @@
 """The dock widget: pick a checkpoint and a tomogram layer, Restore or Sample.
 
 The work (`_jobs`) runs in a napari `thread_worker`; a Qt timer polls its progress
-reporter into the progress bar, so the viewer stays responsive. Cancel sets the
-reporter's `cancelled` flag, which the library checks between tiles. Errors (a wrong
-checkpoint, a volume the restorer cannot take) end as a napari notification.
+reporter into the progress bar, so the viewer stays responsive. Cancel calls the
+reporter's `cancel`; the library stops at its next check and the job ends with
+`cryowae.progress.Cancelled`. Errors (a wrong checkpoint, a volume the restorer cannot
+take) end as a napari notification. The tilt settings (blank: the restorer's own) become
+a `cryowae.physics.geometry.TiltGeometry` in the job.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from magicgui.widgets import (
     FileEdit,
     FloatSpinBox,
     Label,
+    LineEdit,
     ProgressBar,
     PushButton,
     SpinBox,
@@ -28,9 +31,10 @@ from napari.utils.notifications import show_error, show_info, show_warning
 from qtpy.QtCore import QTimer
 
 from cryowae.errors import CryowaeInputError
+from cryowae.progress import Cancelled
 
 from ._jobs import (
-    JobCancelled,
+    AXIS_CHOICES,
     ThreadProgress,
     input_from_layer,
     restore_job,
@@ -74,14 +78,19 @@ class CryowaeWidget(Container):
         self.epsilon = FloatSpinBox(label="epsilon", value=0.5, min=0.01, max=10.0,
                                     step=0.05, tooltip="diversity of the family (OT "
                                     "temperature; smaller: less spread)")
+        self.tilt = LineEdit(label="tilt range", value="",
+                             tooltip="blank: the restorer's training range; or MIN,MAX "
+                             "in degrees; or a .tlt/.rawtlt file")
+        self.tilt_axis = ComboBox(label="tilt axis", choices=AXIS_CHOICES, value="model",
+                                  tooltip="model: the restorer's training axis")
         self.restore_button = PushButton(text="Restore")
         self.sample_button = PushButton(text="Sample")
         self.cancel_button = PushButton(text="Cancel", enabled=False)
         self.progress_bar = ProgressBar(value=0, min=0, max=1, label="progress")
         self.status = Label(value="", label="")
         self.extend([self.checkpoint, self.layer, self.n_samples, self.epsilon,
-                     self.restore_button, self.sample_button, self.cancel_button,
-                     self.progress_bar, self.status])
+                     self.tilt, self.tilt_axis, self.restore_button, self.sample_button,
+                     self.cancel_button, self.progress_bar, self.status])
         self.restore_button.changed.connect(lambda: self.start("restore"))
         self.sample_button.changed.connect(lambda: self.start("sample"))
         self.cancel_button.changed.connect(self.cancel)
@@ -133,11 +142,14 @@ class CryowaeWidget(Container):
             show_error(str(exc))
             return None
         self.reporter = ThreadProgress()
+        kwargs: dict[str, Any] = {"tilt": str(self.tilt.value or ""),
+                                  "tilt_axis": str(self.tilt_axis.value)}
         if kind == "restore":
-            job, kwargs = restore_job, {}
+            job = restore_job
         elif kind == "sample":
-            job, kwargs = sample_job, {"n_samples": int(self.n_samples.value),
-                                       "epsilon": float(self.epsilon.value)}
+            job = sample_job
+            kwargs |= {"n_samples": int(self.n_samples.value),
+                       "epsilon": float(self.epsilon.value)}
         else:
             raise ValueError(f"unknown job {kind!r}")
         worker = create_worker(_guarded, job, checkpoint, inp, progress=self.reporter,
@@ -203,8 +215,7 @@ class CryowaeWidget(Container):
 
     def _on_error(self, exc: BaseException) -> None:
         cancelled = self.reporter is not None and self.reporter.cancelled
-        if cancelled or isinstance(exc, JobCancelled) or type(exc).__name__.endswith(
-                "Cancelled"):
+        if cancelled or isinstance(exc, Cancelled):
             show_info("cryowae: cancelled; nothing was added")
             self.status.value = "cancelled"
         elif isinstance(exc, CryowaeInputError):

@@ -72,12 +72,11 @@ def tiny_model_path(tmp_path_factory) -> Path:
     from cryowae.training.config import TrainConfig
 
     torch.manual_seed(0)
-    cfg = TrainConfig(patch_size=16, channels=4, depth=2, latent_dim=8, skip="identity")
-    model = WAERestorer(RestorerConfig(cfg.channels, cfg.depth, cfg.latent_dim,
-                                       skip="identity"))
+    cfg = TrainConfig(patch_size=16, restorer=RestorerConfig(4, 2, 8, skip="identity"))
+    model = WAERestorer(cfg.restorer)
     path = tmp_path_factory.mktemp("tiny_model") / "model.pt"
     save_restorer(path, model, cfg.to_dict(), voxel_size=10.0, norm=(0.0, 1.0),
-                  codes=torch.randn(64, cfg.latent_dim))
+                  codes=torch.randn(64, cfg.restorer.latent_dim))
     return path
 
 

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import bz2
 import functools
+import gzip
 import hashlib
 import http.server
-import subprocess
+import io
+import os
 import sys
+import tarfile
 import threading
 from pathlib import Path
 
@@ -16,7 +20,10 @@ import yaml
 import cryowae.data.fetch as fetch_mod
 from cryowae.data.fetch import download, fetch
 from cryowae.data.manifest import load_manifest, parse_manifest, sha256_file, verify
+from cryowae.data.structures import EXAMPLE_STRUCTURES, Archive, fetch_example_structures
 from cryowae.errors import CryowaeInputError
+
+from .conftest import invoke_cli, run_cli
 
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED = REPO / "data_manifests" / "public_tomograms.yaml"
@@ -181,7 +188,9 @@ def server(tmp_path):
     root.mkdir()
     handler = functools.partial(_QuietHandler, directory=str(root))
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    # a short poll interval: shutdown() waits for the loop's next poll (0.5 s by default)
+    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.02},
+                              daemon=True)
     thread.start()
     yield f"http://127.0.0.1:{httpd.server_address[1]}", root
     httpd.shutdown()
@@ -268,20 +277,16 @@ def test_portal_entry_without_client_falls_back_to_url(tmp_path, server, monkeyp
 # ------------------------------------------------------------------------------- CLI
 
 
-def _cli(*args):
-    return subprocess.run([sys.executable, "-m", "cryowae", *map(str, args)],
-                          capture_output=True, text=True, timeout=300)
-
-
 def test_cli_verify_table_and_exit_codes(files, tmp_path):
     manifest, d = files
-    proc = _cli("data", "verify", manifest, d)
+    # the one real process of this file: exit code 1 from the installed entry point
+    proc = run_cli("data", "verify", manifest, d, timeout=300)
     assert proc.returncode == 1, proc.stderr
     for word in ("OK", "missing", "size mismatch", "hash mismatch", "unchecked"):
         assert word in proc.stdout
     ok_only = _write_manifest(tmp_path / "ok.yaml", [_entry(
         name="good", file_name="good.bin", size_bytes=(d / "good.bin").stat().st_size)])
-    proc = _cli("data", "verify", ok_only, d)
+    proc = invoke_cli("data", "verify", ok_only, d)
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
@@ -290,8 +295,79 @@ def test_cli_data_errors_are_one_line(files, tmp_path):
     bad = _write_manifest(tmp_path / "bad.yaml", [_entry(voxel_size_A=-2)])
     for args in (("data", "verify", bad, d), ("data", "fetch", manifest, d, "--only", "nope"),
                  ("data", "verify", tmp_path / "none.yaml", d), ("data", "fetch", "--bogus")):
-        proc = _cli(*args)
+        proc = invoke_cli(*args)
         assert proc.returncode == 2, (args, proc.stdout, proc.stderr)
         lines = proc.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("cryowae: error:"), proc.stderr
         assert "Traceback" not in proc.stderr
+
+
+# ------------------------------------------------------------------ example structures
+
+
+def _fake_structure_archive(path: Path, skip: str = "") -> dict[str, bytes]:
+    """A .tar.gz laid out like the mdanalysistests source package, with a small text
+    per example structure (compressed like the real members); returns the texts."""
+    texts = {}
+    with tarfile.open(path, "w:gz") as tf:
+        for name, member in EXAMPLE_STRUCTURES.items():
+            text = f"REMARK   1 {name}\nEND\n".encode()
+            texts[name] = text
+            if member == skip:
+                continue
+            data = (gzip.compress(text) if member.endswith(".gz")
+                    else bz2.compress(text) if member.endswith(".bz2") else text)
+            info = tarfile.TarInfo(f"mdanalysistests-0/MDAnalysisTests/data/{member}")
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    return texts
+
+
+def _archive(path: Path, url: str, sha256: str | None = None) -> Archive:
+    return Archive(url=url, file_name="mda.tar.gz", size_bytes=path.stat().st_size,
+                   sha256=sha256 or sha256_file(path))
+
+
+def test_example_structures_download_through_fetch(tmp_path, server):
+    base, root = server
+    texts = _fake_structure_archive(root / "mda.tar.gz")
+    arch = _archive(root / "mda.tar.gz", f"{base}/mda.tar.gz")
+    cache, dest = tmp_path / "cache", tmp_path / "pdb"
+    paths = fetch_example_structures(dest, cache_dir=cache, archive=arch, timeout=5)
+    assert [p.name for p in paths] == list(EXAMPLE_STRUCTURES)
+    assert all(p.read_bytes() == texts[p.name] for p in paths)
+    assert sorted(p.name for p in cache.iterdir()) == ["mda.tar.gz"]  # no temporaries
+    # the cached archive is used: the server no longer has it
+    (root / "mda.tar.gz").unlink()
+    paths[2].unlink()
+    assert fetch_example_structures(dest, cache_dir=cache, archive=arch, timeout=5) == paths
+    assert paths[2].read_bytes() == texts[paths[2].name]
+
+
+def test_example_structures_refuse_a_changed_archive(tmp_path, server):
+    base, root = server
+    _fake_structure_archive(root / "mda.tar.gz")
+    wrong = _archive(root / "mda.tar.gz", f"{base}/mda.tar.gz", sha256="0" * 64)
+    with pytest.raises(CryowaeInputError, match="sha256"):
+        fetch_example_structures(tmp_path / "pdb", cache_dir=tmp_path / "c", archive=wrong,
+                                 timeout=5)
+    assert list((tmp_path / "c").iterdir()) == [] and not (tmp_path / "pdb").exists()
+    _fake_structure_archive(root / "mda.tar.gz", skip="6msm.pdb.bz2")
+    partial = _archive(root / "mda.tar.gz", f"{base}/mda.tar.gz")
+    with pytest.raises(CryowaeInputError, match="holds no MDAnalysisTests/data/6msm.pdb.bz2"):
+        fetch_example_structures(tmp_path / "pdb", cache_dir=tmp_path / "c", archive=partial,
+                                 timeout=5)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.environ.get("CRYOWAE_TEST_NETWORK"),
+                    reason="downloads 60 MB from PyPI; set CRYOWAE_TEST_NETWORK=1")
+def test_fetch_example_structures_from_pypi(tmp_path):
+    from cryowae.simulation.potential import read_atomic_model
+
+    paths = fetch_example_structures(tmp_path / "pdb", cache_dir=tmp_path / "cache")
+    assert [p.name for p in paths] == list(EXAMPLE_STRUCTURES)
+    diam = [2 * read_atomic_model(p).radius / 10 for p in paths]
+    assert diam == sorted(diam) and 5 < diam[0] and diam[-1] < 25
+    elements = read_atomic_model(paths[1]).atomic_numbers.unique().tolist()
+    assert 48 not in elements and 20 not in elements  # adk_open: no Cd or Ca guessed

@@ -170,6 +170,7 @@ def _peak_mib(fn) -> float:
     return (_vm_hwm_kb() - base) / 1024
 
 
+@pytest.mark.slow
 def test_blockwise_memory_is_linear():
     """8,192 codes x 64: one dense N x N float32 matrix would be 256 MiB."""
     n, d = 8192, 64
@@ -457,8 +458,9 @@ def test_prefers_prior_passes_for_mmd_at_1024_codes_d64():
     assert res.message.startswith("prefers-prior PASS")
 
 
+@pytest.mark.slow
 def test_prefers_prior_detects_sinkhorn_failure_at_1024_codes_d64():
-    """FIELD_NOTES reproduced: Sinkhorn ranks the contracted cloud below the null."""
+    """With the squared cost, Sinkhorn ranks the contracted cloud below the null."""
     prior = GaussianPrior(64)
     div = build_divergence("sinkhorn", 64, prior, p=2)  # blur 4 sigma, squared cost
     res = prefers_prior(div, prior, 1024, n_seeds=3)
@@ -471,6 +473,7 @@ def test_prefers_prior_detects_sinkhorn_failure_at_1024_codes_d64():
     assert "closer than a fresh prior sample" in res.message
 
 
+@pytest.mark.slow
 def test_prefers_prior_sinkhorn_default_cost_passes_at_1024_codes_d64():
     """The default cost |x - y| (energy-distance limit) fixes the failure above, and a
     collapsed cloud (what the squared cost let training produce) scores far above the

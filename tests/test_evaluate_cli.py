@@ -1,11 +1,10 @@
-"""`cryowae evaluate` end to end, through `python -m cryowae` in a subprocess."""
+"""`cryowae evaluate` end to end: in-process through the real entry point, and once in a
+subprocess (`python -m cryowae`)."""
 
 from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
 import warnings
 from pathlib import Path
 
@@ -14,17 +13,14 @@ import numpy as np
 import pytest
 import torch
 
-from cryowae.io import write_mrc
+from cryowae.io import write_mrc, write_tilt_angles
 from cryowae.physics.fourier import radial_frequency
 from cryowae.physics.wedge import apply_wedge
 
+from .conftest import invoke_cli, run_cli
+
 KEYS = ("pearson", "psnr_db", "fsc_0143_A", "fsc_05_A", "cc_measured", "cc_wedge")
 SHAPE = (24, 32, 40)
-
-
-def _cli(*args):
-    return subprocess.run([sys.executable, "-m", "cryowae", *map(str, args)],
-                          capture_output=True, text=True, timeout=300)
 
 
 @pytest.fixture(scope="module")
@@ -42,11 +38,13 @@ def pair(tmp_path_factory) -> tuple[Path, Path]:
     return d / "restored.mrc", d / "gt.mrc"
 
 
+@pytest.mark.slow  # a real `python -m cryowae` process
 def test_evaluate_json(pair, tmp_path):
     restored, gt = pair
     out = tmp_path / "report.json"
-    proc = _cli("evaluate", restored, "--gt", gt, "--tilt-min", "-50", "--tilt-max", "50",
-                "--json", "--out", out)
+    # the one real process of this file: the installed entry point end to end
+    proc = run_cli("evaluate", restored, "--gt", gt, "--tilt-min", "-50", "--tilt-max", "50",
+                   "--json", "--out", out, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert len(proc.stdout.strip().splitlines()) == 1  # exactly one JSON object
     rep = json.loads(proc.stdout)
@@ -58,6 +56,7 @@ def test_evaluate_json(pair, tmp_path):
     assert 20.0 <= rep["fsc_0143_A"] <= rep["fsc_05_A"]
     assert rep["voxel_size_A"] == 10.0 and rep["nyquist_A"] == 20.0
     assert (rep["tilt_min"], rep["tilt_max"], rep["tilt_axis"]) == (-50.0, 50.0, "y")
+    assert rep["tilt_source"] == "options" and "warnings" not in rep
     assert rep["restored"] == str(restored) and rep["gt"] == str(gt)
     assert rep["shape"] == list(SHAPE)
     assert len(rep["fsc"]) == min(SHAPE) // 2
@@ -67,7 +66,7 @@ def test_evaluate_json(pair, tmp_path):
 
 def test_evaluate_identical_volumes(pair):
     _, gt = pair
-    proc = _cli("evaluate", gt, "--gt", gt, "--json")
+    proc = invoke_cli("evaluate", gt, "--gt", gt, "--json")
     assert proc.returncode == 0, proc.stderr
     rep = json.loads(proc.stdout)
     assert rep["pearson"] == pytest.approx(1.0)
@@ -78,7 +77,7 @@ def test_evaluate_identical_volumes(pair):
 
 def test_evaluate_table(pair):
     restored, gt = pair
-    proc = _cli("evaluate", restored, "--gt", gt)
+    proc = invoke_cli("evaluate", restored, "--gt", gt, "--tilt-min", "-50", "--tilt-max", "50")
     assert proc.returncode == 0, proc.stderr
     for word in ("Pearson", "PSNR", "FSC 0.143", "CC wedge"):
         assert word in proc.stdout
@@ -104,20 +103,64 @@ def _bad_inputs(d: Path, gt: Path) -> dict[str, list]:
         "tilt-min >= tilt-max": [gt, "--gt", gt, "--tilt-min", "40", "--tilt-max", "40"],
         "unknown option": [gt, "--gt", gt, "--frobnicate"],
         "bad tilt axis": [gt, "--gt", gt, "--tilt-axis", "z"],
+        "missing tilt file": [gt, "--gt", gt, "--tilt-file", d / "absent.tlt"],
         "no gt": [gt],
     }
 
 
 @pytest.mark.parametrize("case", [
     "missing file", "missing gt", "not MRC", "NaN volume", "shape mismatch",
-    "tilt-min >= tilt-max", "unknown option", "bad tilt axis", "no gt",
+    "tilt-min >= tilt-max", "unknown option", "bad tilt axis", "missing tilt file", "no gt",
 ])
 def test_evaluate_bad_input_exits_2_with_one_line(pair, tmp_path, case):
     _, gt = pair
     args = _bad_inputs(tmp_path, gt)[case]
-    proc = _cli("evaluate", *args, "--json")
+    proc = invoke_cli("evaluate", *args, "--json")
     assert proc.returncode == 2, (case, proc.stdout, proc.stderr)
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("cryowae: error:"), proc.stderr
     assert "Traceback" not in proc.stderr
     assert proc.stdout == ""
+
+
+def _evaluate_json(*args) -> tuple[dict, str]:
+    proc = invoke_cli("evaluate", *args, "--json")
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout), proc.stderr
+
+
+def test_evaluate_reads_tilt_files(pair, tmp_path):
+    """A .tlt next to the restored tomogram, then one next to the ground truth, then
+    --tilt-file: each sets the wedge (and the report says which); none: -60..60 and a
+    warning."""
+    restored, gt = pair
+    d = tmp_path / "r"
+    d.mkdir()
+    moved = d / "restored.mrc"
+    moved.write_bytes(restored.read_bytes())
+    rep, err = _evaluate_json(moved, "--gt", gt)
+    assert (rep["tilt_min"], rep["tilt_max"], rep["tilt_source"]) == (-60.0, 60.0, "default")
+    assert "assuming -60..60" in err and len(rep["warnings"]) == 1
+    cc_default = rep["cc_measured"]
+
+    write_tilt_angles(d / "restored.tlt", np.arange(-50.0, 51.0, 2.0))
+    rep, err = _evaluate_json(moved, "--gt", gt)
+    assert (rep["tilt_min"], rep["tilt_max"]) == (-50.0, 50.0) and err == ""
+    assert rep["tilt_source"] == f"tilt file {d / 'restored.tlt'}"
+    # the restoration's wedge is -50..50: -60..60 counts part of it as measured
+    assert rep["cc_measured"] > cc_default + 0.05  # 0.994 vs 0.882
+
+    other = tmp_path / "g"
+    other.mkdir()
+    gt2 = other / "gt.mrc"
+    gt2.write_bytes(gt.read_bytes())
+    write_tilt_angles(other / "tilts.tlt", [-40.0, 0.0, 45.0])
+    (d / "restored.tlt").unlink()
+    rep, _ = _evaluate_json(moved, "--gt", gt2, "--tilt-axis", "X")
+    assert (rep["tilt_min"], rep["tilt_max"], rep["tilt_axis"]) == (-40.0, 45.0, "x")
+    assert rep["tilt_source"] == f"tilt file {other / 'tilts.tlt'}"
+
+    explicit = tmp_path / "mine.rawtlt"
+    write_tilt_angles(explicit, [-30.0, 10.0, 35.0])
+    rep, _ = _evaluate_json(moved, "--gt", gt2, "--tilt-file", explicit)
+    assert (rep["tilt_min"], rep["tilt_max"], rep["tilt_axis"]) == (-30.0, 35.0, "y")

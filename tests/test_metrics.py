@@ -19,7 +19,13 @@ from cryowae.metrics import (
     psnr_db,
     region_correlations,
 )
-from cryowae.physics.fourier import radial_frequency
+from cryowae.physics.fourier import (
+    hermitian_weights,
+    masked_fsc,
+    radial_frequency,
+    shell_index,
+)
+from cryowae.physics.geometry import TiltGeometry
 from cryowae.physics.wedge import apply_wedge, wedge_mask
 
 
@@ -158,7 +164,7 @@ def test_region_correlations_wedge_filled_with_unrelated_content():
 @pytest.mark.parametrize("axis", ["y", "x"])
 def test_region_correlations_match_full_fft(shape, axis):
     a, b = _noise(shape, 0), _noise(shape, 1) + 0.5 * _noise(shape, 0)
-    got = region_correlations(a, b, -50.0, 35.0, axis)
+    got = region_correlations(a, b, TiltGeometry(-50.0, 35.0, axis))
     fa, fb = torch.fft.fftn(a.double()), torch.fft.fftn(b.double())
     inside = radial_frequency(shape) <= 0.5
     inside[0, 0, 0] = False
@@ -170,10 +176,48 @@ def test_region_correlations_match_full_fft(shape, axis):
         assert got[key] == pytest.approx(ref, abs=1e-5), key
 
 
-def test_region_correlations_bad_tilt_range():
+def test_region_correlations_take_a_tilt_geometry():
     g = _noise((8, 8, 8), 0)
     with pytest.raises(CryowaeInputError, match="tilt range"):
-        region_correlations(g, g, 30.0, 10.0)
+        region_correlations(g, g, TiltGeometry(30.0, 10.0))
+    with pytest.raises(TypeError, match="TiltGeometry"):
+        region_correlations(g, g, 30.0)  # a loose angle is not a geometry
+
+
+# ------------------------------------------------------------- masked FSC, Hermitian weights
+
+
+def test_hermitian_weights_count_the_full_spectrum():
+    for nx in (7, 8):
+        v = _noise((5, 6, nx), nx).double()
+        full = float((torch.fft.fftn(v).abs() ** 2).sum())
+        half = torch.fft.rfftn(v).abs() ** 2
+        assert float((half * hermitian_weights(nx, torch.float64)).sum()) == pytest.approx(
+            full, rel=1e-12)
+
+
+@pytest.mark.parametrize("shape", [(12, 14, 16), (11, 13, 15)])
+def test_masked_fsc_matches_a_full_fft_per_shell(shape):
+    a, b = _noise(shape, 0), _noise(shape, 1) + 0.7 * _noise(shape, 0)
+    mask = wedge_mask(shape, -50.0, 35.0, "y", rfft=True)
+    got = masked_fsc(a, b, mask)
+    idx, n_shells = shell_index(shape)
+    assert got.shape == (n_shells,) and n_shells == max(shape) // 2 + 1
+    # the same sums over the full spectrum, shells from |k| * max(shape), no weights
+    fa, fb = torch.fft.fftn(a.double()), torch.fft.fftn(b.double())
+    shell = torch.clamp(torch.round(radial_frequency(shape) * max(shape)).long(),
+                        max=n_shells - 1)
+    region = wedge_mask(shape, -50.0, 35.0, "y") > 0.5
+    for s in range(1, n_shells):
+        sel = region & (shell == s)
+        x, y = fa[sel], fb[sel]
+        ref = float((x * y.conj()).real.sum() / torch.sqrt((x.abs() ** 2).sum()
+                                                           * (y.abs() ** 2).sum()))
+        assert float(got[s]) == pytest.approx(ref, abs=1e-5), s
+    # identical volumes: 1 in every shell; without a mask all coefficients count
+    assert torch.allclose(masked_fsc(a, a)[1:], torch.ones(n_shells - 1, dtype=torch.float64))
+    assert not torch.allclose(masked_fsc(a, b), got)
+
 
 
 # ------------------------------------------------------------------------ calibration
@@ -213,7 +257,8 @@ def test_interval_coverage_input_errors():
 def test_evaluate_volumes_report():
     g = _lowpass(_noise((24, 32, 40), 0), 0.3)
     restored = apply_wedge(g, -55.0, 50.0) + 0.05 * _noise((24, 32, 40), 1)
-    rep = evaluate_volumes(restored, g, voxel_size=8.0, tilt_min=-55, tilt_max=50)
+    rep = evaluate_volumes(restored, g, voxel_size=8.0,
+                           geometry=TiltGeometry.from_range(-55, 50, "y", "test"))
     for key in ("pearson", "psnr_db", "fsc_0143_A", "fsc_05_A", "cc_measured", "cc_wedge"):
         assert isinstance(rep[key], float), key
         assert math.isfinite(rep[key]), key
@@ -222,6 +267,10 @@ def test_evaluate_volumes_report():
     assert 16.0 <= rep["fsc_0143_A"] <= rep["fsc_05_A"]
     assert rep["nyquist_A"] == 16.0
     assert rep["shape"] == [24, 32, 40]
+    assert (rep["tilt_min"], rep["tilt_max"], rep["tilt_axis"], rep["tilt_source"]) == (
+        -55.0, 50.0, "y", "test")
+    # the wedge of the geometry given, not the default -60..60
+    assert rep["cc_measured"] > evaluate_volumes(restored, g, 8.0)["cc_measured"] + 0.01
     assert all(len(p) == 2 for p in rep["fsc"])
 
 
@@ -235,5 +284,5 @@ def test_evaluate_volumes_input_errors():
         evaluate_volumes(bad, g, 1.0)
     with pytest.raises(CryowaeInputError, match="voxel size"):
         evaluate_volumes(g, g, 0.0)
-    with pytest.raises(CryowaeInputError, match="tilt range"):
-        evaluate_volumes(g, g, 1.0, tilt_min=10, tilt_max=10)
+    with pytest.raises(TypeError, match="TiltGeometry"):
+        evaluate_volumes(g, g, 1.0, -60.0)

@@ -21,6 +21,7 @@ import pytest
 import torch
 import zarr
 
+from cryowae.errors import CryowaeInputError
 from cryowae.io import write_mrc, write_ome_zarr
 from cryowae.physics.wedge import apply_wedge
 from cryowae.plugins._display import fourier_section, robust_limits, subsample
@@ -80,6 +81,7 @@ def test_manifest_validates_and_resolves():
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
+@pytest.mark.slow
 def test_core_cli_and_reader_do_not_import_qt():
     code = ("import sys, cryowae.cli.main, cryowae.io, cryowae.plugins, "
             "cryowae.plugins._reader, cryowae.plugins._jobs, cryowae.plugins._sample_data; "
@@ -107,14 +109,63 @@ def test_view_without_napari_says_how_to_install(tomo_mrc):
 
 
 def test_view_refuses_missing_and_foreign_files(tmp_path):
-    from .conftest import run_cli
+    from .conftest import invoke_cli
 
-    proc = run_cli("view", tmp_path / "nope.mrc")
+    proc = invoke_cli("view", tmp_path / "nope.mrc")
     assert proc.returncode == 2 and "no such file" in proc.stderr
     (tmp_path / "notes.txt").write_text("hi")
-    proc = run_cli("view", tmp_path / "notes.txt")
+    proc = invoke_cli("view", tmp_path / "notes.txt")
     assert proc.returncode == 2 and "not an MRC file" in proc.stderr
-    assert "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
+
+
+# --------------------------------------------------------------------- jobs (no GUI)
+def test_jobs_use_the_library_cache_warning_and_geometry(tiny_model_path, tmp_path):
+    """The panel's work: the library's model cache, its voxel-size warning, and tilt
+    settings parsed into a TiltGeometry (blank: the restorer's own)."""
+    from cryowae.inference.restore import voxel_size_warning
+    from cryowae.models.cache import cached_restorer
+    from cryowae.physics.geometry import TiltGeometry
+    from cryowae.plugins._jobs import (
+        JobInput,
+        ThreadProgress,
+        check_compatible,
+        load_checkpoint,
+        tilt_geometry,
+    )
+
+    r = load_checkpoint(tiny_model_path)
+    assert load_checkpoint(tiny_model_path.parent) is r
+    assert cached_restorer(tiny_model_path, str(r.device)) is r
+    assert tilt_geometry("", "model", r) == r.geometry
+    assert tilt_geometry(" -50, 40 ", "x", r) == TiltGeometry(-50, 40, "x")
+    assert tilt_geometry("-45..45", "model", r) == TiltGeometry(-45, 45, r.geometry.axis)
+    tlt = tmp_path / "a.tlt"
+    np.savetxt(tlt, np.arange(-54.0, 55.0, 3.0))
+    assert tilt_geometry(str(tlt), "y", r).tilt_range == (-54.0, 54.0)
+    for text, axis, msg in (("sixty", "model", "MIN,MAX"), ("70,-70", "model", "impossible"),
+                            ("", "z", "tilt axis")):
+        with pytest.raises(CryowaeInputError, match=msg):
+            tilt_geometry(text, axis, r)
+    prog = ThreadProgress()
+    inp = JobInput(np.zeros((16, 16, 16), np.float32), "t", voxel_size=15.0)
+    check_compatible(r, inp, TiltGeometry(-60, 60, "x"), prog)
+    warnings = prog.pop_messages()
+    assert warnings[0] == voxel_size_warning(15.0, r.voxel_size)
+    assert "tilt axis Y" in warnings[1]
+    with pytest.raises(CryowaeInputError, match="choose a checkpoint"):
+        load_checkpoint("")
+
+
+def test_cancelled_job_raises_the_one_cancel_exception(tiny_model_path):
+    from cryowae.plugins._jobs import JobInput, ThreadProgress, restore_job
+    from cryowae.progress import Cancelled
+
+    prog = ThreadProgress()
+    prog.cancel()
+    with pytest.raises(Cancelled):
+        restore_job(tiny_model_path, JobInput(_wedged(), "t", 10.0), progress=prog,
+                    tile=16, overlap=4)
 
 
 # --------------------------------------------------------------------- reader (no GUI)
@@ -262,6 +313,7 @@ def _rendered(img: np.ndarray) -> bool:
 
 
 @pytest.mark.gui
+@pytest.mark.slow
 @needs_napari
 def test_viewer_opens_tomogram_lazily_and_family_with_slider(viewer, tomo_mrc, family_dir):
     [layer] = viewer.open(str(tomo_mrc), plugin="cryowae")
@@ -310,6 +362,7 @@ def _run_job(w, kind):
 
 
 @pytest.mark.gui
+@pytest.mark.slow
 @needs_napari
 def test_widget_restores_and_samples_without_blocking(viewer, tomo_mrc,
                                                       tiny_model_path, monkeypatch):
@@ -363,6 +416,7 @@ def test_widget_restores_and_samples_without_blocking(viewer, tomo_mrc,
 
 
 @pytest.mark.gui
+@pytest.mark.slow
 @needs_napari
 def test_widget_errors_become_notifications(viewer, tomo_mrc, tiny_model_path,
                                             tmp_path, monkeypatch):
@@ -389,6 +443,7 @@ def test_widget_errors_become_notifications(viewer, tomo_mrc, tiny_model_path,
 
 
 @pytest.mark.gui
+@pytest.mark.slow
 @needs_napari
 def test_widget_cancel_stops_the_job(viewer, tomo_mrc, tiny_model_path, monkeypatch):
     import cryowae.plugins._widget as widget_mod
@@ -408,6 +463,7 @@ def test_widget_cancel_stops_the_job(viewer, tomo_mrc, tiny_model_path, monkeypa
 
 
 @pytest.mark.gui
+@pytest.mark.slow
 @needs_napari
 def test_cli_view_screenshot(virtual_display, tomo_mrc, tmp_path):
     from .conftest import run_cli
@@ -421,9 +477,8 @@ def test_cli_view_screenshot(virtual_display, tomo_mrc, tmp_path):
     assert _rendered(iio.imread(png))
 
 
+@pytest.mark.slow
 def test_sample_data_is_cached(tmp_path, monkeypatch):
-    if importlib.util.find_spec("cryowae.physics.simulate") is None:
-        pytest.skip("the simulator (cryowae.physics.simulate) is not built yet")
     import cryowae.plugins._sample_data as sd
 
     monkeypatch.setenv("CRYOWAE_CACHE_DIR", str(tmp_path / "cache"))

@@ -8,9 +8,11 @@ import tomllib
 import zipfile
 from pathlib import Path
 
+import pytest
+
 import cryowae
 
-from .conftest import run_cli
+from .conftest import invoke_cli, run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -25,6 +27,7 @@ def test_every_package_directory_is_listed():
     assert conf["package-dir"]["cryowae.plugins"] == "plugins"
 
 
+@pytest.mark.slow
 def test_wheel_has_no_generic_top_level_modules(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps",
                            "--no-build-isolation", "-q", "-w", str(tmp_path), str(ROOT)],
@@ -40,6 +43,7 @@ def test_wheel_has_no_generic_top_level_modules(tmp_path):
 
 
 def test_version_and_help_list_every_command():
+    """A real process through the installed entry point's module."""
     res = run_cli("--version")
     assert res.returncode == 0 and res.stdout.strip() == f"cryowae {cryowae.__version__}"
     res = run_cli("--help")
@@ -50,11 +54,22 @@ def test_version_and_help_list_every_command():
 
 
 def test_unknown_option_is_one_line_exit_2():
-    res = run_cli("train", "x.mrc", "--no-such-option")
+    res = invoke_cli("train", "x.mrc", "--no-such-option")
     assert res.returncode == 2
     assert res.stderr.strip().count("\n") == 0 and "no-such-option" in res.stderr
 
 
+def test_a_missing_command_module_is_an_error(monkeypatch):
+    """No "not built in this version" skip: a command module that does not import
+    fails loudly instead of vanishing from the CLI."""
+    import cryowae.cli.main as cli_main
+
+    monkeypatch.setattr(cli_main, "COMMAND_MODULES", ("no_such_command",))
+    with pytest.raises(ModuleNotFoundError, match="no_such_command"):
+        cli_main._register_all()
+
+
+@pytest.mark.slow
 def test_core_import_needs_no_qt():
     code = ("import sys, cryowae.cli.main, cryowae.io, cryowae.training.loop, "
             "cryowae.inference.restore; "

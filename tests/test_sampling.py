@@ -39,8 +39,8 @@ def _randomised_model(path: Path, seed: int = 0, latent_dim: int = 8) -> Path:
     from cryowae.training.config import TrainConfig
 
     torch.manual_seed(seed)
-    cfg = TrainConfig(patch_size=16, channels=4, depth=2, latent_dim=latent_dim)
-    model = WAERestorer(RestorerConfig(cfg.channels, cfg.depth, cfg.latent_dim))
+    cfg = TrainConfig(patch_size=16, restorer=RestorerConfig(4, 2, latent_dim))
+    model = WAERestorer(cfg.restorer)
     with torch.no_grad():
         for lin in model.film:
             lin.weight.normal_(0.0, 0.5)

@@ -1,4 +1,5 @@
-"""Training: config, determinism, loss decrease, resume, DDP, lambda scale-freedom, bad input."""
+"""Training: config, determinism, loss decrease, gradient balancing, resume, DDP, lambda
+scale-freedom, cancellation, bad input."""
 
 from __future__ import annotations
 
@@ -18,11 +19,14 @@ import yaml
 
 from cryowae.errors import CryowaeInputError
 from cryowae.io import write_mrc
-from cryowae.training.config import TrainConfig, load_config
+from cryowae.models.checkpoint import KIND_CHECKPOINT, load_restorer, load_state
+from cryowae.physics.geometry import TiltGeometry
+from cryowae.progress import Cancelled, ProgressReporter
+from cryowae.training.config import TrainConfig, load_config, save_config
 from cryowae.training.data import load_sources
 from cryowae.training.loop import Trainer
 
-from .conftest import run_cli
+from .conftest import invoke_cli, run_cli
 
 TINY = {"patch_size": 16, "channels": 4, "depth": 2, "latent_dim": 8, "batch_size": 2,
         "bank_size": 64, "log_every": 1, "checkpoint_every": 2, "steps": 6, "lr": 2e-3,
@@ -53,14 +57,54 @@ def tiny_config(tmp_path) -> Path:
 def test_presets_load_and_validate():
     for name in ("cpu-small", "gpu-default", "gpu-large"):
         cfg = load_config(name)
-        assert cfg.patch_size % 2**cfg.depth == 0
-    assert load_config(None).patch_size == load_config("cpu-small").patch_size
+        assert cfg.patch_size % 2**cfg.restorer.depth == 0
+    small = load_config("cpu-small")
+    assert load_config(None) == small
+    assert (small.patch_size, small.restorer.channels, small.restorer.latent_dim) == (48, 12, 32)
     with pytest.raises(CryowaeInputError, match="unknown setting"):
         TrainConfig.from_dict({"patchsize": 3})
     with pytest.raises(CryowaeInputError, match="divergence"):
         TrainConfig().replace(divergence="kl")
 
 
+def test_config_reads_nested_and_old_flat_forms(tmp_path):
+    """The nested form (restorer/geometry) and the flat keys of older files give the same
+    config; a key given both ways must agree; geometry is validated when made."""
+    flat = {"patch_size": 32, "channels": 6, "depth": 2, "latent_dim": 16, "skip": "identity",
+            "tilt_min": -50, "tilt_max": 40, "tilt_axis": "X", "lr": 0.003}
+    nested = {"patch_size": 32, "lr": 0.003,
+              "restorer": {"channels": 6, "depth": 2, "latent_dim": 16, "skip": "identity"},
+              "geometry": {"tilt_min": -50, "tilt_max": 40, "axis": "x"}}
+    a, b = TrainConfig.from_dict(flat), TrainConfig.from_dict(nested)
+    assert a == b
+    assert a.restorer.channels == 6 and a.restorer.skip == "identity"
+    assert a.geometry.tilt_range == (-50.0, 40.0) and a.geometry.axis == "x"
+    # round trip through YAML, nested on disk
+    save_config(a, tmp_path / "c.yaml")
+    on_disk = yaml.safe_load((tmp_path / "c.yaml").read_text())["train"]
+    assert on_disk["restorer"]["latent_dim"] == 16 and on_disk["geometry"]["axis"] == "x"
+    assert "channels" not in on_disk and "tilt_min" not in on_disk
+    assert load_config(tmp_path / "c.yaml") == TrainConfig.from_dict(on_disk)
+    assert load_config(tmp_path / "c.yaml").restorer == a.restorer
+    # replace with flat names changes the nested settings
+    c = a.replace(latent_dim=32, tilt_max=30, lr=None)
+    assert c.restorer.latent_dim == 32 and c.restorer.channels == 6
+    assert c.geometry.tilt_range == (-50.0, 30.0) and c.lr == 0.003
+    with pytest.raises(CryowaeInputError, match="latent_dim given both"):
+        TrainConfig.from_dict(nested | {"latent_dim": 8})
+    with pytest.raises(CryowaeInputError, match="unknown restorer setting"):
+        TrainConfig.from_dict({"restorer": {"chanels": 4}})
+    with pytest.raises(CryowaeInputError, match="tilt axis"):
+        TrainConfig.from_dict({"tilt_axis": "z"})
+    with pytest.raises(CryowaeInputError, match="tilt axis"):
+        TrainConfig(geometry=TiltGeometry(-60, 60, "z"))
+    with pytest.raises(CryowaeInputError, match="impossible tilt range"):
+        TrainConfig.from_dict({"geometry": {"tilt_min": 30, "tilt_max": -30}})
+    with pytest.raises(CryowaeInputError, match="multiple of 8"):
+        TrainConfig(patch_size=20)
+
+
+@pytest.mark.slow
 def test_same_seed_same_first_steps(tomo, tmp_path):
     cfg = TrainConfig.from_dict(TINY)
     runs = []
@@ -74,6 +118,7 @@ def test_same_seed_same_first_steps(tomo, tmp_path):
     assert other != pytest.approx(runs[0][:3], rel=1e-6)
 
 
+@pytest.mark.slow
 def test_training_lowers_the_loss(small_sim, tmp_path):
     """The loss on a fixed held-out batch falls after a few steps on a simulated tomogram."""
     from cryowae.training.augment import make_batch
@@ -85,7 +130,7 @@ def test_training_lowers_the_loss(small_sim, tmp_path):
                            [small_sim / "tomo_odd.mrc"], min_size=16)
     tr = Trainer(sources, cfg, tmp_path / "run")
     ins, tgs = tr.sampler.sample(16)
-    batch = make_batch(ins, tgs, 16, -60, 60, "y", tr.device,
+    batch = make_batch(ins, tgs, 16, cfg.geometry, tr.device,
                        generator=torch.Generator().manual_seed(3))
 
     def held_out() -> float:
@@ -145,8 +190,39 @@ def test_value_weight_bank_factor_per_divergence(tomo, tmp_path, divergence, ove
     tr = Trainer(load_sources([tomo], min_size=16), cfg, tmp_path / "run")
     for _ in range(3):
         tr.train_step()
-    assert len(tr.bank) == 6
-    assert tr.value_scale(2) == (pytest.approx(4.0) if scaled else 1.0)
+    assert len(tr.latent.bank) == 6
+    assert tr.latent.value_scale(2) == (pytest.approx(4.0) if scaled else 1.0)
+
+
+def test_balancer_gets_the_reconstruction_gradient_on_the_codes(tomo, tmp_path):
+    """No side channel: the gradient the balancer records is d rec / d z of the step's
+    batch, recomputed here on an identical trainer; the model keeps no hidden state."""
+    cfg = TrainConfig.from_dict(TINY)
+    src = load_sources([tomo], min_size=16)
+    a = Trainer(src, cfg, tmp_path / "a")
+    b = Trainer(src, cfg, tmp_path / "b")
+    for tr in (a, b):  # FiLM and head start at zero: make the code matter from step 0
+        g = torch.Generator().manual_seed(5)
+        with torch.no_grad():
+            for lin in [*tr.model.film, tr.model.head]:
+                lin.weight.normal_(0.0, 0.3, generator=g)
+    a.train_step()
+    from cryowae.training.augment import make_batch
+    from cryowae.training.loss import masked_fourier_loss
+
+    inputs, targets = b.sampler.sample(cfg.batch_size)
+    batch = make_batch(inputs, targets, cfg.patch_size, cfg.geometry, b.device,
+                       generator=b.gen)
+    b.model.train()
+    out = b.model(batch.inputs, with_features=True)
+    rec, _ = masked_fourier_loss(out.restored, batch, cfg.wedge_weight)
+    (g_rec,) = torch.autograd.grad(rec, out.z)
+    assert a.balancer.grad_count == 1
+    assert a.balancer.grad_rec == pytest.approx(float(g_rec.norm()), rel=1e-5)
+    assert float(g_rec.norm()) > 0
+    assert len(a.latent.bank) == cfg.batch_size  # pooled features came back explicitly
+    torch.testing.assert_close(a.latent.bank.codes(), out.pooled.detach())
+    assert not hasattr(a.model, "last_pooled") and not hasattr(a.model, "decoder_code_grad")
 
 
 def _metric_steps(run: Path) -> list[int]:
@@ -154,7 +230,59 @@ def _metric_steps(run: Path) -> list[int]:
         return [int(r["step"]) for r in csv.DictReader(f)]
 
 
+def _as_format_1(path: Path) -> None:
+    """Rewrite a checkpoint as the previous version wrote it: format 1, flat config."""
+    state = torch.load(path, weights_only=True)
+    cfg = state["config"]
+    flat = {k: v for k, v in cfg.items() if k not in ("restorer", "geometry")}
+    flat |= cfg["restorer"] | {"tilt_min": cfg["geometry"]["tilt_min"],
+                               "tilt_max": cfg["geometry"]["tilt_max"],
+                               "tilt_axis": cfg["geometry"]["axis"]}
+    state |= {"format": 1, "config": flat}
+    torch.save(state, path)
+
+
+@pytest.mark.slow
+def test_resume_in_process_reads_format_1_and_refuses_other_settings(tomo, tmp_path):
+    cfg = TrainConfig.from_dict(TINY | {"steps": 4, "tilt_axis": "x"})
+    src = load_sources([tomo], min_size=16)
+    Trainer(src, cfg, tmp_path / "run").run()
+    ck = tmp_path / "run" / "checkpoint.pt"
+    _as_format_1(ck)
+    assert load_state(ck, KIND_CHECKPOINT)["format"] == 1
+    with pytest.raises(CryowaeInputError, match="restorer was"):
+        Trainer(src, cfg.replace(latent_dim=16), tmp_path / "run", resume=True)
+    res = Trainer(src, cfg.replace(steps=6), tmp_path / "run", resume=True).run()
+    assert res.steps == 6 and _metric_steps(tmp_path / "run")[-1] == 6
+    state = load_state(ck, KIND_CHECKPOINT)
+    assert state["format"] == 2 and state["step"] == 6
+    assert state["config"]["geometry"]["axis"] == "x"
+    assert load_restorer(tmp_path / "run").geometry.axis == "x"
+
+
+class _CancelAfter(ProgressReporter):
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        self.n = n
+
+    def advance(self, n: int = 1, **info) -> None:
+        super().advance(n, **info)
+        if self.done >= self.n:
+            self.cancel()
+
+
+def test_cancel_stops_training_and_keeps_the_checkpoint(tomo, tmp_path):
+    cfg = TrainConfig.from_dict(TINY | {"steps": 100, "checkpoint_every": 50})
+    tr = Trainer(load_sources([tomo], min_size=16), cfg, tmp_path / "run",
+                 progress=_CancelAfter(3))
+    with pytest.raises(Cancelled, match="cancelled at step 3"):
+        tr.run()
+    assert load_state(tmp_path / "run" / "checkpoint.pt", KIND_CHECKPOINT)["step"] == 3
+
+
+@pytest.mark.slow
 def test_resume_after_kill(tomo, tiny_config, tmp_path):
+    """A real process killed with SIGKILL mid-run resumes from its last checkpoint."""
     run = tmp_path / "run"
     args = [sys.executable, "-m", "cryowae", "train", str(tomo), "--out", str(run), "--config",
             str(tiny_config), "--steps", "400", "--tilt-min", "-60", "--tilt-max", "60"]
@@ -165,8 +293,6 @@ def test_resume_after_kill(tomo, tiny_config, tmp_path):
     time.sleep(1.0)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    from cryowae.models.checkpoint import KIND_CHECKPOINT, load_state
-
     saved = load_state(run / "checkpoint.pt", KIND_CHECKPOINT)["step"]
     assert 2 <= saved < 400
     res = run_cli("train", tomo, "--out", run, "--resume", "--steps", str(saved + 4))
@@ -176,10 +302,11 @@ def test_resume_after_kill(tomo, tiny_config, tmp_path):
     steps = _metric_steps(run)
     assert steps[-1] == saved + 4
     # a fresh start without --resume is refused instead of clobbering the run
-    res = run_cli("train", tomo, "--out", run, "--config", tiny_config)
+    res = invoke_cli("train", tomo, "--out", run, "--config", tiny_config)
     assert res.returncode == 2 and "--resume" in res.stderr
 
 
+@pytest.mark.slow
 def test_two_process_gloo_ddp(tomo, tiny_config, tmp_path):
     torchrun = Path(sys.executable).with_name("torchrun")
     run = tmp_path / "ddp"
@@ -191,16 +318,39 @@ def test_two_process_gloo_ddp(tomo, tiny_config, tmp_path):
                           capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "2 process(es)" in proc.stdout + proc.stderr
-    from cryowae.models.checkpoint import load_restorer
-
     model = load_restorer(run)
     assert model.train_config["patch_size"] == 16
     assert _metric_steps(run)[-1] == 3
 
 
+def test_train_reads_tlt_file_and_tilt_axis(tomo, tiny_config, tmp_path):
+    """`cryowae train` takes the tilt range of a .tlt file next to the tomogram and the
+    axis of --tilt-axis, and stores the geometry in model.pt."""
+    np.savetxt(tomo.with_suffix(".tlt"), np.arange(-48.0, 43.0, 3.0))
+    run = tmp_path / "run"
+    res = invoke_cli("train", tomo, "--out", run, "--config", tiny_config, "--steps", "2",
+                     "--tilt-axis", "X")
+    assert res.returncode == 0, res.stderr
+    geo = load_restorer(run).geometry
+    assert (geo.tilt_min, geo.tilt_max, geo.axis) == (-48.0, 42.0, "x")
+    assert load_config(run / "config.yaml").geometry.tilt_range == (-48.0, 42.0)
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory) -> tuple[Path, Path]:
+    """(tomogram, run directory) of a 2-step tiny training run."""
+    d = tmp_path_factory.mktemp("trained")
+    tomo = d / "tomo.mrc"
+    write_mrc(tomo, _smooth_volume(), 10.0)
+    (d / "tiny.yaml").write_text(yaml.safe_dump({"train": TINY}))
+    invoke_cli("train", tomo, "--out", d / "run", "--config", d / "tiny.yaml", "--steps",
+               "2", "--tilt-min", "-60", "--tilt-max", "60", check=True)
+    return tomo, d / "run"
+
+
 @pytest.mark.parametrize("case", ["small", "halves", "nan", "divergence", "config",
-                                  "version", "corrupt"])
-def test_bad_input_exits_2(case, tomo, tiny_config, tmp_path):
+                                  "tilt_axis", "version", "corrupt"])
+def test_bad_input_exits_2(case, tomo, tiny_config, tmp_path, trained_run):
     run = tmp_path / "run"
     base = ["train", tomo, "--out", run, "--config", tiny_config, "--steps", "2",
             "--tilt-min", "-60", "--tilt-max", "60"]
@@ -221,25 +371,27 @@ def test_bad_input_exits_2(case, tomo, tiny_config, tmp_path):
     elif case == "config":
         (tmp_path / "bad.yaml").write_text("train: [unclosed\n")
         base[4] = tmp_path / "bad.yaml"
+    elif case == "tilt_axis":
+        base += ["--tilt-axis", "z"]
     elif case in ("version", "corrupt"):
-        assert run_cli(*base).returncode == 0
+        shutil.copytree(trained_run[1], run)
         ck = run / "checkpoint.pt"
         if case == "version":
-            state = torch.load(ck, weights_only=False)
+            state = torch.load(ck, weights_only=True)
             state["cryowae_version"] = "9.9.0"
             torch.save(state, ck)
         else:
             ck.write_bytes(ck.read_bytes()[:1000])
-        base = ["train", tomo, "--out", run, "--resume", "--steps", "4"]
-    res = run_cli(*base)
+        base = ["train", trained_run[0], "--out", run, "--resume", "--steps", "4"]
+    res = invoke_cli(*base)
     assert res.returncode == 2, (res.stdout, res.stderr)
     lines = [ln for ln in res.stderr.strip().splitlines() if ln.startswith("cryowae: error")]
     assert len(lines) == 1 and "Traceback" not in res.stderr, res.stderr
     if case not in ("version", "corrupt"):
         assert not (run / "checkpoint.pt").exists()
-    shutil.rmtree(run, ignore_errors=True)
 
 
+@pytest.mark.slow
 def test_refill_keeps_measured_region_and_fills_wedge(tmp_path):
     from cryowae.physics.wedge import apply_wedge, wedge_mask
     from cryowae.training.refill import refill_volume

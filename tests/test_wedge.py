@@ -8,10 +8,12 @@ import torch
 
 from cryowae.errors import CryowaeInputError
 from cryowae.physics.fourier import radial_frequency
+from cryowae.physics.geometry import TiltGeometry
 from cryowae.physics.rotation import random_rotations, rotate_volume
 from cryowae.physics.wedge import (
     apply_fourier_mask,
     apply_wedge,
+    check_tilt_axis,
     wedge_mask,
     wedge_mask_from_angles,
 )
@@ -98,3 +100,36 @@ def test_mask_with_full_spectrum_keeps_volume():
     v = torch.randn(16, 16, 16)
     m = torch.ones(16, 16, 9)
     assert float((apply_fourier_mask(v, m) - v).abs().max()) < 1e-5
+
+
+def test_random_rotations_from_torch_and_numpy_generators():
+    """One implementation for both sources of randomness: orthonormal, determinant 1,
+    reproducible per seed, and uniform (the mean of R over SO(3) is 0)."""
+    for make in (lambda: torch.Generator().manual_seed(3), lambda: np.random.default_rng(3)):
+        r = random_rotations(4000, generator=make(), dtype=torch.float64)
+        assert r.dtype == torch.float64 and r.shape == (4000, 3, 3)
+        eye = torch.eye(3, dtype=torch.float64).expand(4000, 3, 3)
+        assert torch.allclose(r @ r.transpose(1, 2), eye, atol=1e-12)
+        assert torch.allclose(torch.linalg.det(r), torch.ones(4000, dtype=torch.float64))
+        assert float(r.mean(0).abs().max()) < 0.05  # 1/sqrt(4000) ~ 0.016 per entry
+        assert torch.equal(random_rotations(4000, generator=make(), dtype=torch.float64), r)
+    # a numpy generator draws exactly four normals per rotation, so scene code that
+    # mixes rotations with other numpy draws keeps its random stream
+    rng = np.random.default_rng(5)
+    random_rotations(2, generator=rng)
+    ref = np.random.default_rng(5)
+    ref.normal(size=(2, 4))
+    assert rng.normal() == ref.normal()
+    assert random_rotations(1).dtype == torch.float32
+
+
+def test_tilt_axis_is_checked_once_for_masks_and_geometry():
+    assert check_tilt_axis("Y") == "y" and check_tilt_axis("x") == "x"
+    assert torch.equal(wedge_mask((8, 8, 8), tilt_axis="X"), wedge_mask((8, 8, 8), tilt_axis="x"))
+    for bad in ("z", ""):
+        with pytest.raises(CryowaeInputError, match="unknown tilt axis"):
+            wedge_mask((8, 8, 8), tilt_axis=bad)
+        with pytest.raises(CryowaeInputError, match="unknown tilt axis"):
+            TiltGeometry(-60, 60, bad)
+    with pytest.raises(CryowaeInputError, match="impossible tilt range"):
+        TiltGeometry(60, -60)

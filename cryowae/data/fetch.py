@@ -21,7 +21,6 @@ import urllib.request
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from cryowae import __version__
 from cryowae.data.manifest import (
@@ -169,8 +168,7 @@ def download(url: str, dest: str | os.PathLike, expected_size: int | None = None
                     if now_mib > done_mib:
                         progress.advance(now_mib - done_mib)
                         done_mib = now_mib
-                    if progress.cancelled:
-                        raise CryowaeInputError(f"{name}: download cancelled")
+                    progress.check_cancelled(f"{name}: download")
                 f.flush()
                 os.fsync(f.fileno())
                 digest = h.hexdigest()
@@ -229,8 +227,3 @@ def fetch(manifest: Manifest | str | os.PathLike, directory: str | os.PathLike,
         results.append(FetchResult(e.name, dest, "downloaded", n, digest, url))
     return results
 
-
-def describe(result: FetchResult) -> dict[str, Any]:
-    """A JSON-friendly view of a `FetchResult`."""
-    return {"name": result.name, "path": str(result.path), "action": result.action,
-            "size_bytes": result.size_bytes, "sha256": result.sha256, "url": result.url}

@@ -3,7 +3,7 @@
 One minibatch of subtomograms gives a few codes, far too few to estimate the aggregated
 posterior in 8-256 dimensions. `CodeBank` keeps the last ``capacity`` rows (detached;
 the trainer stores pooled encoder features and maps them through the current latent
-head, see `cryowae.training.loop`), and `aggregate_with_bank` builds the sample the
+head, see `cryowae.training.latent`), and `aggregate_with_bank` builds the sample the
 divergence compares with the prior: ``[z_batch (with grad), banked codes]``, the banked
 codes re-centred on the batch mean. Why re-centred: banked codes come from older
 weights and lag behind; an uncentred, detached bank repels each new batch away from

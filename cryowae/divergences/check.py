@@ -1,18 +1,19 @@
 """Start-up check: does the penalty prefer the prior?
 
 A latent divergence estimated from N codes can rank a wrong cloud *closer* to the prior
-than a fresh prior sample: FIELD_NOTES measured that at d = 64 and 1,024 codes the
-debiased Sinkhorn divergence scored a contracted cloud below the null at every blur,
-while the multi-scale IMQ MMD separated it by hundreds of null spreads. Training with
-such a penalty pulls the codes towards the wrong distribution, so the trainer runs this
-check with the divergence at the exact size it will train with (batch + bank).
+than a fresh prior sample: at d = 64 and 1,024 codes the debiased Sinkhorn divergence
+with the squared cost and blur 4 sigma scores a contracted cloud below the null, while
+the multi-scale IMQ MMD separates it by more than a hundred null spreads
+(``tests/test_divergences.py``). Training with such a penalty pulls the codes towards the
+wrong distribution, so the trainer runs this check with the divergence at the exact size
+it will train with (batch + bank).
 
 Procedure, for ``n`` codes of dimension ``d`` and a prior of scale sigma:
 
 (a) null: ``penalty(prior sample, fresh prior sample)`` over ``n_seeds`` seeds ->
     mean and standard deviation;
 (b) contracted: ``penalty(N(0, contraction * sigma^2 I), prior sample)``, default
-    contraction = 0.5 (the covariance 0.5 I of FIELD_NOTES, i.e. std 0.707 sigma);
+    contraction = 0.5 (covariance 0.5 sigma^2 I, i.e. std 0.707 sigma);
 (c) shifted: ``penalty(N(mu, sigma^2 I), prior sample)``, ``|mu| = shift * sigma``
     (default 1) along a random direction;
 

@@ -16,14 +16,15 @@ the null, and a collapsed cloud scored 1.50 against a null of 0.025.
 
 Backend: always ``"tensorized"`` unless told otherwise. Without KeOps GeomLoss's
 automatic backend switches to ``"online"`` above ~5,000 points and errors; the
-tensorized backend stores several (n, m) matrices, so memory is O(N^2) (about 2 GB at
-8,192 codes, FIELD_NOTES). POT's ``sinkhorn2`` is deliberately not used: in its default
-mode it returned NaN gradients without a warning.
+tensorized backend stores several (n, m) matrices, so memory is O(N^2). POT's
+``sinkhorn2`` is deliberately not used: in its default mode it returned NaN gradients
+without a warning.
 
-Caveat measured in FIELD_NOTES and re-checked by `cryowae.divergences.check`: at d = 64
-and 1,024 codes the Sinkhorn divergence ranks a contracted cloud N(0, 0.5 sigma^2 I)
-closer to the prior than a fresh prior sample (the curse of dimensionality of OT's
-sample bias), so run the prefers-prior check before training with it.
+Caveat (``tests/test_divergences.py``; checked at start-up by `cryowae.divergences.check`):
+at d = 64 and 1,024 codes the Sinkhorn divergence with the squared cost (p = 2) ranks a
+contracted cloud N(0, 0.5 sigma^2 I) closer to the prior than a fresh prior sample (the
+curse of dimensionality of OT's sample bias), so run the prefers-prior check before
+training with it.
 """
 
 from __future__ import annotations

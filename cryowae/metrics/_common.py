@@ -9,6 +9,7 @@ import torch
 
 from cryowae.errors import CryowaeInputError
 from cryowae.io.volume import Volume
+from cryowae.physics.geometry import TiltGeometry
 
 
 def as_tensor(x: Any, name: str = "volume") -> torch.Tensor:
@@ -51,3 +52,14 @@ def check_finite_tensor(t: torch.Tensor, name: str) -> None:
     if not bool(torch.isfinite(t).all()):
         bad = int((~torch.isfinite(t)).sum())
         raise CryowaeInputError(f"{name}: contains {bad} NaN or infinite voxels")
+
+
+def as_geometry(geometry: TiltGeometry | None) -> TiltGeometry:
+    """`geometry`, or the default -60..60 degrees about Y for None. Raises `TypeError`
+    for anything else (e.g. a bare tilt angle passed where the geometry goes)."""
+    if geometry is None:
+        return TiltGeometry()
+    if not isinstance(geometry, TiltGeometry):
+        raise TypeError(f"expected a TiltGeometry, got {type(geometry).__name__}; build one "
+                        "with TiltGeometry.from_range(tilt_min, tilt_max, axis)")
+    return geometry

@@ -15,6 +15,14 @@ tomograms on a GPU tensor or on a cropped region.
 
 Resolution is reported in Angstrom, as ``voxel_size / frequency`` with frequency in
 cycles per voxel; Nyquist is ``2 * voxel_size``.
+
+The FSC over a *region* of Fourier space (the measured region of a tilt series, used
+for the even/odd SNR of soft data consistency) is another function,
+`cryowae.physics.fourier.masked_fsc`: it sums only the coefficients inside a mask, in
+one ``bincount`` pass over the spectrum rather than one pass per shell (whole tomograms),
+on finer shells (``1 / max(Z, Y, X)``, nearest shell, no linear split). The curve here
+is the plain whole-spectrum FSC of the package, the resolution measure users compare
+with other programs.
 """
 
 from __future__ import annotations

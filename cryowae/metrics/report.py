@@ -6,15 +6,15 @@ import math
 from typing import Any
 
 from cryowae.errors import CryowaeInputError
-from cryowae.metrics._common import as_tensor, check_finite_tensor, check_pair
+from cryowae.metrics._common import as_geometry, as_tensor, check_finite_tensor, check_pair
 from cryowae.metrics.correlation import pearson, psnr_db
 from cryowae.metrics.fourier_regions import region_correlations
 from cryowae.metrics.fsc import fsc_curve
-from cryowae.physics.wedge import check_tilt_range
+from cryowae.physics.geometry import TiltGeometry
 
 
-def evaluate_volumes(restored: Any, gt: Any, voxel_size: float, tilt_min: float = -60.0,
-                     tilt_max: float = 60.0, tilt_axis: str = "y") -> dict[str, Any]:
+def evaluate_volumes(restored: Any, gt: Any, voxel_size: float,
+                     geometry: TiltGeometry | None = None) -> dict[str, Any]:
     """Score `restored` against `gt` (both (Z, Y, X), same shape, any intensity scale).
 
     Parameters
@@ -23,9 +23,9 @@ def evaluate_volumes(restored: Any, gt: Any, voxel_size: float, tilt_min: float 
         Volumes as torch tensors, numpy arrays or `cryowae.io.Volume`.
     voxel_size
         Angstrom per voxel (sets the FSC resolutions).
-    tilt_min, tilt_max, tilt_axis
-        Acquisition tilt range in degrees and tilt axis (``"y"`` or ``"x"``), which
-        define the missing-wedge region for `region_correlations`.
+    geometry
+        Acquisition tilt range (degrees) and axis, which define the missing-wedge region
+        for `region_correlations`; default: -60..60 about Y.
 
     Returns
     -------
@@ -40,9 +40,9 @@ def evaluate_volumes(restored: Any, gt: Any, voxel_size: float, tilt_min: float 
         measured and the missing-wedge regions (see `region_correlations`).
         ``fsc``: the curve as ``[[resolution_A, fsc], ...]`` from low to high frequency.
         Also ``voxel_size_A``, ``nyquist_A``, ``shape`` (Z, Y, X), ``tilt_min``,
-        ``tilt_max`` and ``tilt_axis``.
+        ``tilt_max``, ``tilt_axis`` and ``tilt_source`` (where the geometry came from).
     """
-    check_tilt_range(tilt_min, tilt_max)
+    geo = as_geometry(geometry)
     if not (isinstance(voxel_size, int | float) and math.isfinite(voxel_size)
             and voxel_size > 0):
         raise CryowaeInputError(f"voxel size must be a positive number of Angstrom, got "
@@ -52,7 +52,7 @@ def evaluate_volumes(restored: Any, gt: Any, voxel_size: float, tilt_min: float 
     check_finite_tensor(a, "restored")
     check_finite_tensor(b, "gt")
     curve = fsc_curve(a, b, voxel_size)
-    regions = region_correlations(a, b, tilt_min, tilt_max, tilt_axis)
+    regions = region_correlations(a, b, geo)
     return {
         "pearson": pearson(a, b),
         "psnr_db": psnr_db(a, b),
@@ -64,8 +64,9 @@ def evaluate_volumes(restored: Any, gt: Any, voxel_size: float, tilt_min: float 
         "voxel_size_A": float(voxel_size),
         "nyquist_A": 2.0 * float(voxel_size),
         "shape": [int(s) for s in a.shape],
-        "tilt_min": float(tilt_min),
-        "tilt_max": float(tilt_max),
-        "tilt_axis": tilt_axis,
+        "tilt_min": geo.tilt_min,
+        "tilt_max": geo.tilt_max,
+        "tilt_axis": geo.axis,
+        "tilt_source": geo.source,
         "fsc": curve.as_list(),
     }

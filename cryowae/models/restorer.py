@@ -4,7 +4,8 @@ A 3D U-Net whose bottleneck is summarised into one explicit latent code z per
 subtomogram (dimension `latent_dim`). The code conditions every decoder level through
 FiLM (feature-wise scale and shift), so decoding the same subtomogram with another code
 changes the restoration: this is what posterior sampling exploits. The output is
-residual: restored = input + decoder correction. Inputs are globally normalised
+residual: restored = skip(input) + decoder correction, the skip being a learnable
+low-pass filter (default) or the identity. Inputs are globally normalised
 subtomograms (B, 1, Z, Y, X) with Z, Y, X divisible by 2**depth.
 """
 
@@ -12,46 +13,131 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
 
+from cryowae.errors import CryowaeInputError
 from cryowae.models.blocks import ConvBlock, Down, Up
 
 #: what the decoder's correction is added to (`RestorerConfig.skip`)
 SKIPS = ("lowpass", "identity")
+#: how the encoder turns features into codes (`RestorerConfig.encoder`)
+ENCODERS = ("deterministic", "gaussian")
 
 
 @dataclass(frozen=True)
 class RestorerConfig:
-    """Architecture of a `WAERestorer` (saved in every checkpoint)."""
+    """Architecture of a `WAERestorer` (saved in every checkpoint), validated when made.
 
-    channels: int = 16  # channels at full resolution; doubled at each level
-    depth: int = 3  # number of down-sampling steps
-    latent_dim: int = 64  # dimension of z
-    encoder: str = "deterministic"  # or "gaussian" (z = mu + sigma * eps in training)
-    # what the decoder's correction is added to: "lowpass" (a learnable 3D filter of the
-    # input, initialised as a Gaussian of `skip_sigma` voxels), "identity" (the input)
+    Attributes
+    ----------
+    channels
+        Channels at full resolution; doubled at each level.
+    depth
+        Number of down-sampling steps (tile sizes must be multiples of ``2**depth``).
+    latent_dim
+        Dimension of the code z.
+    encoder
+        ``"deterministic"`` or ``"gaussian"`` (z = mu + sigma * eps in training).
+    skip
+        What the decoder's correction is added to: ``"lowpass"`` (a learnable 3D filter
+        of the input, initialised as a Gaussian of `skip_sigma` voxels) or
+        ``"identity"`` (the input).
+    skip_sigma
+        Initial width of the low-pass skip filter, voxels.
+    """
+
+    channels: int = 16
+    depth: int = 3
+    latent_dim: int = 64
+    encoder: str = "deterministic"
     skip: str = "lowpass"
     skip_sigma: float = 1.0
 
-    def to_dict(self) -> dict:
+    def __post_init__(self) -> None:
+        for name in ("channels", "depth", "latent_dim"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise CryowaeInputError(f"restorer {name} must be a positive integer, "
+                                        f"got {value!r}")
+        if self.encoder not in ENCODERS:
+            raise CryowaeInputError(f"unknown encoder {self.encoder!r} "
+                                    f"({' or '.join(ENCODERS)})")
+        if self.skip not in SKIPS:
+            raise CryowaeInputError(f"unknown skip {self.skip!r} ({' or '.join(SKIPS)})")
+        if not float(self.skip_sigma) > 0:
+            raise CryowaeInputError(f"skip_sigma must be positive, got {self.skip_sigma!r}")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RestorerConfig:
+        """Inverse of `to_dict`; unknown keys raise `CryowaeInputError`."""
+        names = set(cls.__dataclass_fields__)
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise CryowaeInputError(f"unknown restorer setting(s) {', '.join(unknown)}")
+        return cls(**data)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain values for YAML and checkpoints."""
         return asdict(self)
+
+
+class Encoding(NamedTuple):
+    """What the encoder computes for a batch x of shape (B, 1, Z, Y, X).
+
+    stats
+        Output of the latent head: the codes (B, latent_dim), or for a Gaussian encoder
+        their mean and log-variance (B, 2 * latent_dim).
+    skips
+        Features of each level for the decoder, full resolution first; the last one is
+        the bottleneck (B, C, Z / 2**depth, Y / 2**depth, X / 2**depth).
+    pooled
+        Mean and max of the bottleneck over space (B, 2 C): the latent head's input,
+        which the trainer banks (`WAERestorer.codes_from_pooled`).
+    """
+
+    stats: torch.Tensor
+    skips: list[torch.Tensor]
+    pooled: torch.Tensor
+
+
+class RestorerOutput(NamedTuple):
+    """`WAERestorer.forward(x, with_features=True)`: what training needs of one pass.
+
+    restored
+        The restoration (B, 1, Z, Y, X).
+    z
+        The codes (B, latent_dim) (sampled for a Gaussian encoder in training mode).
+    pooled
+        The latent head's input (B, 2 C), see `Encoding`.
+    z_decoder
+        z as the decoder consumed it (a view of z): in a backward pass the gradient that
+        reaches it is the reconstruction's alone, apart from what a penalty on z adds.
+        The trainer calls ``z_decoder.retain_grad()`` before backward and hands
+        ``z_decoder.grad`` to its term balancer.
+    """
+
+    restored: torch.Tensor
+    z: torch.Tensor
+    pooled: torch.Tensor
+    z_decoder: torch.Tensor
 
 
 class WAERestorer(nn.Module):
     """3D convolutional Wasserstein-autoencoder restorer.
 
     ``forward(x) -> (restored, z)`` with x, restored of shape (B, 1, Z, Y, X) and z of
-    shape (B, latent_dim). `encode` and `decode` expose the two halves so a caller can
+    shape (B, latent_dim); ``forward(x, with_features=True)`` returns a
+    `RestorerOutput` that adds what training needs (pooled bottleneck features, the
+    decoder's view of z). `encode` and `decode` expose the two halves so a caller can
     decode a subtomogram with codes other than its own.
     """
 
     def __init__(self, config: RestorerConfig | None = None) -> None:
         super().__init__()
         cfg = config or RestorerConfig()
-        if cfg.encoder not in ("deterministic", "gaussian"):
-            raise ValueError(f"unknown encoder {cfg.encoder!r}")
         self.config = cfg
         ch = [cfg.channels * 2**i for i in range(cfg.depth + 1)]
         self.stem = ConvBlock(1, ch[0])
@@ -71,8 +157,6 @@ class WAERestorer(nn.Module):
         for lin in self.film:  # start as the identity modulation
             nn.init.zeros_(lin.weight)
             nn.init.zeros_(lin.bias)
-        if cfg.skip not in SKIPS:
-            raise ValueError(f"unknown skip {cfg.skip!r}")
         self.skip_filter = _gaussian_filter(cfg.skip_sigma) if cfg.skip == "lowpass" else None
         self.head = nn.Conv3d(ch[0], 1, 1)
         nn.init.zeros_(self.head.weight)
@@ -87,17 +171,16 @@ class WAERestorer(nn.Module):
         """Spatial sizes must be multiples of this."""
         return 2**self.config.depth
 
-    def encode_features(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor],
-                                                          torch.Tensor]:
-        """Encoder pass: (latent statistics, skip features, bottleneck features)."""
+    def encode_features(self, x: torch.Tensor) -> Encoding:
+        """Encoder pass of x (B, 1, Z, Y, X): latent statistics, skip features and the
+        pooled bottleneck features (`Encoding`)."""
         h = self.stem(x)
         skips = [h]
         for down, block in zip(self.down, self.enc, strict=True):
             h = block(down(h))
             skips.append(h)
         pooled = torch.cat([h.mean(dim=(2, 3, 4)), h.amax(dim=(2, 3, 4))], dim=1)
-        self.last_pooled = pooled.detach()
-        return self.to_latent(pooled), skips, h
+        return Encoding(self.to_latent(pooled), skips, pooled)
 
     def codes_from_pooled(self, pooled: torch.Tensor) -> torch.Tensor:
         """Latent codes (the mean, for a Gaussian encoder) of pooled bottleneck features
@@ -132,13 +215,16 @@ class WAERestorer(nn.Module):
 
         A Gaussian encoder returns its mean unless `sample` is set.
         """
-        stats, skips, _ = self.encode_features(x)
+        enc = self.encode_features(x)
+        return self._codes(enc.stats, sample), enc.skips
+
+    def _codes(self, stats: torch.Tensor, sample: bool) -> torch.Tensor:
         if self.config.encoder == "gaussian":
             mu, logvar = stats.chunk(2, dim=1)
             if sample:
-                return mu + torch.randn_like(mu) * (0.5 * logvar.clamp(-10, 4)).exp(), skips
-            return mu, skips
-        return stats, skips
+                return mu + torch.randn_like(mu) * (0.5 * logvar.clamp(-10, 4)).exp()
+            return mu
+        return stats
 
     def decode(self, z: torch.Tensor, skips: list[torch.Tensor],
                x: torch.Tensor) -> torch.Tensor:
@@ -150,17 +236,17 @@ class WAERestorer(nn.Module):
         base = x if self.skip_filter is None else self.skip_filter(x)
         return base + self.head(h)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        z, skips = self.encode(x, sample=self.training)
-        # the decoder gets its own view of z, so the gradient that reconstruction sends
-        # to the codes can be observed apart from the latent divergence's (loss.py)
+    def forward(self, x: torch.Tensor, with_features: bool = False
+                ) -> tuple[torch.Tensor, torch.Tensor] | RestorerOutput:
+        """Restore x (B, 1, Z, Y, X): ``(restored, z)``, or with `with_features` a
+        `RestorerOutput` (restored, z, pooled, z_decoder) for the trainer. A Gaussian encoder
+        samples z in training mode and uses its mean in eval mode."""
+        enc = self.encode_features(x)
+        z = self._codes(enc.stats, sample=self.training)
+        if not with_features:
+            return self.decode(z, enc.skips, x), z
         z_dec = z.view_as(z)
-        if z_dec.requires_grad:
-            z_dec.register_hook(self._record_decoder_grad)
-        return self.decode(z_dec, skips, x), z
-
-    def _record_decoder_grad(self, grad: torch.Tensor) -> None:
-        self.decoder_code_grad = grad.detach()
+        return RestorerOutput(self.decode(z_dec, enc.skips, x), z, enc.pooled, z_dec)
 
 
 def _gaussian_filter(sigma: float) -> nn.Conv3d:

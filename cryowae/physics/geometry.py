@@ -10,16 +10,14 @@ sampling, evaluation, simulation and the napari plugin.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from cryowae.errors import CryowaeInputError
+from cryowae.physics.wedge import TILT_AXES, check_tilt_axis, check_tilt_range, wedge_mask
 
-#: tilt axes cryowae knows (lower case, as in the array's axis names)
-TILT_AXES = ("y", "x")
 #: the tilt range assumed when nothing says otherwise (degrees)
 DEFAULT_TILT_RANGE = (-60.0, 60.0)
 #: tilt-file suffixes looked for next to a tomogram
@@ -44,17 +42,12 @@ class TiltGeometry:
     tilt_min: float = DEFAULT_TILT_RANGE[0]
     tilt_max: float = DEFAULT_TILT_RANGE[1]
     axis: str = "y"
-    source: str = "default"
+    source: str = field(default="default", compare=False)
 
     def __post_init__(self) -> None:
         lo, hi = float(self.tilt_min), float(self.tilt_max)
-        if not (-90.0 < lo < hi < 90.0):
-            raise CryowaeInputError(
-                f"impossible tilt range {lo:g}..{hi:g} degrees: need "
-                "-90 < tilt-min < tilt-max < 90")
-        axis = str(self.axis).lower()
-        if axis not in TILT_AXES:
-            raise CryowaeInputError(f"unknown tilt axis {self.axis!r}: use Y or X")
+        check_tilt_range(lo, hi)
+        axis = check_tilt_axis(self.axis)
         object.__setattr__(self, "tilt_min", lo)
         object.__setattr__(self, "tilt_max", hi)
         object.__setattr__(self, "axis", axis)
@@ -130,8 +123,6 @@ class TiltGeometry:
     def wedge_mask(self, shape: tuple[int, ...], rfft: bool = True,
                    device: torch.device | str | None = None) -> torch.Tensor:
         """The measured-region mask of a (Z, Y, X) grid (`cryowae.physics.wedge`)."""
-        from cryowae.physics.wedge import wedge_mask
-
         return wedge_mask(shape, self.tilt_min, self.tilt_max, self.axis, rfft=rfft,
                           device=device)
 

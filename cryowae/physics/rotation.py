@@ -2,18 +2,27 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 
-def random_rotations(n: int, generator: torch.Generator | None = None,
-                     device: torch.device | str | None = None) -> torch.Tensor:
+def random_rotations(n: int, generator: torch.Generator | np.random.Generator | None = None,
+                     device: torch.device | str | None = None,
+                     dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """`n` rotation matrices (n, 3, 3), uniform on SO(3), acting on (z, y, x) vectors.
 
     Uniform quaternions from normalised 4D Gaussians (Shoemake); written here in five
     lines rather than pulling torch-so3's healpy/astropy stack into the core install.
+    The Gaussians come from `generator`: a torch generator (``torch.randn``), or a numpy
+    one (``generator.normal(size=(n, 4))``, for code whose randomness is all numpy, such
+    as the simulator's scenes). The matrices are computed in float64 and returned in
+    `dtype`.
     """
-    q = torch.randn(n, 4, generator=generator, dtype=torch.float64)
+    if isinstance(generator, np.random.Generator):
+        q = torch.from_numpy(generator.normal(size=(n, 4)))
+    else:
+        q = torch.randn(n, 4, generator=generator, dtype=torch.float64)
     q = q / q.norm(dim=1, keepdim=True)
     w, x, y, z = q.unbind(1)
     r = torch.stack([
@@ -21,7 +30,7 @@ def random_rotations(n: int, generator: torch.Generator | None = None,
         2 * (x * y + z * w), 1 - 2 * (x * x + z * z), 2 * (y * z - x * w),
         2 * (x * z - y * w), 2 * (y * z + x * w), 1 - 2 * (x * x + y * y),
     ], dim=1).reshape(n, 3, 3)
-    return r.to(device=device, dtype=torch.float32)
+    return r.to(device=device, dtype=dtype)
 
 
 def rotate_volume(volume: torch.Tensor, rotation: torch.Tensor,

@@ -20,6 +20,9 @@ import torch
 from cryowae.errors import CryowaeInputError
 from cryowae.physics.fourier import fourier_grid
 
+#: tilt axes cryowae knows (lower case, as in the array's axis names)
+TILT_AXES = ("y", "x")
+
 
 def check_tilt_range(tilt_min: float, tilt_max: float) -> None:
     """Raise `CryowaeInputError` unless -90 < tilt_min < tilt_max < 90 (degrees)."""
@@ -30,16 +33,20 @@ def check_tilt_range(tilt_min: float, tilt_max: float) -> None:
         )
 
 
+def check_tilt_axis(tilt_axis: str) -> str:
+    """The tilt axis in lower case (``"y"`` or ``"x"``; upper case accepted); raise
+    `CryowaeInputError` for any other."""
+    axis = str(tilt_axis).lower()
+    if axis not in TILT_AXES:
+        raise CryowaeInputError(f"unknown tilt axis {tilt_axis!r}: use Y or X")
+    return axis
+
+
 def _elevation_deg(k: torch.Tensor, tilt_axis: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Elevation angle (degrees, in [-90, 90]) of each frequency out of the tilt plane,
     and a boolean marking the tilt axis itself (where the angle is undefined)."""
     kz = k[..., 0]
-    if tilt_axis == "y":
-        kin = k[..., 2]
-    elif tilt_axis == "x":
-        kin = k[..., 1]
-    else:
-        raise CryowaeInputError(f"unknown tilt axis {tilt_axis!r}: use 'y' or 'x'")
+    kin = k[..., 2] if check_tilt_axis(tilt_axis) == "y" else k[..., 1]
     # Friedel-symmetric: (kz, kin) and (-kz, -kin) give the same elevation.
     sign = torch.where(kin < 0, -1.0, 1.0).to(k.dtype)
     elev = torch.rad2deg(torch.atan2(kz * sign, kin.abs()))
@@ -107,6 +114,7 @@ def wedge_mask(shape: Sequence[int], tilt_min: float = -60.0, tilt_max: float = 
         when `rotation` is batched.
     """
     check_tilt_range(tilt_min, tilt_max)
+    tilt_axis = check_tilt_axis(tilt_axis)
     shp = tuple(int(s) for s in shape)
     measured = None
     # For even sizes the Nyquist frequency stands for both +0.5 and -0.5 cycles/voxel:
@@ -152,6 +160,7 @@ def wedge_mask_from_angles(shape: Sequence[int], angles: Sequence[float] | torch
     if slice_thickness is None:
         return wedge_mask(shape, lo, hi, tilt_axis, rfft, rotation, device)
     check_tilt_range(lo, hi)
+    tilt_axis = check_tilt_axis(tilt_axis)
     shp = tuple(int(s) for s in shape)
     k = _rotated_grid(shp, rfft, rotation, device)  # type: ignore[arg-type]
     kz = k[..., 0]

@@ -30,58 +30,24 @@ import numpy as np
 import torch
 
 from cryowae.errors import CryowaeInputError
-from cryowae.physics.fourier import radial_frequency
+from cryowae.physics.fourier import hermitian_weights, masked_fsc, nyquist_sphere, shell_index
 from cryowae.physics.wedge import wedge_mask
 
 MODES = ("hard", "soft", "none")
 
 
-def hermitian_weights(nx: int) -> torch.Tensor:
-    """Multiplicity of each rfft column in the full spectrum (1 for kx = 0 and the even
-    Nyquist column, 2 otherwise)."""
-    w = torch.full((nx // 2 + 1,), 2.0, dtype=torch.float64)
-    w[0] = 1.0
-    if nx % 2 == 0:
-        w[-1] = 1.0
-    return w
-
-
-def shell_index(shape: tuple[int, int, int]) -> tuple[torch.Tensor, int]:
-    """Radial shell (width 1 / max(shape) cycles per voxel) of each rfft coefficient,
-    and the number of shells up to Nyquist (|k| <= 0.5); beyond it shells are clipped
-    into the last one."""
-    n = max(shape)
-    r = radial_frequency(shape, rfft=True)
-    n_shells = n // 2 + 1
-    idx = torch.clamp(torch.round(r * n).long(), max=n_shells - 1)
-    return idx, n_shells
-
-
 def measured_fsc(even: Any, odd: Any, tilt_min: float, tilt_max: float,
                  tilt_axis: str = "y") -> np.ndarray:
-    """FSC of the even and odd halves per radial shell, over the measured region only."""
+    """FSC of the even and odd halves per radial shell, over the measured region only
+    (`cryowae.physics.fourier.masked_fsc`, its shells and Hermitian weights)."""
     e = torch.from_numpy(np.array(even, dtype=np.float32))
     o = torch.from_numpy(np.array(odd, dtype=np.float32))
     if e.shape != o.shape or e.ndim != 3:
         raise CryowaeInputError(f"even/odd halves must be two (Z, Y, X) volumes of one shape, "
                                 f"got {tuple(e.shape)} and {tuple(o.shape)}")
     shape = tuple(int(s) for s in e.shape)
-    fe = torch.fft.rfftn(e - e.mean())
-    fo = torch.fft.rfftn(o - o.mean())
-    w = hermitian_weights(shape[-1])
-    m = wedge_mask(shape, tilt_min, tilt_max, tilt_axis, rfft=True) > 0.5
-    idx, n_shells = shell_index(shape)
-    sel = m.flatten()
-    wk = w.expand(fe.shape).flatten()[sel]
-    ids = idx.flatten()[sel]
-    cross = torch.bincount(ids, (fe * fo.conj()).real.double().flatten()[sel] * wk,
-                           minlength=n_shells)
-    pe = torch.bincount(ids, fe.abs().square().double().flatten()[sel] * wk,
-                        minlength=n_shells)
-    po = torch.bincount(ids, fo.abs().square().double().flatten()[sel] * wk,
-                        minlength=n_shells)
-    fsc = cross / (pe * po).sqrt().clamp_min(1e-30)
-    return fsc.numpy()
+    m = wedge_mask(shape, tilt_min, tilt_max, tilt_axis, rfft=True)
+    return masked_fsc(e - e.mean(), o - o.mean(), m).numpy()
 
 
 def soft_weights_from_fsc(fsc: np.ndarray) -> np.ndarray:
@@ -218,9 +184,8 @@ def region_energy_of_spectrum(spec: torch.Tensor, mask: torch.Tensor,
                               shape: tuple[int, int, int]) -> tuple[float, float]:
     """(wedge, measured) mean |F|^2 per Fourier voxel of the rfft spectrum of a volume of
     `shape`; see `fourier_region_energy`."""
-    inside = radial_frequency(shape, rfft=True) <= 0.5
-    inside[0, 0, 0] = False
-    w = hermitian_weights(shape[-1]).expand(spec.shape)
+    inside = nyquist_sphere(shape)
+    w = hermitian_weights(shape[-1], torch.float64).expand(spec.shape)
     p = spec.abs().square().double() * w
     meas = inside & (mask > 0.5)
     wedge = inside & (mask <= 0.5)

@@ -44,7 +44,6 @@ import torch
 
 from cryowae import __version__
 from cryowae.errors import CryowaeInputError
-from cryowae.inference.tiling import AxisPlan, TilePlan, plan_tiles, round_up
 from cryowae.physics.wedge import apply_fourier_mask, wedge_mask
 from cryowae.progress import ProgressReporter, ensure_progress
 from cryowae.sampling.consistency import (
@@ -60,6 +59,7 @@ from cryowae.sampling.ot_sampler import (
     restorer_prior_sigma,
     rotate_cube,
 )
+from cryowae.tiling.plan import AxisPlan, TilePlan, plan_tiles, round_up
 
 SAMPLERS = ("ot", "gaussian", "rotations", "ensemble")
 #: above this many voxels the running mean / M2 are kept in float32 instead of float64

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from cryowae.physics.geometry import TiltGeometry
 from cryowae.physics.rotation import random_rotations, rotate_volume
 from cryowae.physics.wedge import apply_fourier_mask, wedge_mask
 
@@ -31,9 +32,24 @@ class TrainingBatch:
 
 
 def make_batch(inputs: list[np.ndarray], targets: list[np.ndarray], patch: int,
-               tilt_min: float, tilt_max: float, tilt_axis: str, device: torch.device,
+               geometry: TiltGeometry, device: torch.device,
                generator: torch.Generator | None = None, rotate: bool = True) -> TrainingBatch:
-    """Rotate crops to patches on `device`, apply the extra wedge, and build the masks."""
+    """Rotate crops to patches on `device`, apply the extra wedge, and build the masks.
+
+    Parameters
+    ----------
+    inputs, targets
+        Crops (Z, Y, X) of the normalised input and target volumes, large enough to
+        hold a rotated `patch`^3 cube.
+    patch
+        Edge of the output patches, voxels.
+    geometry
+        Tilt geometry of the tomogram (the wedge of the input, rotated for the target).
+    device, generator
+        Where the batch is built; the random source of the rotations.
+    rotate
+        False: identity rotations (the patch is the centre of the crop).
+    """
     b = len(inputs)
     rot = random_rotations(b, generator=generator, device=device) if rotate else \
         torch.eye(3, device=device).expand(b, 3, 3).contiguous()
@@ -51,9 +67,9 @@ def make_batch(inputs: list[np.ndarray], targets: list[np.ndarray], patch: int,
     t_rot = torch.cat(outs_tg)
     v = torch.cat(valid)
     shape = (patch, patch, patch)
-    m_in = wedge_mask(shape, tilt_min, tilt_max, tilt_axis, rfft=True, device=device)
-    m_tg = wedge_mask(shape, tilt_min, tilt_max, tilt_axis, rfft=True, rotation=rot,
-                      device=device)
+    lo, hi, axis = geometry.tilt_min, geometry.tilt_max, geometry.axis
+    m_in = wedge_mask(shape, lo, hi, axis, rfft=True, device=device)
+    m_tg = wedge_mask(shape, lo, hi, axis, rfft=True, rotation=rot, device=device)
     x_in = apply_fourier_mask(x_rot * v, m_in)
     return TrainingBatch(inputs=x_in, targets=t_rot, valid=v, target_measured=m_tg,
                          input_measured=m_in)

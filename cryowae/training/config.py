@@ -1,8 +1,8 @@
-"""Training configuration: a dataclass, YAML presets in configs/, CLI overrides."""
+"""Training configuration: a dataclass with nested settings objects, YAML presets in
+configs/, CLI overrides."""
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from dataclasses import dataclass, field, fields
 from importlib import resources
@@ -12,23 +12,38 @@ from typing import Any
 import yaml
 
 from cryowae.errors import CryowaeInputError
+from cryowae.models.restorer import RestorerConfig
+from cryowae.physics.geometry import DEFAULT_TILT_RANGE, TiltGeometry
+
+#: the flat keys of older configs and checkpoints that now live in `TrainConfig.restorer`
+RESTORER_KEYS = tuple(f.name for f in fields(RestorerConfig))
+#: the flat keys of older configs and checkpoints that now live in `TrainConfig.geometry`
+#: (flat name -> `TiltGeometry` field)
+GEOMETRY_KEYS = {"tilt_min": "tilt_min", "tilt_max": "tilt_max", "tilt_axis": "axis"}
 
 
 @dataclass
 class TrainConfig:
-    """Everything a training run needs besides its input files.
+    """Everything a training run needs besides its input files, validated when made.
 
-    Sizes are in voxels, angles in degrees, times in minutes.
+    Sizes are in voxels, angles in degrees, times in minutes. The architecture is a
+    nested `RestorerConfig` (`restorer`) and the tilt geometry a `TiltGeometry`
+    (`geometry`). `from_dict` (YAML presets, ``config.yaml`` of a run, checkpoints)
+    reads the nested form::
+
+        patch_size: 48
+        restorer: {channels: 12, depth: 3, latent_dim: 32}
+        geometry: {tilt_min: -60, tilt_max: 60, axis: y}
+
+    and still reads the flat keys of older files (``channels``, ``depth``,
+    ``latent_dim``, ``encoder``, ``skip``, ``skip_sigma``, ``tilt_min``, ``tilt_max``,
+    ``tilt_axis`` at the top level), so existing YAML files and format-1 checkpoints keep
+    working; `replace` accepts the flat names too. ``patch_size`` stays a training
+    setting.
     """
 
-    # restorer architecture
     patch_size: int = 64
-    channels: int = 16
-    depth: int = 3
-    latent_dim: int = 64
-    encoder: str = "deterministic"
-    skip: str = "lowpass"  # restored = skip(input) + correction: "lowpass" or "identity"
-    skip_sigma: float = 1.0  # initial width of the low-pass skip filter (voxels)
+    restorer: RestorerConfig = field(default_factory=RestorerConfig)
     # optimisation
     batch_size: int = 4
     lr: float = 1e-3
@@ -51,16 +66,14 @@ class TrainConfig:
     n_projections: int = 128  # sliced Wasserstein
     bank_size: int = 1024  # memory bank of recent encoder features (0: minibatch only)
     bank_grad: bool = False  # let the penalty's gradient reach the head through the bank
-    bank_centering: bool = True  # re-centre the banked codes on the batch mean (loop.py)
+    bank_centering: bool = True  # re-centre the banked codes on the batch mean (latent.py)
     bank_value_scaling: bool | None = None  # N/B on the value weight; None: divergence's
     init_codes: int = 0  # subtomograms that set the codes' initial scale (0: off)
     prior: str = "gaussian"  # or "reference"
     prior_sigma: float = 1.0
     check_prior_preference: bool = True
-    # geometry
-    tilt_min: float = -60.0
-    tilt_max: float = 60.0
-    tilt_axis: str = "y"
+    # tilt geometry of the training data
+    geometry: TiltGeometry = field(default_factory=TiltGeometry)
     # bookkeeping
     seed: int = 0
     device: str = "auto"
@@ -70,30 +83,70 @@ class TrainConfig:
     checkpoint_every: int = 25
     extra: dict[str, Any] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        if isinstance(self.restorer, dict):
+            self.restorer = RestorerConfig.from_dict(self.restorer)
+        if isinstance(self.geometry, dict):
+            self.geometry = TiltGeometry.from_dict(self.geometry)
+        self.validate()
+
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Plain values (nested dicts for `restorer` and `geometry`) for YAML and
+        checkpoints."""
+        out = {f.name: getattr(self, f.name) for f in fields(self)}
+        out["restorer"] = self.restorer.to_dict()
+        out["geometry"] = self.geometry.to_dict()
+        out["extra"] = dict(self.extra)
+        return out
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "config") -> TrainConfig:
-        names = {f.name for f in fields(cls)}
-        data = {("lambda_" if k in ("lambda", "lambda_") else k.replace("-", "_")): v
-                for k, v in data.items()}
-        unknown = sorted(set(data) - names)
-        if unknown:
-            raise CryowaeInputError(f"{source}: unknown setting(s) {', '.join(unknown)}")
-        cfg = cls(**data)
-        cfg.validate(source)
-        return cfg
+        """A config from plain values: nested or flat (see the class docstring). Keys may
+        use dashes; ``lambda`` means ``lambda_``. Unknown keys, a key given both flat and
+        nested with different values, and invalid values raise `CryowaeInputError`
+        naming `source`."""
+        return cls._build(data, source, flat_wins=False)
 
     def replace(self, **changes: Any) -> TrainConfig:
+        """A copy with `changes` (None values ignored); flat architecture and tilt keys
+        (``latent_dim=32``, ``tilt_axis="x"``) change the nested settings."""
         changes = {k: v for k, v in changes.items() if v is not None}
-        return TrainConfig.from_dict(self.to_dict() | changes, "options")
+        current = {f.name: getattr(self, f.name) for f in fields(self)}
+        return TrainConfig._build(current | changes, "options", flat_wins=True)
+
+    @classmethod
+    def _build(cls, data: dict[str, Any], source: str, flat_wins: bool) -> TrainConfig:
+        data = {("lambda_" if k in ("lambda", "lambda_") else k.replace("-", "_")): v
+                for k, v in data.items()}
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - names - set(RESTORER_KEYS) - set(GEOMETRY_KEYS))
+        if unknown:
+            raise CryowaeInputError(f"{source}: unknown setting(s) {', '.join(unknown)}")
+        nested_r, nested_g = data.pop("restorer", None), data.pop("geometry", None)
+        flat_r = {k: data.pop(k) for k in RESTORER_KEYS if k in data}
+        flat_g = {GEOMETRY_KEYS[k]: data.pop(k) for k in GEOMETRY_KEYS if k in data}
+        try:
+            if nested_r is not None or flat_r:
+                data["restorer"] = _restorer_from(nested_r, flat_r, flat_wins)
+            if nested_g is not None or flat_g:
+                data["geometry"] = _geometry_from(nested_g, flat_g, flat_wins, source)
+            return cls(**data)
+        except CryowaeInputError as exc:
+            msg = str(exc).removeprefix("config: ")
+            raise CryowaeInputError(msg if msg.startswith(f"{source}:")
+                                    else f"{source}: {msg}") from None
+        except (TypeError, ValueError) as exc:
+            raise CryowaeInputError(f"{source}: {exc}") from None
 
     def validate(self, source: str = "config") -> None:
+        """Raise `CryowaeInputError` (naming `source`) for settings no run can use."""
         from cryowae.divergences.registry import DIVERGENCES
-        from cryowae.models.restorer import SKIPS
 
-        m = 2**self.depth
+        if not isinstance(self.restorer, RestorerConfig):
+            raise CryowaeInputError(f"{source}: restorer must be a RestorerConfig")
+        if not isinstance(self.geometry, TiltGeometry):
+            raise CryowaeInputError(f"{source}: geometry must be a TiltGeometry")
+        m = 2**self.restorer.depth
         if self.patch_size < 16 or self.patch_size % m:
             raise CryowaeInputError(
                 f"{source}: patch_size {self.patch_size} must be >= 16 and a multiple of {m}")
@@ -104,20 +157,53 @@ class TrainConfig:
             raise CryowaeInputError(f"{source}: unknown kernel {self.kernel!r} (imq or rbf)")
         if self.prior not in ("gaussian", "reference"):
             raise CryowaeInputError(f"{source}: unknown prior {self.prior!r}")
-        if self.skip not in SKIPS:
-            raise CryowaeInputError(f"{source}: unknown skip {self.skip!r} "
-                                    f"({' or '.join(SKIPS)})")
-        if self.encoder not in ("deterministic", "gaussian"):
-            raise CryowaeInputError(f"{source}: unknown encoder {self.encoder!r}")
-        if not 8 <= self.latent_dim <= 256:
+        if not 8 <= self.restorer.latent_dim <= 256:
             raise CryowaeInputError(f"{source}: latent_dim must lie in 8..256")
         if self.batch_size < 1 or self.steps < 1:
             raise CryowaeInputError(f"{source}: batch_size and steps must be positive")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise CryowaeInputError(f"{source}: unknown device {self.device!r}")
-        from cryowae.physics.wedge import check_tilt_range
 
-        check_tilt_range(self.tilt_min, self.tilt_max)
+
+def _mapping(value: Any, what: str) -> dict[str, Any]:
+    if hasattr(value, "to_dict"):
+        return value.to_dict()
+    if not isinstance(value, dict):
+        raise CryowaeInputError(f"{what} must be a mapping of settings")
+    return dict(value)
+
+
+def _combine(nested: dict[str, Any], flat: dict[str, Any], flat_wins: bool,
+             what: str) -> dict[str, Any]:
+    """`nested` updated by `flat`; unless `flat_wins`, a key given both ways must agree."""
+    for k, v in flat.items():
+        if not flat_wins and k in nested and nested[k] != v:
+            raise CryowaeInputError(f"{k} given both flat ({v!r}) and under {what} "
+                                    f"({nested[k]!r})")
+    return nested | flat
+
+
+def _restorer_from(nested: Any, flat: dict[str, Any], flat_wins: bool) -> RestorerConfig:
+    if isinstance(nested, RestorerConfig) and not flat:
+        return nested
+    merged = _combine(_mapping(nested or {}, "restorer"), flat, flat_wins, "restorer")
+    return RestorerConfig.from_dict(merged)
+
+
+def _geometry_from(nested: Any, flat: dict[str, Any], flat_wins: bool,
+                   source: str) -> TiltGeometry:
+    if isinstance(nested, TiltGeometry) and not flat:
+        return nested
+    given = _mapping(nested or {}, "geometry")
+    if "tilt_axis" in given:  # the old key inside the nested form
+        given["axis"] = given.pop("tilt_axis")
+    merged = _combine(given, flat, flat_wins, "geometry")
+    unknown = sorted(set(merged) - {"tilt_min", "tilt_max", "axis", "source"})
+    if unknown:
+        raise CryowaeInputError(f"unknown geometry setting(s) {', '.join(unknown)}")
+    lo, hi = DEFAULT_TILT_RANGE
+    return TiltGeometry.from_dict({"tilt_min": lo, "tilt_max": hi, "source": source}
+                                  | merged)
 
 
 PRESETS = ("cpu-small", "gpu-default", "gpu-large")
@@ -144,10 +230,13 @@ def load_config(path_or_preset: str | os.PathLike | None) -> TrainConfig:
     if not isinstance(data, dict):
         raise CryowaeInputError(f"{source}: expected a mapping of settings")
     data = data.get("train", data)
+    if not isinstance(data, dict):
+        raise CryowaeInputError(f"{source}: 'train' must be a mapping of settings")
     return TrainConfig.from_dict(data, source)
 
 
 def save_config(cfg: TrainConfig, path: str | os.PathLike) -> None:
+    """Write `cfg` as YAML (``train:`` mapping, nested form), atomically."""
     from cryowae.io.atomic import atomic_path
 
     with atomic_path(path) as tmp:

@@ -9,14 +9,15 @@ volume); measured frequencies are never changed.
 
 from __future__ import annotations
 
-from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
 import torch
 
-from cryowae.inference.restore import restore_array
+from cryowae.models.protocol import ModelOnDevice
 from cryowae.physics.wedge import wedge_mask
+from cryowae.tiling.engine import array_sink, model_tile_fn, run_tiles
+from cryowae.tiling.settings import TileSettings
 
 
 def refill_volume(model: torch.nn.Module, data: Any, stats: tuple[float, float],
@@ -24,13 +25,18 @@ def refill_volume(model: torch.nn.Module, data: Any, stats: tuple[float, float],
                   device: torch.device) -> np.ndarray:
     """`data` (Z, Y, X) with its missing wedge replaced by the model's prediction.
 
-    Returns float32 in the intensity units of `data`.
+    The prediction is a tiled pass of the tile engine (tiles of `tile` voxels, overlap
+    ``max(tile // 4, 8)``, normalised with `stats` = (mean, std)) with the model in eval
+    mode. Returns float32 in the intensity units of `data`.
     """
+    settings = TileSettings(tile=tile, overlap=max(tile // 4, 8))
+    plan = settings.plan(data.shape, int(getattr(model, "multiple", 1) or 1))
+    pred = np.zeros(plan.shape, dtype=np.float32)
     was_training = model.training
     model.eval()
     try:
-        pred = restore_array(SimpleNamespace(model=model, device=device), data, tile=tile,
-                             overlap=max(tile // 4, 8), norm=stats)
+        run_tiles(model_tile_fn(ModelOnDevice(model, device)), data, plan, array_sink(pred),
+                  norm=stats, device=device, batch_size=settings.batch_size)
     finally:
         model.train(was_training)
     x = torch.from_numpy(np.asarray(data, dtype=np.float32))

@@ -9,7 +9,9 @@ the tiles form a full grid, that sum is separable too: the product of the per-ax
 Coordinates: each axis of the volume is extended by reflection (``pad_before`` voxels in
 front, ``pad_after`` behind) so that voxels at the volume's border sit inside a tile, away
 from the zero padding of the network's convolutions. Tile starts are given in these
-padded ("virtual") coordinates; real index = virtual index - pad_before.
+padded ("virtual") coordinates; real index = virtual index - pad_before. The padded
+grid of a plan has the shape `TilePlan.padded_shape`; a field defined on that grid (a
+sampler's latent field, say) is cropped for a tile at its padded start.
 """
 
 from __future__ import annotations
@@ -134,6 +136,11 @@ class AxisPlan:
         """Real (reflected) indices of the voxels of the tile starting at `start`."""
         return reflect_index(np.arange(start, start + self.tile) - self.pad_before, self.size)
 
+    def overlapping(self, lo: int, hi: int) -> list[int]:
+        """Indices (into `starts`) of the tiles whose real range overlaps ``[lo, hi)``."""
+        return [i for i, s in enumerate(self.starts)
+                if self.real_range(s)[0] < hi and self.real_range(s)[1] > lo]
+
     def weight_sum(self, kind: str = "cosine") -> np.ndarray:
         """Sum of the tiles' windows at each real voxel of the axis (float64, > 0)."""
         total = weight_sum_1d(self.extent, self.tile, self.starts, kind)
@@ -178,6 +185,11 @@ class TilePlan:
         return tuple(a.tile for a in self.axes)  # type: ignore[return-value]
 
     @property
+    def padded_shape(self) -> tuple[int, int, int]:
+        """(Z, Y, X) extent of the padded grid the tile starts refer to."""
+        return tuple(a.extent for a in self.axes)  # type: ignore[return-value]
+
+    @property
     def n_tiles(self) -> int:
         return math.prod(len(a.starts) for a in self.axes)
 
@@ -196,6 +208,22 @@ class TilePlan:
         return sorted(out)
 
 
+def core_tiles(plan: TilePlan, core: Sequence[tuple[int, int]]) -> list[list[int]]:
+    """Per axis, the indices (into ``axis.starts``) of the tiles whose real range overlaps
+    ``core = ((z0, z1), (y0, y1), (x0, x1))`` (real voxel ranges, end exclusive).
+
+    Raises `ValueError` for a core that is empty or leaves the volume.
+    """
+    if len(core) != 3:
+        raise ValueError(f"expected a (Z, Y, X) core, got {tuple(core)}")
+    out = []
+    for ax, (c0, c1) in zip(plan.axes, core, strict=True):
+        if not 0 <= c0 < c1 <= ax.size:
+            raise ValueError(f"core range {c0}-{c1} is empty or outside [0, {ax.size})")
+        out.append(ax.overlapping(c0, c1))
+    return out
+
+
 def plan_tiles(shape: Sequence[int], tile: int, overlap: int, multiple: int = 1,
                window: str = "cosine") -> TilePlan:
     """Plan the tiles of a (Z, Y, X) volume; see `plan_axis` (`tile` must already be a
@@ -209,6 +237,6 @@ def plan_tiles(shape: Sequence[int], tile: int, overlap: int, multiple: int = 1,
 
 
 __all__ = [
-    "WINDOWS", "AxisPlan", "TilePlan", "plan_axis", "plan_tiles", "reflect_index",
+    "WINDOWS", "AxisPlan", "TilePlan", "core_tiles", "plan_axis", "plan_tiles", "reflect_index",
     "reflect_pad", "round_up", "tile_starts", "weight_sum_1d", "window_1d", "window_3d",
 ]
