@@ -186,3 +186,76 @@ def test_joint_matching_sees_dependence_and_drift():
     assert abs(rep["divergence"]) < 3 * rep["null"], rep
     assert matching_report(div, s, dependent, gen)["divergence"] > 3 * rep["null"]
     assert matching_report(div, s, drifted, gen)["code_mean_norm"] > 1.5
+
+
+def _weighted_sq(v: torch.Tensor, y: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """Mean Fourier-weighted squared error of (B, m, Z, Y, X) against (B, 1, Z, Y, X)."""
+    f = torch.fft.rfftn(v - y, dim=(-3, -2, -1), norm="ortho")
+    return (w * f.abs().square()).sum() / w.sum() / v.shape[0] / v.shape[1]
+
+
+def _toy_training(score: str, steps: int = 150) -> float:
+    """Train a small stochastic restorer on a linear-Gaussian toy (16^3 Gaussian fields,
+    input = measured region of truth + noise, target = truth + noise) with the mean
+    path on squared error and the branch on `score` ("shell_regions" energy score with
+    m = 2, or "mse": squared error of one sample, the ablation); return the family's
+    spread/skill against the truth (8 samples, 4 held-out patches)."""
+    import numpy as np
+
+    from cryowae.metrics.calibration import spread_skill
+    from cryowae.physics.fourier import radial_frequency
+    from cryowae.training.noise import NoiseSpectrum, draw_noise
+    from cryowae.training.scoring import family_score
+
+    shape, dims, noise_power = (16, 16, 16), (-3, -2, -1), 0.5
+    gen = torch.Generator().manual_seed(0)
+    amp = (4 * torch.exp(-(radial_frequency(shape, rfft=True) / 0.15) ** 2) + 0.05).sqrt()
+    m_in = wedge_mask(shape, -50, 50, "y", rfft=True)
+
+    def world(b: int):
+        def colored(a):
+            w = torch.randn((b, *shape), generator=gen)
+            return torch.fft.irfftn(torch.fft.rfftn(w, dim=dims, norm="ortho") * a, s=shape,
+                                    dim=dims, norm="ortho")
+        t = colored(amp)
+        x = torch.fft.irfftn(torch.fft.rfftn(t + colored(noise_power**0.5), dim=dims) * m_in,
+                             s=shape, dim=dims)
+        return x[:, None], (t + colored(noise_power**0.5))[:, None], t
+
+    torch.manual_seed(0)
+    model = StochasticRestorer(StochasticConfig(
+        restorer=RestorerConfig(channels=8, depth=2, latent_dim=16), latent_channels=4,
+        branch_channels=8, posterior=False))
+    opt = torch.optim.Adam(model.parameters(), lr=2e-3)
+    w = 1 + (1 - m_in)  # target measured everywhere, wedge weight 2
+    spec = NoiseSpectrum(np.array([0.0, 1.0]), np.array([noise_power] * 2))
+    ones = torch.ones(4, *w.shape)
+    for _ in range(steps):
+        x, y, _ = world(4)
+        mean, samples, _ = model(x, n_samples=2 if score != "mse" else 1)
+
+        if score == "mse":
+            loss = _weighted_sq(mean, y, w) + _weighted_sq(samples, y, w)
+        else:
+            nz = torch.cat([draw_noise(spec, shape, 4, gen) for _ in range(2)], 1)
+            loss = _weighted_sq(mean, y, w) + family_score(score, samples, y, w, nz, ones,
+                                                            m_in).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    with torch.no_grad():
+        ratios = []
+        for _ in range(4):
+            x, _, t = world(1)
+            ratios.append(spread_skill(model(x, n_samples=8)[1][0], t[0], m_in).ratio)
+    return float(np.mean(ratios))
+
+
+@pytest.mark.slow
+def test_energy_score_trains_a_spread_and_squared_error_does_not():
+    """End to end on a toy whose posterior is known: the energy score (shells x regions,
+    m = 2) brings the family's spread/skill near 1 within 150 steps (measured 0.77);
+    the m = 1 squared-error ablation collapses it (measured 0.03)."""
+    assert 0.6 < _toy_training("shell_regions") < 1.4
+    assert _toy_training("mse") < 0.1

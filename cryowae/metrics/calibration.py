@@ -1,16 +1,44 @@
-"""Calibration of posterior samples: how often the truth lies in the predicted interval.
+"""Calibration of posterior families: is the family's spread the size of its error?
 
-For each voxel the central interval of probability `level` is taken from the samples'
-empirical quantiles ``(1 - level) / 2`` and ``(1 + level) / 2`` (linear interpolation
-between order statistics, numpy's default). A calibrated sampler puts the ground truth
-inside it for a fraction ``level`` of the voxels; fewer means over-confident samples,
-more means under-confident ones. With S samples the expected coverage of an exactly
-calibrated sampler is slightly below `level` (about ``level * (S - 1) / (S + 1)``).
+A family is S samples X_1..X_S (S, Z, Y, X) of one tomogram; Y is the truth. Fourier
+quantities use ``torch.fft.rfftn(norm="ortho")`` (so the power of a coefficient is a
+variance per voxel), counted over the full spectrum (`hermitian_weights`), inside the
+sphere ``|k| <= 0.5`` cycles per voxel and without DC (`nyquist_sphere`). The measured
+region is the tilt range's mask on the tomogram's own grid (`TiltGeometry.wedge_mask`);
+the wedge region is the rest of the sphere. Shells are those of
+`cryowae.physics.fourier.shell_index` (width ``1 / max(Z, Y, X)``).
+
+Spread/skill (`spread_skill`). For S exchangeable draws of a calibrated predictive and a
+truth drawn from the same predictive, per coefficient, with the family mean Xbar and
+the unbiased family variance s^2 = sum_s |X_s - Xbar|^2 / (S - 1):
+``E|Xbar - Y|^2 = Var Xbar + Var Y = sigma^2 / S + sigma^2 = (S + 1) / S sigma^2`` and
+``E s^2 = sigma^2``. Hence
+
+    ratio = sqrt( (S + 1) / S * sum_R s^2 ) / sqrt( sum_R |Xbar - Y|^2 )
+
+over a region R is 1 for a calibrated family (up to sampling error), c for a family
+whose spread is c times too wide about the right centre, and below 1 when the family
+is too narrow or its mean is biased. Over all coefficients it equals the real-space
+ratio (Parseval).
+
+Coverage (`interval_coverage`): the fraction of voxels whose truth lies in the family's
+central interval of probability `level` (empirical quantiles). With S samples the
+expected coverage of an exactly calibrated family is about ``level (S - 1) / (S + 1)``.
+`wedge_component` projects a volume onto the wedge region (Fourier mask 1 - measured),
+so that coverage of the wedge-only component can be scored separately.
+
+CRPS (`crps_ensemble`): the fair (unbiased in S) ensemble CRPS per voxel,
+``mean_s |X_s - y| - sum_{s,t} |X_s - X_t| / (2 S (S - 1))``; for one restoration it
+reduces to the absolute error, so it compares with the single restoration's MAE.
+
+Checks without ground truth (even/odd halves, residuals against the data) and the
+truth that the data can show (CTF) live in `cryowae.metrics.calibration_checks`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -18,11 +46,177 @@ import torch
 
 from cryowae.errors import CryowaeInputError
 from cryowae.metrics._common import as_tensor
+from cryowae.physics.fourier import hermitian_weights, nyquist_sphere, shell_index
+from cryowae.physics.geometry import TiltGeometry
 
 #: Z slices sorted at a time (bounds the memory of the per-voxel sort)
 _SLAB = 8
+_DIMS = (-3, -2, -1)
 
 
+# ------------------------------------------------------------------ spectral helpers
+def shell_frequencies(shape: Sequence[int]) -> np.ndarray:
+    """Frequency (cycles per voxel) of each shell of `cryowae.physics.fourier.shell_index`
+    (shell j: ``j / max(Z, Y, X)``)."""
+    n = max(int(s) for s in shape)
+    return np.arange(n // 2 + 1) / n
+
+
+def measured_mask(measured: TiltGeometry | torch.Tensor, shape: Sequence[int],
+                  device: torch.device | str | None = None) -> torch.Tensor:
+    """A boolean rfft-layout measured-region mask from a geometry or a given mask."""
+    shp = tuple(int(s) for s in shape)
+    m = measured.wedge_mask(shp, rfft=True, device=device) if isinstance(
+        measured, TiltGeometry) else torch.as_tensor(measured, device=device)
+    want = (*shp[:2], shp[2] // 2 + 1)
+    if tuple(m.shape) != want:
+        raise CryowaeInputError(f"measured mask has shape {tuple(m.shape)}, the rfft of a "
+                                f"{shp} volume needs {want}")
+    return m > 0.5
+
+
+def spectrum(v: Any, name: str) -> torch.Tensor:
+    """The ortho rfft (Z, Y, X // 2 + 1) of a (Z, Y, X) volume (tensor, array, memmap)."""
+    return torch.fft.rfftn(as_tensor(v, name), dim=_DIMS, norm="ortho")
+
+
+@dataclass
+class SpectralGrid:
+    """Per-coefficient bookkeeping of one (Z, Y, X) grid: shell labels, full-spectrum
+    multiplicities, and the measured / wedge regions (inside the sphere, no DC)."""
+
+    labels: torch.Tensor
+    n_shells: int
+    mult: torch.Tensor
+    measured: torch.Tensor
+    wedge: torch.Tensor
+
+    @classmethod
+    def of(cls, shape: Sequence[int], measured: TiltGeometry | torch.Tensor) -> SpectralGrid:
+        shp = tuple(int(s) for s in shape)
+        lab, n = shell_index(shp)  # type: ignore[arg-type]
+        m = measured_mask(measured, shp, device="cpu")
+        inside = nyquist_sphere(shp)  # type: ignore[arg-type]
+        mult = hermitian_weights(shp[-1]).expand(lab.shape)
+        return cls(lab, n, mult, inside & m, inside & ~m)
+
+    def shell_sums(self, values: torch.Tensor, region: torch.Tensor) -> np.ndarray:
+        """Full-spectrum sums of `values` (any device; summed on the CPU) per shell over
+        `region` (float64 (n_shells,))."""
+        sel = region.flatten()
+        v = values.detach().to("cpu", torch.float64) * self.mult
+        return torch.bincount(self.labels.flatten()[sel], v.flatten()[sel],
+                              minlength=self.n_shells).numpy()
+
+
+def check_family(shape: tuple[int, ...], truth_shape: tuple[int, ...]) -> int:
+    """S of an (S, Z, Y, X) family checked against a (Z, Y, X) truth (S >= 2)."""
+    if len(shape) != 4 or shape[1:] != truth_shape:
+        raise CryowaeInputError(f"samples must be (S, Z, Y, X) with (Z, Y, X) = "
+                                f"{truth_shape}, got {shape}")
+    if shape[0] < 2:
+        raise CryowaeInputError(f"need at least 2 samples, got {shape[0]}")
+    return shape[0]
+
+
+def family_spectra(samples: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """Welford over samples (read one at a time): mean spectrum and the unbiased
+    per-coefficient variance sum_s |F_s - mean|^2 / (S - 1)."""
+    mean: torch.Tensor | None = None
+    m2: torch.Tensor | None = None
+    n = 0
+    for i in range(int(np.shape(samples)[0])):
+        f = spectrum(samples[i], "samples")
+        n += 1
+        if mean is None:
+            mean, m2 = f.clone(), torch.zeros(f.shape, device=f.device)
+            continue
+        d = f - mean
+        mean += d / n
+        m2 += (d.conj() * (f - mean)).real
+    assert mean is not None and m2 is not None
+    return mean, m2 / (n - 1)
+
+
+# ------------------------------------------------------------------ spread / skill
+@dataclass
+class SpreadSkill:
+    """Spread/skill of a family (see the module docstring). Per-shell arrays are
+    (n_shells,) on the shells of `shell_index` of the tomogram's grid; ``spread_*`` and
+    ``error_*`` are per-coefficient means: (S + 1) / S * family variance, and
+    |mean - truth|^2 (normalised units squared, ortho FFT)."""
+
+    n_samples: int
+    ratio: float
+    ratio_measured: float
+    ratio_wedge: float
+    frequency: np.ndarray
+    spread_measured: np.ndarray
+    error_measured: np.ndarray
+    spread_wedge: np.ndarray
+    error_wedge: np.ndarray
+
+    def ratio_per_shell(self, region: str = "wedge") -> np.ndarray:
+        """sqrt(spread / error) per shell of ``"wedge"`` or ``"measured"`` (nan where
+        a shell has no coefficient in the region)."""
+        s, e = getattr(self, f"spread_{region}"), getattr(self, f"error_{region}")
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.sqrt(s / e)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"n_samples": self.n_samples, "spread_skill": self.ratio,
+                "spread_skill_measured": self.ratio_measured,
+                "spread_skill_wedge": self.ratio_wedge,
+                "per_shell": [[float(f), float(a), float(b), float(c), float(d)]
+                              for f, a, b, c, d in zip(
+                                  self.frequency, self.spread_measured,
+                                  self.error_measured, self.spread_wedge,
+                                  self.error_wedge, strict=True)],
+                "per_shell_columns": ["frequency", "spread_measured", "error_measured",
+                                      "spread_wedge", "error_wedge"]}
+
+
+def spread_skill(samples: Any, truth: Any, measured: TiltGeometry | torch.Tensor
+                 ) -> SpreadSkill:
+    """Spread/skill ratio of a family against the truth, overall, in the measured and
+    in the wedge region, and per shell.
+
+    Parameters
+    ----------
+    samples
+        (S, Z, Y, X) family, S >= 2 (read one sample at a time).
+    truth
+        (Z, Y, X) ground truth on the samples' intensity scale (see
+        `truth_seen_by_data` for what truth to use).
+    measured
+        The tilt geometry or an rfft-layout measured mask of the (Z, Y, X) grid.
+    """
+    g = as_tensor(truth, "truth")
+    s = check_family(tuple(int(v) for v in np.shape(samples)), tuple(g.shape))
+    mean, var = family_spectra(samples)
+    err = (mean - torch.fft.rfftn(g.to(mean.device), dim=_DIMS, norm="ortho")).abs().square()
+    grid = SpectralGrid.of(g.shape, measured)
+    spread = var * ((s + 1) / s)
+    sums = {}
+    for name, region in (("measured", grid.measured), ("wedge", grid.wedge)):
+        sums[name] = (grid.shell_sums(spread, region), grid.shell_sums(err, region),
+                      grid.shell_sums(torch.ones_like(err), region))
+
+    def ratio(sp: np.ndarray, er: np.ndarray) -> float:
+        return float(np.sqrt(sp.sum() / er.sum())) if er.sum() > 0 else float("nan")
+
+    with np.errstate(invalid="ignore", divide="ignore"):
+        per = {k: (v[0] / v[2], v[1] / v[2]) for k, v in sums.items()}
+    return SpreadSkill(
+        n_samples=s, ratio=ratio(sums["measured"][0] + sums["wedge"][0],
+                                 sums["measured"][1] + sums["wedge"][1]),
+        ratio_measured=ratio(*sums["measured"][:2]), ratio_wedge=ratio(*sums["wedge"][:2]),
+        frequency=shell_frequencies(g.shape), spread_measured=per["measured"][0],
+        error_measured=per["measured"][1], spread_wedge=per["wedge"][0],
+        error_wedge=per["wedge"][1])
+
+
+# ------------------------------------------------------------------ coverage
 def interval_coverage(samples: Any, gt: Any, levels: Sequence[float] = (0.5, 0.9),
                       ) -> dict[float, float]:
     """Fraction of ground-truth voxels inside the samples' central intervals.
@@ -51,13 +245,11 @@ def interval_coverage(samples: Any, gt: Any, levels: Sequence[float] = (0.5, 0.9
     if len(shape) != 4 or shape[1:] != tuple(g.shape):
         raise CryowaeInputError(f"samples must be (S, Z, Y, X) with (Z, Y, X) = "
                                 f"{tuple(g.shape)} of the ground truth, got {shape}")
-    n_samples = shape[0]
-    if n_samples < 2:
-        raise CryowaeInputError(f"need at least 2 samples for an interval, got {n_samples}")
+    if shape[0] < 2:
+        raise CryowaeInputError(f"need at least 2 samples for an interval, got {shape[0]}")
     inside = dict.fromkeys(levels, 0)
     for z in range(0, shape[1], _SLAB):
-        block = as_tensor(samples[:, z:z + _SLAB], "samples")
-        srt, _ = torch.sort(block, dim=0)
+        srt, _ = torch.sort(as_tensor(samples[:, z:z + _SLAB], "samples"), dim=0)
         truth = g[z:z + _SLAB].to(srt.device)
         for lv in levels:
             lo = _quantile_sorted(srt, (1.0 - lv) / 2.0)
@@ -74,3 +266,54 @@ def _quantile_sorted(srt: torch.Tensor, q: float) -> torch.Tensor:
     j = min(i + 1, srt.shape[0] - 1)
     frac = pos - i
     return srt[i] * (1.0 - frac) + srt[j] * frac
+
+
+def wedge_component(volume: Any, measured: TiltGeometry | torch.Tensor) -> torch.Tensor:
+    """The part of a (Z, Y, X) volume in the wedge region: inverse FFT of its spectrum
+    times (1 - measured mask). Scoring coverage on the wedge components of family and
+    truth (`wedge_coverage`) checks what the data did not measure."""
+    v = as_tensor(volume, "volume")
+    keep = ~measured_mask(measured, v.shape, device=v.device)
+    spec = torch.fft.rfftn(v, dim=_DIMS) * keep
+    return torch.fft.irfftn(spec, s=tuple(v.shape), dim=_DIMS)
+
+
+def wedge_coverage(samples: Any, truth: Any, measured: TiltGeometry | torch.Tensor,
+                   levels: Sequence[float] = (0.5, 0.9)) -> dict[float, float]:
+    """`interval_coverage` of the wedge components of the family and the truth. Holds
+    the S projected samples in memory (one family's worth)."""
+    g = as_tensor(truth, "truth")
+    check_family(tuple(int(v) for v in np.shape(samples)), tuple(g.shape))
+    proj = torch.stack([wedge_component(samples[i], measured)
+                        for i in range(int(np.shape(samples)[0]))])
+    return interval_coverage(proj, wedge_component(g, measured), levels)
+
+
+# ------------------------------------------------------------------ CRPS
+def crps_ensemble(samples: Any, truth: Any) -> float:
+    """Fair ensemble CRPS averaged over voxels (module docstring), slab by slab: with
+    the samples sorted per voxel, ``sum_{s,t} |X_s - X_t| = 2 sum_i (2 i - S - 1) X_(i)``
+    (i = 1..S)."""
+    g = as_tensor(truth, "truth")
+    shape = tuple(int(v) for v in np.shape(samples))
+    s = check_family(shape, tuple(g.shape))
+    coef = (2 * torch.arange(1, s + 1, dtype=torch.float64) - s - 1)[:, None, None, None]
+    total = 0.0
+    for z in range(0, shape[1], _SLAB):
+        srt, _ = torch.sort(as_tensor(samples[:, z:z + _SLAB], "samples"), dim=0)
+        srt = srt.double()
+        skill = (srt - g[z:z + _SLAB].double()).abs().mean(dim=0)
+        spread = 2 * (coef * srt).sum(dim=0) / (2 * s * (s - 1))
+        total += float((skill - spread).sum())
+    return total / float(np.prod(shape[1:]))
+
+
+def crps_report(samples: Any, truth: Any, single: Any) -> dict[str, float]:
+    """The family's fair CRPS beside the mean absolute error of the single restoration
+    `single` (Z, Y, X): lower is better for both; a family worth sampling beats it."""
+    g, r = as_tensor(truth, "truth"), as_tensor(single, "single")
+    if tuple(r.shape) != tuple(g.shape):
+        raise CryowaeInputError(f"single restoration {tuple(r.shape)} and truth "
+                                f"{tuple(g.shape)} differ in shape")
+    return {"crps_family": crps_ensemble(samples, g),
+            "mae_single": float((r.double() - g.double()).abs().mean())}

@@ -1,0 +1,254 @@
+"""The stochastic restorer: a deterministic mean path plus a latent-field branch.
+
+    sample = mu(x) + r(features of mu's decoder, z),   z ~ N(0, I) a latent field
+
+- **Mean path** mu(x): exactly a `WAERestorer` (``self.mean``: same weights, same
+  output, so a trained deterministic restorer can be loaded into it with
+  `StochasticRestorer.from_restorer`). It keeps its squared-error Fourier loss, so the
+  single restoration cannot get worse by adding the branch.
+- **Stochastic branch** r(x, z): a small decoder that starts from the mean path's
+  bottleneck features concatenated with the latent field's bottleneck level (c_z
+  channels, one cell per 2**depth voxels), goes up level by level concatenating the
+  mean path's decoder features there, the bottleneck field again (each cell repeated
+  over its voxels, so z keeps its hold on the output) and, optionally, a per-level noise
+  map
+  (`StochasticConfig.level_noise` channels at that level's resolution), and ends in a
+  1-channel head. Its blocks have no GroupNorm (`_LocalBlock`), so that overlapping
+  tiles decode one global field alike. It sees the mean path's features through a
+  stop-gradient by default (`detach_features`), so the score that trains it cannot
+  bend the mean path; whether the sample's gradient reaches mu is `score_to_mean` (off
+  by default: to be measured).
+- z never depends on the input at inference: `draw_prior` takes shapes and a
+  generator, nothing else; the posterior encoder (`cryowae.models.stochastic_posterior`)
+  is a training-time branch for WAE latent matching.
+
+Latent fields are lists of per-level tensors (B, m, C_l, Z_l, Y_l, X_l), m samples per
+input; `field_spec` describes them and how a whole-tomogram field is cropped per tile
+(`cryowae.models.stochastic_field`). Training uses the energy score of
+`cryowae.training.scoring` on m >= 2 samples per input.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from cryowae.errors import CryowaeInputError
+from cryowae.models.blocks import Up
+from cryowae.models.restorer import RestorerConfig, WAERestorer
+from cryowae.models.stochastic_field import Field, FieldSpec
+from cryowae.models.stochastic_posterior import InputSummary, PosteriorEncoder
+
+
+@dataclass(frozen=True)
+class StochasticConfig:
+    """Architecture of a `StochasticRestorer` (to be saved in checkpoints)."""
+
+    restorer: RestorerConfig = field(default_factory=RestorerConfig)  # the mean path
+    latent_channels: int = 8  # c_z: channels of the bottleneck field
+    level_noise: int = 0  # noise-map channels per decoder level (0: bottleneck field only)
+    branch_channels: int = 8  # branch width at full resolution, doubled per level
+    detach_features: bool = True  # the branch sees stop-gradient mean-path features
+    score_to_mean: bool = False  # the samples' gradient also reaches mu
+    posterior: bool = True  # build the posterior encoder for WAE latent matching
+    summary_dim: int = 4  # channels of the input summary s(x) matched jointly with z
+
+    def __post_init__(self) -> None:
+        for name in ("latent_channels", "branch_channels", "summary_dim", "level_noise"):
+            value = getattr(self, name)
+            low = 0 if name == "level_noise" else 1
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise CryowaeInputError(f"stochastic {name} must be an integer >= {low}, "
+                                        f"got {value!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain values for YAML and checkpoints (the mean path's config nested)."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> StochasticConfig:
+        """Inverse of `to_dict`; unknown keys raise `CryowaeInputError`."""
+        d = dict(data)
+        unknown = sorted(set(d) - set(cls.__dataclass_fields__))
+        if unknown:
+            raise CryowaeInputError(f"unknown stochastic setting(s) {', '.join(unknown)}")
+        d["restorer"] = RestorerConfig.from_dict(d.get("restorer", {}))
+        return cls(**d)
+
+
+@dataclass
+class StochasticAux:
+    """What `StochasticRestorer.forward` returns beside mean and samples.
+
+    Attributes
+    ----------
+    code
+        (B, latent_dim) the mean path's per-subtomogram code (FiLM conditioning).
+    z
+        The latent field used, per level (B, m, C_l, ...).
+    bottleneck
+        (B, C, z, y, x) the mean path's bottleneck features (detached), for
+        `InputSummary`.
+    """
+
+    code: torch.Tensor
+    z: Field
+    bottleneck: torch.Tensor
+
+
+class _LocalBlock(nn.Module):
+    """Two 3x3x3 convolutions with SiLU and a residual connection, *without* GroupNorm:
+    (B, C_in, Z, Y, X) -> (B, C_out, Z, Y, X). GroupNorm's statistics span the whole
+    tile, so two overlapping tiles normalise the same field differently. Measured on
+    128-voxel tiles offset by 64 (random weights, depth 2, bottleneck field only): the
+    field-driven part of the samples disagreed by 0.006-0.007 of its RMS in the middle
+    of the overlap (0.10-0.16 within 4 voxels of a tile edge) with these blocks, by
+    0.04-0.05 (0.47-0.49) with GroupNorm in them; independent fields give 1.4-1.5."""
+
+    def __init__(self, c_in: int, c_out: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv3d(c_in, c_out, 3, padding=1)
+        self.conv2 = nn.Conv3d(c_out, c_out, 3, padding=1)
+        self.act = nn.SiLU()
+        self.skip = nn.Conv3d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.conv2(self.act(self.conv1(x))) + self.skip(x))
+
+
+class _Branch(nn.Module):
+    """r(features, z): bottleneck features + field -> up level by level -> 1 channel."""
+
+    def __init__(self, feature_channels: Sequence[int], widths: Sequence[int],
+                 latent_channels: int, level_noise: int) -> None:
+        super().__init__()
+        fc, w = list(feature_channels), list(widths)  # coarsest first
+        self.inp = _LocalBlock(fc[0] + latent_channels, w[0])
+        self.up = nn.ModuleList(Up(w[i], w[i + 1]) for i in range(len(w) - 1))
+        self.blocks = nn.ModuleList(
+            _LocalBlock(w[i + 1] + fc[i + 1] + latent_channels + level_noise, w[i + 1])
+            for i in range(len(w) - 1))
+        # default initialisation (not zero, not scaled down): the energy score's
+        # gradient on the spread is proportional to the spread, so a branch that starts
+        # (nearly) independent of z stays there; measured on a toy problem, a head scaled
+        # by 0.1 and a field entering at the bottleneck only left the spread at 1e-4
+        self.head = nn.Conv3d(w[-1], 1, 1)
+        with torch.no_grad():
+            self.head.bias.zero_()
+
+    def forward(self, features: list[torch.Tensor], z: list[torch.Tensor]) -> torch.Tensor:
+        h = self.inp(torch.cat([features[0], z[0]], dim=1))
+        for i, (up, block) in enumerate(zip(self.up, self.blocks, strict=True)):
+            # the bottleneck field again, repeated over each cell's voxels at this level
+            coarse = z[0].repeat_interleave(2 ** (i + 1), 2).repeat_interleave(
+                2 ** (i + 1), 3).repeat_interleave(2 ** (i + 1), 4)
+            parts = [up(h), features[i + 1], coarse]
+            if len(z) > 1:
+                parts.append(z[i + 1])
+            h = block(torch.cat(parts, dim=1))
+        return self.head(h)
+
+
+class StochasticRestorer(nn.Module):
+    """Mean path + latent-field branch (module docstring).
+
+    ``forward(x, z=None, n_samples=2, generator=None) -> (mean, samples, aux)`` with x
+    and mean (B, 1, Z, Y, X), samples (B, m, Z, Y, X) and aux a `StochasticAux`.
+    """
+
+    def __init__(self, config: StochasticConfig | None = None) -> None:
+        super().__init__()
+        cfg = config or StochasticConfig()
+        self.config = cfg
+        self.mean = WAERestorer(cfg.restorer)
+        d = cfg.restorer.depth
+        mean_ch = [cfg.restorer.channels * 2**i for i in reversed(range(d + 1))]
+        widths = [cfg.branch_channels * 2**i for i in reversed(range(d + 1))]
+        self.branch = _Branch(mean_ch, widths, cfg.latent_channels, cfg.level_noise)
+        levels = d + 1 if cfg.level_noise else 1
+        self.field_spec = FieldSpec(
+            channels=(cfg.latent_channels,) + (cfg.level_noise,) * (levels - 1),
+            strides=tuple(2 ** (d - i) for i in range(levels)))
+        self.summary = InputSummary(mean_ch[0], cfg.summary_dim)
+        self.posterior_encoder = (PosteriorEncoder(d, cfg.branch_channels,
+                                                   cfg.latent_channels)
+                                  if cfg.posterior else None)
+
+    @classmethod
+    def from_restorer(cls, restorer: WAERestorer,
+                      config: StochasticConfig | None = None) -> StochasticRestorer:
+        """A stochastic restorer whose mean path is a copy of a trained `restorer`
+        (its config replaces ``config.restorer``)."""
+        base = config or StochasticConfig()
+        cfg = StochasticConfig(**{**asdict(base), "restorer": restorer.config})
+        model = cls(cfg)
+        model.mean.load_state_dict(restorer.state_dict())
+        return model
+
+    @property
+    def multiple(self) -> int:
+        """Spatial sizes and tile starts must be multiples of this (tile starts so that
+        crops of a whole-tomogram field are exact, `stochastic_field`)."""
+        return self.mean.multiple
+
+    def sample_field_shape(self, tile_shape: Sequence[int]) -> list[tuple[int, ...]]:
+        """Per level (C, Z / s, Y / s, X / s) of the latent field of a tile."""
+        return self.field_spec.shapes(tile_shape)
+
+    def draw_prior(self, tile_shape: Sequence[int], batch: int = 1, n_samples: int = 1,
+                   generator: torch.Generator | None = None,
+                   device: torch.device | str | None = None) -> Field:
+        """Prior fields for `batch` tiles, `n_samples` each: per level (B, m, C, ...).
+        Depends on shapes and the generator only, never on an input."""
+        f = self.field_spec.draw_tile(tile_shape, batch * n_samples, generator, device)
+        return [v.reshape(batch, n_samples, *v.shape[1:]) for v in f]
+
+    def mean_and_features(self, x: torch.Tensor
+                          ) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
+        """The mean path's restoration (B, 1, Z, Y, X), its decoder features per level
+        (coarsest first: the bottleneck block's output, then each decoder block's) and
+        its code (B, latent_dim). The features are read by forward hooks on
+        ``mean.mid`` and ``mean.dec`` for this call only, so the mean path runs
+        unchanged."""
+        feats: list[torch.Tensor] = []
+        modules = [self.mean.mid, *self.mean.dec]
+        handles = [m.register_forward_hook(lambda _m, _i, out: feats.append(out))
+                   for m in modules]
+        try:
+            code, skips = self.mean.encode(x, sample=self.training)
+            mean = self.mean.decode(code, skips, x)
+        finally:
+            for h in handles:
+                h.remove()
+        if len(feats) != len(modules):
+            raise RuntimeError(f"expected {len(modules)} decoder features, got {len(feats)}")
+        return mean, feats, code
+
+    def decode_branch(self, features: list[torch.Tensor], z: Field) -> torch.Tensor:
+        """r for every field: features per level (B, C, ...), z per level
+        (B, m, C_l, ...) -> (B, m, Z, Y, X)."""
+        b, m = z[0].shape[:2]
+        if len(z) != len(self.field_spec.channels):
+            raise ValueError(f"the model takes {len(self.field_spec.channels)} field "
+                             f"levels, got {len(z)}")
+        feats = [f.detach() if self.config.detach_features else f for f in features]
+        feats = [f.repeat_interleave(m, dim=0) for f in feats]
+        r = self.branch(feats, [v.reshape(b * m, *v.shape[2:]) for v in z])
+        return r.reshape(b, m, *r.shape[2:])
+
+    def forward(self, x: torch.Tensor, z: Field | None = None, n_samples: int = 2,
+                generator: torch.Generator | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, StochasticAux]:
+        mean, feats, code = self.mean_and_features(x)
+        if z is None:
+            z = self.draw_prior(x.shape[-3:], x.shape[0], n_samples, generator, x.device)
+        base = mean if self.config.score_to_mean else mean.detach()
+        samples = base + self.decode_branch(feats, z)
+        return mean, samples, StochasticAux(code=code, z=z, bottleneck=feats[0].detach())
+
+
+__all__ = ["StochasticAux", "StochasticConfig", "StochasticRestorer"]
