@@ -1,4 +1,5 @@
-"""`cryowae evaluate`: score a restored tomogram against its ground truth."""
+"""`cryowae evaluate`: score a restored tomogram, or calibrate a posterior family,
+against its ground truth."""
 
 from __future__ import annotations
 
@@ -21,7 +22,8 @@ def _finite_or_none(value):
 
 
 def evaluate(
-    restored: Path = typer.Argument(..., help="Restored tomogram (MRC or OME-Zarr).",
+    restored: Path = typer.Argument(..., help="Restored tomogram (MRC or OME-Zarr), or a "
+                                    "family directory from `cryowae sample`.",
                                     show_default=False),
     gt: Path = typer.Option(..., "--gt", help="Ground-truth tomogram, same shape (MRC or "
                             "OME-Zarr).", show_default=False),
@@ -42,16 +44,36 @@ def evaluate(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object on stdout "
                                  "and nothing else."),
     out: Path | None = typer.Option(None, "--out", help="Also write the report as JSON here."),
+    single: Path | None = typer.Option(None, "--restored", help="Family only: the single "
+                                       "restoration, for CRPS against its MAE."),
+    even: Path | None = typer.Option(None, "--even", help="Family only (sampled from this "
+                                     "even half): halves check against --odd."),
+    odd: Path | None = typer.Option(None, "--odd", help="Family only: the odd half."),
+    tomogram: Path | None = typer.Option(None, "--tomogram", help="Family only: the sampled "
+                                         "tomogram (intensity scale of the truth); default: "
+                                         "the one family.json names."),
+    sim_meta: Path | None = typer.Option(None, "--sim-meta", help="Family only: the "
+                                         "simulation's meta.json (CTF); default: "
+                                         "meta.json beside --gt."),
 ) -> None:
     """Compare RESTORED with --gt: Pearson correlation, PSNR (on normalised volumes), FSC
     resolution at 0.143 and 0.5, and Fourier correlation in the measured and in the
-    missing-wedge region."""
+    missing-wedge region. For a family directory: spread/skill, interval coverage, CRPS
+    (with --restored), the family mean's scores and, with --even/--odd, the halves check."""
     import json
     import sys
 
     from cryowae.errors import CryowaeInputError
     from cryowae.io import read_volume
     from cryowae.physics.geometry import TiltGeometry, find_tilt_file
+
+    if (restored / "family.json").is_file():
+        _evaluate_family(restored, gt, tilt_min, tilt_max, tilt_axis, tilt_file,
+                         voxel_size, as_json, out, single, even, odd, tomogram, sim_meta)
+        return
+    if any(v is not None for v in (single, even, odd, tomogram, sim_meta)):
+        raise CryowaeInputError("--restored, --even, --odd, --tomogram and --sim-meta are "
+                                "for a family directory (from `cryowae sample`)")
 
     geometry = TiltGeometry.resolve(tilt_min=tilt_min, tilt_max=tilt_max,
                                     tilt_file=tilt_file, axis=tilt_axis, tomogram=restored)
@@ -96,6 +118,45 @@ def evaluate(
         sys.stdout.write(text + "\n")
         return
     _print_table(report, out)
+
+
+def _evaluate_family(family: Path, gt: Path, tilt_min: float | None,
+                     tilt_max: float | None, tilt_axis: str | None, tilt_file: Path | None,
+                     voxel_size: float | None, as_json: bool, out: Path | None,
+                     single: Path | None, even: Path | None, odd: Path | None,
+                     tomogram: Path | None, sim_meta: Path | None) -> None:
+    import json
+    import sys
+
+    from cryowae.errors import CryowaeInputError
+    from cryowae.physics.geometry import TiltGeometry
+    from cryowae.sampling.evaluate import calibration_line, evaluate_family
+
+    if voxel_size is not None and not voxel_size > 0:
+        raise CryowaeInputError(f"--voxel-size must be positive, got {voxel_size:g}")
+    meta = json.loads((family / "family.json").read_text())
+    geometry = TiltGeometry.resolve(tilt_min=tilt_min, tilt_max=tilt_max,
+                                    tilt_file=tilt_file, axis=tilt_axis,
+                                    fallback=TiltGeometry.from_dict(meta["geometry"]))
+    report = evaluate_family(family, gt, single, geometry, voxel_size, tomogram, sim_meta,
+                             even, odd)
+    text = json.dumps(_finite_or_none(report), allow_nan=False)
+    if out is not None:
+        from cryowae.io import atomic_path
+
+        with atomic_path(out) as tmp:
+            tmp.write_text(json.dumps(_finite_or_none(report), indent=2, allow_nan=False)
+                           + "\n", encoding="utf-8")
+    if as_json:
+        sys.stdout.write(text + "\n")
+        return
+    print(f"{family} vs {gt} ({report['n_samples']} samples; truth: {report['truth']})")
+    print(calibration_line(report))
+    if "halves_check" in report:
+        print(f"halves check (observed / predicted, median over shells): "
+              f"{report['halves_check']['ratio_median']:.2f} (about 1 is right)")
+    if out is not None:
+        print(f"report written to {out}")
 
 
 def _print_table(report: dict, out: Path | None) -> None:

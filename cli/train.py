@@ -41,6 +41,25 @@ def train(
     prior: str = typer.Option(None, "--prior", help="gaussian or reference."),
     reference: list[Path] = typer.Option(None, "--reference", help="Clean reference maps "
                                          "(MRC) for --prior reference."),
+    family: bool = typer.Option(None, "--family/--no-family", help="Train the "
+                                "posterior-family branch (samples for `cryowae sample`) "
+                                "[default: the config's, on]."),
+    samples_per_input: int = typer.Option(None, "--samples-per-input", help="Family "
+                                          "samples per input m (1: the squared-error "
+                                          "ablation) [default: 2]."),
+    score: str = typer.Option(None, "--score", help="Energy-score variant: whole, shells, "
+                              "regions, shell_regions, blocks or coefficients "
+                              "[default: shell_regions]."),
+    posterior_matching: bool = typer.Option(None, "--posterior-matching/"
+                                            "--no-posterior-matching", help="Posterior "
+                                            "branch with joint latent matching "
+                                            "[default: off]."),
+    matching_divergence: str = typer.Option(None, "--matching-divergence", help="Its "
+                                            "divergence: mmd, sinkhorn, sliced or "
+                                            "adversarial [default: mmd]."),
+    family_noise: str = typer.Option(None, "--family-noise", help="Target noise of the "
+                                     "score: auto (halves when given, else estimated), "
+                                     "halves or estimate."),
     seed: int = typer.Option(None, "--seed"),
     device: str = typer.Option(None, "--device", help="auto, cpu or cuda."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out."),
@@ -80,6 +99,12 @@ def train(
                       lambda_=lam, steps=steps, minutes=minutes, batch_size=batch_size,
                       patch_size=patch_size, latent_dim=latent_dim, prior=prior, seed=seed,
                       device=device)
+    fam = {k: v for k, v in {"enabled": family, "samples": samples_per_input,
+                              "score": score, "posterior_matching": posterior_matching,
+                              "matching_divergence": matching_divergence,
+                              "noise": family_noise}.items() if v is not None}
+    if fam:
+        cfg = cfg.replace(family=cfg.family.to_dict() | fam)
     if minutes is not None and steps is None:
         cfg = cfg.replace(steps=10**9)
     sources = load_sources(list(tomograms), list(even or []), list(odd or []),
@@ -91,7 +116,10 @@ def train(
         return
     out_console.print(f"trained {result.steps} steps in {result.elapsed_s / 60:.1f} min "
                       f"({result.mode}); final loss {result.final.get('loss', float('nan')):.4g}, "
-                      f"MMD to prior {result.final.get('mmd_to_prior', float('nan')):.4g}")
+                      f"MMD to prior {result.final.get('mmd_to_prior', float('nan')):.4g}"
+                      + (f"; family MMD {result.final['family_mmd']:.3g} (null band "
+                         f"{result.final['family_mmd_null']:.3g})"
+                         if "family_mmd" in result.final else ""))
     out_console.print(f"model: {run_dir / 'model.pt'}   metrics: {run_dir / 'metrics.csv'}")
 
 

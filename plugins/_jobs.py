@@ -29,6 +29,8 @@ if TYPE_CHECKING:
 
 #: the tilt-axis choices of the panel ("model": the restorer's training axis)
 AXIS_CHOICES = ("model", "y", "x")
+#: the sampler choices of the panel ("auto": `cryowae.sampling.samplers.resolve_sampler`)
+SAMPLER_CHOICES = ("auto", "prior", "rotations")
 _RANGE = re.compile(r"^\s*([-+]?\d+(?:\.\d*)?)\s*(?:,|\.\.|\s)\s*([-+]?\d+(?:\.\d*)?)\s*$")
 
 
@@ -177,12 +179,16 @@ def restore_job(checkpoint: str | Path, inp: JobInput,
 
 
 def sample_job(checkpoint: str | Path, inp: JobInput, n_samples: int = 8,
-               epsilon: float = 0.5, progress: ProgressReporter | None = None,
+               sampler: str = "auto", progress: ProgressReporter | None = None,
                tile: int = 96, overlap: int = 32, batch_size: int = 4,
                seed: int = 0, tilt: str = "", tilt_axis: str = "model") -> list[LayerData]:
-    """Sample a posterior family: samples (slider over S), mean and std overlay layers.
-    The tilt range (`tilt`) sets the measured region the samples must agree with."""
+    """Sample a posterior family with the library's sampler (`sample_array`): samples
+    (slider over S), mean and std overlay layers. `sampler` ``auto`` draws from the
+    model's stochastic branch, or test-time rotations for a model without one (said
+    through `progress`). The tilt range (`tilt`) sets the measured region of the
+    consistency check."""
     from cryowae.sampling.family import sample_array
+    from cryowae.sampling.samplers import resolve_sampler
 
     prog = progress if progress is not None else ThreadProgress()
     restorer = load_checkpoint(checkpoint)
@@ -194,11 +200,16 @@ def sample_job(checkpoint: str | Path, inp: JobInput, n_samples: int = 8,
             f"for a tomogram tilted about {geometry.axis.upper()} train on such data")
     if n_samples < 2:
         raise CryowaeInputError("a family needs at least 2 samples")
-    if not epsilon > 0:
-        raise CryowaeInputError(f"epsilon must be positive, got {epsilon:g}")
-    fam = sample_array(restorer, inp.data, n_samples=int(n_samples), epsilon=float(epsilon),
+    sampler, note = resolve_sampler(sampler, restorer)
+    if note:
+        prog.log(note)
+    if sampler == "rotations" and n_samples > 24:
+        prog.log(f"test-time rotations give at most 24 samples: sampling 24, not "
+                 f"{n_samples}")
+        n_samples = 24
+    fam = sample_array(restorer, inp.data, n_samples=int(n_samples), sampler=sampler,
                        tile=tile, overlap=overlap, batch_size=batch_size, seed=seed,
-                       progress=prog, tilt_range=geometry.tilt_range)
+                       progress=prog, geometry=geometry)
     prog.check_cancelled("sampling")
     info = dict(fam.info) | {"source_layer": inp.name, "checkpoint": str(checkpoint)}
     layers = family_layers(fam.samples, fam.mean, fam.std, inp.name, inp.voxel_size,

@@ -18,7 +18,6 @@ from magicgui.widgets import (
     ComboBox,
     Container,
     FileEdit,
-    FloatSpinBox,
     Label,
     LineEdit,
     ProgressBar,
@@ -35,6 +34,7 @@ from cryowae.progress import Cancelled
 
 from ._jobs import (
     AXIS_CHOICES,
+    SAMPLER_CHOICES,
     ThreadProgress,
     input_from_layer,
     restore_job,
@@ -75,9 +75,9 @@ class CryowaeWidget(Container):
                               tooltip="3D image layer to restore")
         self.n_samples = SpinBox(label="samples", value=8, min=2, max=512,
                                  tooltip="family size for Sample")
-        self.epsilon = FloatSpinBox(label="epsilon", value=0.5, min=0.01, max=10.0,
-                                    step=0.05, tooltip="diversity of the family (OT "
-                                    "temperature; smaller: less spread)")
+        self.sampler = ComboBox(label="sampler", choices=SAMPLER_CHOICES, value="auto",
+                                tooltip="auto: prior draws of the model's stochastic "
+                                "branch, test-time rotations for a model without one")
         self.tilt = LineEdit(label="tilt range", value="",
                              tooltip="blank: the restorer's training range; or MIN,MAX "
                              "in degrees; or a .tlt/.rawtlt file")
@@ -88,7 +88,7 @@ class CryowaeWidget(Container):
         self.cancel_button = PushButton(text="Cancel", enabled=False)
         self.progress_bar = ProgressBar(value=0, min=0, max=1, label="progress")
         self.status = Label(value="", label="")
-        self.extend([self.checkpoint, self.layer, self.n_samples, self.epsilon,
+        self.extend([self.checkpoint, self.layer, self.n_samples, self.sampler,
                      self.tilt, self.tilt_axis, self.restore_button, self.sample_button,
                      self.cancel_button, self.progress_bar, self.status])
         self.restore_button.changed.connect(lambda: self.start("restore"))
@@ -149,7 +149,7 @@ class CryowaeWidget(Container):
         elif kind == "sample":
             job = sample_job
             kwargs |= {"n_samples": int(self.n_samples.value),
-                       "epsilon": float(self.epsilon.value)}
+                       "sampler": str(self.sampler.value)}
         else:
             raise ValueError(f"unknown job {kind!r}")
         worker = create_worker(_guarded, job, checkpoint, inp, progress=self.reporter,

@@ -108,9 +108,13 @@ def test_spread_skill_of_synthetic_families(scale):
 def test_coverage_of_a_calibrated_gaussian_family():
     s = 19
     family, truth = _gaussian_family(1, s, 1.0)
-    for cov in (interval_coverage(family, truth), wedge_coverage(family, truth, GEO)):
+    for cov in (interval_coverage(family, truth, method="quantile"),
+                wedge_coverage(family, truth, GEO, method="quantile")):
         for level in (0.5, 0.9):
             assert cov[level] == pytest.approx(level * (s - 1) / (s + 1), abs=0.05), cov
+    for cov in (interval_coverage(family, truth), wedge_coverage(family, truth, GEO)):
+        for level in (0.5, 0.9):
+            assert cov[level] == pytest.approx(level, abs=0.05), cov
     narrow, truth = _gaussian_family(1, s, 0.4)
     assert wedge_coverage(narrow, truth, GEO)[0.9] < 0.6
 

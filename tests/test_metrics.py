@@ -227,10 +227,31 @@ def test_interval_coverage_calibrated_gaussian():
     s = 200
     samples = _noise((s, 16, 16, 16), 0)
     gt = _noise((16, 16, 16), 1)
-    cov = interval_coverage(samples, gt, levels=(0.5, 0.9))
+    cov = interval_coverage(samples, gt, levels=(0.5, 0.9), method="quantile")
     for level in (0.5, 0.9):
         expected = level * (s - 1) / (s + 1)
         assert abs(cov[level] - expected) < 0.04, (level, cov[level])
+
+
+def test_predictive_interval_covers_its_level_for_a_small_family():
+    # 16 exact draws: the empirical-quantile 90% interval covers only ~0.79, the
+    # Student-t prediction interval 0.90
+    samples = _noise((16, 16, 32, 32), 3)
+    gt = _noise((16, 32, 32), 4)
+    pred = interval_coverage(samples, gt, levels=(0.5, 0.9))
+    quant = interval_coverage(samples, gt, levels=(0.5, 0.9), method="quantile")
+    assert pred[0.9] == pytest.approx(0.9, abs=0.02), pred
+    assert pred[0.5] == pytest.approx(0.5, abs=0.03), pred
+    assert quant[0.9] < 0.83, quant
+
+
+def test_student_t_quantile_matches_tables():
+    from cryowae.metrics.calibration import student_t_quantile
+
+    # two-sided 90% / 95% critical values from standard tables
+    assert student_t_quantile(0.95, 15) == pytest.approx(1.753, abs=2e-3)
+    assert student_t_quantile(0.975, 15) == pytest.approx(2.131, abs=2e-3)
+    assert student_t_quantile(0.95, 7) == pytest.approx(1.895, abs=3e-3)
 
 
 def test_interval_coverage_detects_overconfidence_and_numpy_input():

@@ -30,7 +30,9 @@ from .conftest import invoke_cli, run_cli
 
 TINY = {"patch_size": 16, "channels": 4, "depth": 2, "latent_dim": 8, "batch_size": 2,
         "bank_size": 64, "log_every": 1, "checkpoint_every": 2, "steps": 6, "lr": 2e-3,
-        "check_prior_preference": False}
+        "check_prior_preference": False,
+        # the mean path's tests: the family branch has its own (test_family_training.py)
+        "family": False}
 
 
 def _smooth_volume(shape=(24, 32, 32), seed=0, scale=1.0) -> np.ndarray:

@@ -19,7 +19,10 @@ are all within torch's own weights-only set.
 Formats: 1 (cryowae 0.1 before the settings objects: flat ``train_config`` with
 ``tilt_min``/``tilt_max``/``tilt_axis`` and the architecture keys) and 2 (nested
 ``restorer`` and ``geometry`` settings, the geometry also at the top level of
-``model.pt``). Both are read; format 2 is written.
+``model.pt``). Both are read; format 2 is written. A model trained with the
+posterior-family branch holds ``stochastic``: the `StochasticConfig` as plain values
+(``architecture``) and the weights of everything but the mean path (``weights``; the
+mean path's are the top-level ``weights``); files without it load as before.
 """
 
 from __future__ import annotations
@@ -153,6 +156,11 @@ class LoadedRestorer:
     train_config
         The training configuration as stored (a plain dict; format 1 files hold the flat
         form, format 2 the nested one: read it with `TrainConfig.from_dict`).
+    stochastic
+        The whole `cryowae.models.stochastic.StochasticRestorer` (eval mode, on
+        `device`) when the model was trained with a posterior-family branch, else None.
+        ``model`` is then its mean path (``stochastic.mean``), so restoration is the
+        same code path for both kinds of model.
     """
 
     model: WAERestorer
@@ -164,6 +172,7 @@ class LoadedRestorer:
     train_config: dict[str, Any]
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     path: str = ""
+    stochastic: Any = None
 
     # the loose triple, kept while callers outside models/ still read it
     @property
@@ -198,6 +207,7 @@ def load_restorer(path: str | os.PathLike, device: str | torch.device = "cpu") -
     try:
         model = WAERestorer(RestorerConfig.from_dict(state["architecture"]))
         model.load_state_dict(state["weights"])
+        stochastic = _stochastic_from(state.get("stochastic"), model)
         cfg = state["train_config"]
         geometry = geometry_of(state)
         patch_size = int(cfg["patch_size"])
@@ -205,26 +215,58 @@ def load_restorer(path: str | os.PathLike, device: str | torch.device = "cpu") -
         raise CryowaeInputError(f"{path}: checkpoint weights or settings do not match the "
                                 f"restorer ({type(exc).__name__}: {str(exc)[:80]})") from None
     model.eval().to(dev)
+    if stochastic is not None:
+        stochastic.eval().to(dev)
     return LoadedRestorer(
         model=model, voxel_size=float(state["voxel_size"]), norm=tuple(state["norm"]),
         geometry=geometry, patch_size=patch_size,
         codes=state.get("codes", torch.zeros(0, model.latent_dim)).float(),
-        train_config=cfg, device=dev, path=str(path))
+        train_config=cfg, device=dev, path=str(path), stochastic=stochastic)
+
+
+def _stochastic_from(saved: dict[str, Any] | None, mean: WAERestorer) -> Any:
+    """The `StochasticRestorer` stored in ``model.pt`` around the loaded mean path (the
+    same module object), or None. Raises `RuntimeError`/`KeyError` when its weights do
+    not fit its architecture."""
+    if saved is None:
+        return None
+    from cryowae.models.stochastic import StochasticConfig, StochasticRestorer
+
+    cfg = StochasticConfig.from_dict(saved["architecture"])
+    if cfg.restorer != mean.config:
+        raise ValueError("the stochastic branch was built for another mean path")
+    model = StochasticRestorer(cfg)
+    model.mean = mean
+    missing, unexpected = model.load_state_dict(saved["weights"], strict=False)
+    if unexpected or any(not k.startswith("mean.") for k in missing):
+        raise RuntimeError(f"stochastic weights do not fit (missing {missing[:3]}, "
+                           f"unexpected {unexpected[:3]})")
+    return model
 
 
 def save_restorer(path: str | os.PathLike, model: WAERestorer, train_config: dict[str, Any],
                   voxel_size: float, norm: tuple[float, float], codes: torch.Tensor,
                   extra: dict[str, Any] | None = None,
-                  geometry: TiltGeometry | None = None) -> Path:
+                  geometry: TiltGeometry | None = None, stochastic: Any = None) -> Path:
     """Write ``model.pt`` for inference.
 
     `train_config` is the plain dict of `TrainConfig.to_dict`; `geometry` defaults to
-    the one it holds (a config without one raises `KeyError`).
+    the one it holds (a config without one raises `KeyError`). `stochastic`: the
+    `StochasticRestorer` whose mean path is `model`, stored beside it (module
+    docstring), or None.
     """
     if geometry is None:
         geometry = TiltGeometry.from_dict(train_config.get("geometry", train_config))
     weights = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    return save_state(path, {
+    branch = {}
+    if stochastic is not None:
+        if stochastic.mean is not model:
+            raise ValueError("save_restorer: `model` must be the stochastic model's mean path")
+        branch = {"stochastic": {
+            "architecture": stochastic.config.to_dict(),
+            "weights": {k: v.detach().cpu() for k, v in stochastic.state_dict().items()
+                        if not k.startswith("mean.")}}}
+    return save_state(path, branch | {
         "architecture": model.config.to_dict(), "weights": weights,
         "train_config": train_config, "geometry": geometry.to_dict(),
         "voxel_size": float(voxel_size), "norm": [float(norm[0]), float(norm[1])],

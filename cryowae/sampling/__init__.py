@@ -1,41 +1,36 @@
-"""Posterior families (CryoWGEN): many restorations of one tomogram that agree with what
-was measured and differ where the missing wedge hides information.
+"""Posterior families: many restorations of one tomogram that agree with what was
+measured (within its noise) and differ where the missing wedge hides information.
 
-`sample_array` (in memory) and `sample_file` (streamed to an output directory) are the
-entry points; `ot_sampler` chooses the codes, `consistency` keeps the measured data.
+`sample_array` (in memory) and `sample_file` (streamed to an output directory,
+resumable) are the entry points; both run the tile engine through `family.run_family`.
+`samplers` holds where the samples come from (prior latent fields of a stochastic
+restorer by default; test-time rotations and ensembles for deterministic models),
+`consistency` the data-consistency check (residual against the data over the noise,
+per shell).
 """
 
-from cryowae.sampling.consistency import (
-    Consistency,
-    fourier_region_energy,
-    impose_consistency_blockwise,
-    measured_fsc,
-    noise_std_from_halves,
-    prepare_consistency,
-)
+from cryowae.sampling.consistency import CONSISTENCY, consistency_check, region_spread
 from cryowae.sampling.family import (
-    SAMPLERS,
+    FamilyPlan,
     FamilyResult,
-    FamilyStream,
-    SamplingCancelled,
+    family_moments,
+    plan_family,
+    run_family,
     sample_array,
-    sample_file,
-    stream_family,
 )
-from cryowae.sampling.ot_sampler import (
-    EntropicPlan,
-    GaussianCodeSampler,
-    OTCodeSampler,
-    barycentric_map,
-    build_prior_sample,
-    effective_codes,
-    entropic_plan,
+from cryowae.sampling.files import sample_file
+from cryowae.sampling.samplers import (
+    DEFAULT_SAMPLER,
+    SAMPLERS,
+    aligned_plan,
+    cube_rotations,
+    rotate_cube,
+    sample_generator,
 )
 
 __all__ = [
-    "SAMPLERS", "Consistency", "EntropicPlan", "FamilyResult", "FamilyStream",
-    "GaussianCodeSampler", "OTCodeSampler", "SamplingCancelled", "barycentric_map",
-    "build_prior_sample", "effective_codes", "entropic_plan", "fourier_region_energy",
-    "impose_consistency_blockwise", "measured_fsc", "noise_std_from_halves",
-    "prepare_consistency", "sample_array", "sample_file", "stream_family",
+    "CONSISTENCY", "DEFAULT_SAMPLER", "SAMPLERS", "FamilyPlan", "FamilyResult",
+    "aligned_plan", "consistency_check", "cube_rotations", "family_moments",
+    "plan_family", "region_spread", "rotate_cube", "run_family", "sample_array",
+    "sample_file", "sample_generator",
 ]

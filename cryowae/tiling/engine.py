@@ -18,7 +18,7 @@ The tile function. ``fn(x, refs)`` gets ``x``, a (B, 1, tz, ty, tx) float32 tens
 normalised tiles on `device`, and ``refs``, one `TileRef` per tile, and returns a
 (B, 1, tz, ty, tx) tensor (or a tuple whose first element is one) in normalised units.
 It runs under `torch.inference_mode`. `model_tile_fn` gives the deterministic
-restoration (``restorer.model(x)``).
+restoration (``restorer.model(x)``). With ``channels=C`` it returns (B, C, tz, ty, tx).
 
 For a sampler: ``ref.start`` is the tile's first voxel in the plan's *padded*
 coordinates (real index = padded index - ``plan.axes[a].pad_before``; the padded grid
@@ -39,7 +39,10 @@ so overlapping tiles agree (tests/test_tiling.py checks this). A sketch, where
 
 A field at a coarser resolution (a network's bottleneck, ``multiple`` times coarser)
 can be cropped the same way at ``start // multiple`` only where the starts are
-multiples of it; `plan_tiles` does not align them.
+multiples of it; `plan_tiles` does not align them, `cryowae.sampling.samplers.aligned_plan`
+does. Several outputs per tile (``channels=C``: e.g. C samples decoded from one pass of
+the encoder, `cryowae.sampling.family`) are blended channel by channel and reach the
+sink as (C, z, Y, X) blocks.
 
 ``core=((z0, z1), (y0, y1), (x0, x1))`` restricts the work to the tiles of the *whole
 volume's* plan that overlap the core and emits only the core: the result equals the
@@ -127,8 +130,10 @@ class TileRunner:
     tomogram), which then share the batch size it has fallen back to."""
 
     def __init__(self, fn: TileFn, plan: TilePlan, device: torch.device | str,
-                 batch_size: int, progress: ProgressReporter | None = None) -> None:
+                 batch_size: int, progress: ProgressReporter | None = None,
+                 channels: int = 1) -> None:
         self.fn = fn
+        self.channels = max(1, int(channels))
         self.device = torch.device(device)
         self.batch = max(1, int(batch_size))
         self.tile = plan.tile
@@ -141,14 +146,15 @@ class TileRunner:
             y = self.fn(t, refs)
             if isinstance(y, tuple | list):
                 y = y[0]
-            if tuple(y.shape) != (len(x), 1, *self.tile):
+            if tuple(y.shape) != (len(x), self.channels, *self.tile):
                 raise ValueError(f"tile function returned shape {tuple(y.shape)} for "
-                                 f"tiles {(len(x), 1, *self.tile)}")
-            y = y[:, 0].float() * self.window
+                                 f"tiles {(len(x), self.channels, *self.tile)}")
+            y = (y[:, 0].float() if self.channels == 1 else y.float()) * self.window
         return y.cpu().numpy()
 
     def __call__(self, tiles: np.ndarray, refs: Sequence[TileRef]) -> np.ndarray:
-        """Weighted outputs (B, tz, ty, tx) float32 for normalised tiles (B, tz, ty, tx)."""
+        """Weighted outputs (B, tz, ty, tx) float32 for normalised tiles (B, tz, ty, tx);
+        (B, C, tz, ty, tx) for a runner of C > 1 `channels`."""
         out, i = [], 0
         while i < len(tiles):
             n = min(self.batch, len(tiles) - i)
@@ -205,7 +211,8 @@ def iter_slabs(runner: TileRunner, source: Any, plan: TilePlan, *,
     """Yield ``(where, block)`` in increasing z: the blended result of real voxels `where`
     in *normalised* units (float32), covering the core (default: the whole volume).
 
-    The block is a view of the internal buffer, valid until the next iteration. Tiles
+    The block is a view of the internal buffer, valid until the next iteration; it is
+    (C, z, Y, X) instead of (z, Y, X) for a runner of C > 1 ``channels``. Tiles
     are counted with ``progress.advance``; ``progress.check_cancelled(task)`` runs
     before every batch. With `check_finite`, each slab read is checked for NaN/Inf.
     See `run_tiles` for the parameters.
@@ -227,7 +234,8 @@ def iter_slabs(runner: TileRunner, source: Any, plan: TilePlan, *,
     x_hi = max(int(i.max()) for i in x_real.values()) + 1
     y_idx = {iy: _as_index(i - y_lo) for iy, i in y_real.items()}
     x_idx = {ix: _as_index(i - x_lo) for ix, i in x_real.items()}
-    acc = np.zeros((min(az.tile, cz1 - cz0), cy1 - cy0, cx1 - cx0), dtype=np.float32)
+    nch = runner.channels
+    acc = np.zeros((nch, min(az.tile, cz1 - cz0), cy1 - cy0, cx1 - cx0), dtype=np.float32)
     acc_z0 = cz0  # real z of acc[0]; everything below it has been yielded
     for k_row, iz in enumerate(rows):
         zs = az.starts[iz]
@@ -241,9 +249,9 @@ def iter_slabs(runner: TileRunner, source: Any, plan: TilePlan, *,
         zi_rel = _as_index(zi - z_lo)
         rz0, rz1 = az.real_range(zs)
         rz0, rz1 = max(rz0, cz0), min(rz1, cz1)
-        if rz1 - acc_z0 > acc.shape[0]:  # (only when tiles shrink the padding; rare)
-            grown = np.zeros((rz1 - acc_z0, *acc.shape[1:]), dtype=np.float32)
-            grown[:acc.shape[0]] = acc
+        if rz1 - acc_z0 > acc.shape[1]:  # (only when tiles shrink the padding; rare)
+            grown = np.zeros((nch, rz1 - acc_z0, *acc.shape[2:]), dtype=np.float32)
+            grown[:, :acc.shape[1]] = acc
             acc = grown
         b0 = 0
         while b0 < len(yx_tiles):  # runner.batch may shrink on out-of-memory errors
@@ -260,14 +268,15 @@ def iter_slabs(runner: TileRunner, source: Any, plan: TilePlan, *,
                                      ax.real_range(xs))))
             tiles -= mean
             tiles /= std
-            outs = runner(tiles, refs)
+            outs = runner(tiles, refs).reshape(len(refs), nch, *plan.tile)
             for k, ref in enumerate(refs):
                 (_, _), (ry0, ry1), (rx0, rx1) = ref.real
                 ry0, ry1, rx0, rx1 = max(ry0, cy0), min(ry1, cy1), max(rx0, cx0), min(rx1, cx1)
                 oz, oy, ox = (rz0 - (zs - az.pad_before), ry0 - (ref.start[1] - ay.pad_before),
                               rx0 - (ref.start[2] - ax.pad_before))
-                acc[rz0 - acc_z0:rz1 - acc_z0, ry0 - cy0:ry1 - cy0, rx0 - cx0:rx1 - cx0] += outs[
-                    k, oz:oz + rz1 - rz0, oy:oy + ry1 - ry0, ox:ox + rx1 - rx0]
+                acc[:, rz0 - acc_z0:rz1 - acc_z0, ry0 - cy0:ry1 - cy0,
+                    rx0 - cx0:rx1 - cx0] += outs[k, :, oz:oz + rz1 - rz0,
+                                                 oy:oy + ry1 - ry0, ox:ox + rx1 - rx0]
             progress.advance(len(group))
             release_pages(source)  # keeps only one batch of tiles of a memmap resident
         del slab
@@ -277,20 +286,22 @@ def iter_slabs(runner: TileRunner, source: Any, plan: TilePlan, *,
         final = max(final, acc_z0)
         if final > acc_z0:
             n = final - acc_z0
-            block = acc[:n]
+            block = acc[:, :n]
             block /= wsum_z[acc_z0:final, None, None]
             block /= wsum_yx[None]
-            yield (slice(acc_z0, final), slice(cy0, cy1), slice(cx0, cx1)), block
-            carry = acc.shape[0] - n
-            acc[:carry] = acc[n:] if n >= carry else acc[n:].copy()
-            acc[carry:] = 0.0
+            yield ((slice(acc_z0, final), slice(cy0, cy1), slice(cx0, cx1)),
+                   block[0] if nch == 1 else block)
+            carry = acc.shape[1] - n
+            acc[:, :carry] = acc[:, n:] if n >= carry else acc[:, n:].copy()
+            acc[:, carry:] = 0.0
             acc_z0 = final
 
 
 def run_tiles(fn: TileFn, source: Any, plan: TilePlan, sink: Sink, *,
               norm: tuple[float, float], device: torch.device | str, batch_size: int,
               progress: ProgressReporter | None = None, core: Sequence[Range] | None = None,
-              task: str = "restoration", check_finite: bool = False) -> None:
+              task: str = "restoration", check_finite: bool = False,
+              channels: int = 1) -> None:
     """Run `fn` over every tile of `plan` on `source`, blend, and stream the result out.
 
     Parameters
@@ -317,6 +328,11 @@ def run_tiles(fn: TileFn, source: Any, plan: TilePlan, sink: Sink, *,
         whole plan that overlap them), exactly as the whole pass would.
     check_finite
         Refuse NaN/Inf input voxels (`CryowaeInputError`) as the slabs are read.
+    channels
+        C: outputs per tile. With C > 1, `fn` returns (B, C, tz, ty, tx) (e.g. C
+        samples decoded from one pass of a network's encoder), each channel is blended
+        on its own, and `sink` receives (C, z, Y, X) blocks. The slab buffer is C times
+        larger.
     """
     mean, std = float(norm[0]), float(norm[1])
     if not (np.isfinite(mean) and np.isfinite(std) and std > 0):
@@ -324,7 +340,7 @@ def run_tiles(fn: TileFn, source: Any, plan: TilePlan, sink: Sink, *,
     if tuple(int(s) for s in source.shape) != plan.shape:
         raise CryowaeInputError(f"input of shape {tuple(source.shape)} does not match the "
                                 f"tile plan's {plan.shape}")
-    runner = TileRunner(fn, plan, device, batch_size, progress)
+    runner = TileRunner(fn, plan, device, batch_size, progress, channels)
     for where, block in iter_slabs(runner, source, plan, norm=(mean, std),
                                    progress=progress, core=core, task=task,
                                    check_finite=check_finite):

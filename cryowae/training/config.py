@@ -14,6 +14,7 @@ import yaml
 from cryowae.errors import CryowaeInputError
 from cryowae.models.restorer import RestorerConfig
 from cryowae.physics.geometry import DEFAULT_TILT_RANGE, TiltGeometry
+from cryowae.training.family_config import FamilySettings
 
 #: the flat keys of older configs and checkpoints that now live in `TrainConfig.restorer`
 RESTORER_KEYS = tuple(f.name for f in fields(RestorerConfig))
@@ -39,7 +40,8 @@ class TrainConfig:
     ``latent_dim``, ``encoder``, ``skip``, ``skip_sigma``, ``tilt_min``, ``tilt_max``,
     ``tilt_axis`` at the top level), so existing YAML files and format-1 checkpoints keep
     working; `replace` accepts the flat names too. ``patch_size`` stays a training
-    setting.
+    setting. The posterior-family branch is the nested `FamilySettings` (``family``,
+    on by default; a file without the key gets the default).
     """
 
     patch_size: int = 64
@@ -74,6 +76,8 @@ class TrainConfig:
     check_prior_preference: bool = True
     # tilt geometry of the training data
     geometry: TiltGeometry = field(default_factory=TiltGeometry)
+    # the posterior-family branch (`family_config.FamilySettings`; on by default)
+    family: FamilySettings = field(default_factory=FamilySettings)
     # bookkeeping
     seed: int = 0
     device: str = "auto"
@@ -88,6 +92,8 @@ class TrainConfig:
             self.restorer = RestorerConfig.from_dict(self.restorer)
         if isinstance(self.geometry, dict):
             self.geometry = TiltGeometry.from_dict(self.geometry)
+        if not isinstance(self.family, FamilySettings):
+            self.family = FamilySettings.from_value(self.family)
         self.validate()
 
     def to_dict(self) -> dict[str, Any]:
@@ -96,6 +102,7 @@ class TrainConfig:
         out = {f.name: getattr(self, f.name) for f in fields(self)}
         out["restorer"] = self.restorer.to_dict()
         out["geometry"] = self.geometry.to_dict()
+        out["family"] = self.family.to_dict()
         out["extra"] = dict(self.extra)
         return out
 

@@ -6,11 +6,14 @@ posterior) are pulled towards the prior by the chosen divergence (`latent.py`). 
 (`Trainer.train_step`) is: sample a batch, one forward pass, the reconstruction term
 (`loss.py`), the latent term weighted by the `TermBalancer`, one optimiser step.
 Checkpoints and resumption live in `resume.py`, the metrics log and the monitoring
-figures in `monitor.py`.
+figures in `monitor.py`. With ``cfg.family`` on, the posterior-family branch
+(`family_step.FamilyTrainer`) adds its terms to the same step without touching the mean
+path, and `family_report.matching_figure` gives the final latent-matching figure.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 import time
@@ -35,11 +38,15 @@ from cryowae.training.distributed import (
     init_distributed,
     shutdown_distributed,
 )
+from cryowae.training.family_report import describe, matching_figure
+from cryowae.training.family_step import FamilyTrainer
 from cryowae.training.latent import LatentMatcher
 from cryowae.training.loss import TermBalancer, masked_fourier_loss
 from cryowae.training.monitor import MetricsLog, fresh_codes, mmd_to_prior
+from cryowae.training.noise import target_noise
 from cryowae.training.resume import (
     RunState,
+    adopt_saved_family,
     check_same_settings,
     restore_run_state,
     run_state_dict,
@@ -101,6 +108,7 @@ class Trainer:
         saved = None
         if resume:
             saved = load_state(self.run_dir / "checkpoint.pt", KIND_CHECKPOINT)
+            cfg = self.cfg = adopt_saved_family(saved["config"], cfg)
             check_same_settings(saved["config"], cfg)
         self.sampler = SubtomogramSampler(sources, cfg.patch_size, cfg.structure_bias,
                                           seed=cfg.seed + 1000 * self.dist.rank)
@@ -108,8 +116,14 @@ class Trainer:
         self.model = WAERestorer(cfg.restorer).to(self.device)
         if not resume and cfg.divergence != "none" and cfg.init_codes > 0:
             self.init_code_scale(cfg.init_codes)
-        self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr,
-                                     weight_decay=cfg.weight_decay)
+        params = list(self.model.parameters())
+        self.family: FamilyTrainer | None = None
+        if cfg.family.enabled:
+            self.family = FamilyTrainer(cfg, self.model, self.device, target_noise(
+                sources, cfg.geometry, cfg.family.noise))
+            params += self.family.branch_parameters()
+        self.opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.family_figure: dict[str, float] = {}
         self.latent = LatentMatcher(cfg, self.model, self.device, self.gen, references,
                                     prior_state=saved.get("prior") if saved else None)
         # the last codes seen (detached), for the monitoring figure during training; the
@@ -133,7 +147,7 @@ class Trainer:
 
     def _run_state(self) -> RunState:
         return RunState(self.model, self.opt, self.latent, self.recent, self.balancer,
-                        self.sampler, self.gen)
+                        self.sampler, self.gen, self.family)
 
     # -- checkpoints -----------------------------------------------------------------
     def save(self, codes: torch.Tensor | None = None) -> None:
@@ -147,11 +161,15 @@ class Trainer:
         src = self.sources[0]
         if codes is None:
             codes = self.recent.codes()
+        extra = {"step": self.step, "mode": self.sampler.mode,
+                 "inputs": [s.name for s in self.sources]}
+        if self.family is not None:
+            extra |= {"family_noise": self.family.noise.to_dict(),
+                      "family_matching": dict(self.family_figure)}
         save_restorer(self.run_dir / "model.pt", self.model, self.cfg.to_dict(),
-                      src.voxel_size, src.stats["full"], codes.cpu(),
-                      extra={"step": self.step, "mode": self.sampler.mode,
-                             "inputs": [s.name for s in self.sources]},
-                      geometry=self.cfg.geometry)
+                      src.voxel_size, src.stats["full"], codes.cpu(), extra=extra,
+                      geometry=self.cfg.geometry,
+                      stochastic=self.family.model if self.family else None)
 
     # -- one step --------------------------------------------------------------------
     def train_step(self) -> dict[str, float]:
@@ -162,7 +180,9 @@ class Trainer:
         batch = make_batch(inputs, targets, cfg.patch_size, cfg.geometry, self.device,
                            generator=self.gen)
         use_amp = cfg.amp and self.device.type == "cuda"
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=use_amp):
+        capture = self.family.capture() if self.family else contextlib.nullcontext([])
+        with capture as feats, torch.autocast(self.device.type, dtype=torch.bfloat16,
+                                              enabled=use_amp):
             fwd: RestorerOutput = self.net(batch.inputs, with_features=True)
         rec, parts = masked_fourier_loss(fwd.restored, batch, cfg.wedge_weight)
         z = fwd.z.float()
@@ -185,7 +205,10 @@ class Trainer:
             loss = rec + weight * div
             out |= {"div": div.item(), "div_weight": weight}
         out["loss"] = loss.item()
-        if not math.isfinite(out["loss"]):
+        if self.family is not None:  # the branch's terms: no gradient reaches the mean
+            fam_loss, fam_out = self.family.loss(batch, fwd.restored, feats, out["rec"])
+            out |= fam_out
+        if not math.isfinite(out["loss"] + out.get("fam_loss", 0.0)):
             raise FloatingPointError(f"loss became {out['loss']} at step {self.step}; "
                                      "the last checkpoint is intact (lower --lr?)")
         for group in self.opt.param_groups:
@@ -196,14 +219,18 @@ class Trainer:
         observe = g_div is not None and fwd.z_decoder.requires_grad
         if observe:
             fwd.z_decoder.retain_grad()
-        loss.backward()
+        (loss if self.family is None else loss + fam_loss).backward()
         if observe and fwd.z_decoder.grad is not None:
             self.balancer.observe_grads(float(fwd.z_decoder.grad.norm()),
                                         float(g_div.norm()))
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+        if self.family is not None:
+            self.family.after_backward(cfg.grad_clip, self.dist.enabled)
         self.opt.step()
         out |= self.latent.after_step(z, fwd.pooled)
+        if self.family is not None:
+            out |= self.family.after_step()
         self.recent.push(z.detach())
         out["lr"] = self.opt.param_groups[0]["lr"]
         self.step += 1
@@ -264,7 +291,11 @@ class Trainer:
                 f"training mode: {self.sampler.mode}; divergence {cfg.divergence}"
                 + (f" ({cfg.kernel} kernel)" if cfg.divergence == "mmd" else "")
                 + f"; tilt {cfg.geometry.describe()}; device {self.device}; "
-                f"{self.dist.world_size} process(es)")
+                + (f"family: {cfg.family.samples} sample(s) per input, {cfg.family.score} "
+                   f"score, posterior matching "
+                   f"{cfg.family.matching_divergence if cfg.family.posterior_matching else 'off'}"
+                   f", noise {self.family.noise.source}; " if self.family else "family off; ")
+                + f"{self.dist.world_size} process(es)")
         self._check_prior_preference()
         log = MetricsLog(self.run_dir, fresh=self.step == 0, enabled=self.dist.is_main)
         budget = cfg.minutes * 60 if cfg.minutes else None
@@ -307,10 +338,16 @@ class Trainer:
             raise Cancelled(f"training cancelled at step {self.step}; its checkpoint is "
                             f"kept in {self.run_dir} (continue with --resume)")
         codes = self.fresh_codes() if self.dist.is_main else None
+        if self.family is not None and self.dist.is_main:
+            self.family_figure = matching_figure(
+                self.family.model, self.sampler, cfg, self.device, self.gen,
+                self.family.gen, cfg.family.report_subtomograms)
+            self.progress.log(describe(self.family_figure))
+            log.write(self.step, {"step": self.step} | self.family_figure)
         self.save(codes)
         self.progress.finish()
         final = last | {"mmd_to_prior": self.mmd_to_prior(codes) if codes is not None
-                        else float("nan")}
+                        else float("nan")} | self.family_figure
         log.close()
         shutdown_distributed(self.dist)
         return TrainResult(self.run_dir, self.dist.rank, self.step, self.elapsed, final,

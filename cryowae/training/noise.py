@@ -34,6 +34,7 @@ the spectrum's power at their |k| (Hermitian symmetric, so the result is real).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -206,5 +207,45 @@ def draw_noise(spectrum: NoiseSpectrum, shape: tuple[int, int, int], batch: int 
     return torch.fft.irfftn(spec, s=shp, dim=_DIMS, norm="ortho")[:, None]
 
 
+def _central(volume: Any, edge: int) -> np.ndarray:
+    """The central cube (at most `edge` voxels per axis) of a (Z, Y, X) volume, float32."""
+    sl = tuple(slice(max(0, (n - edge) // 2), max(0, (n - edge) // 2) + min(n, edge))
+               for n in volume.shape)
+    return np.asarray(volume[sl], dtype=np.float32)
+
+
+def target_noise(sources: Sequence[Any], geometry: TiltGeometry, how: str = "auto",
+                 edge: int = 128) -> NoiseSpectrum:
+    """The noise power per shell of the training *targets*, in the normalised units the
+    restorer trains in, averaged over `sources` (`cryowae.training.data.TomogramSource`).
+
+    With halves (``how`` ``auto`` or ``halves``) a target is one half, normalised by its
+    own std: `noise_from_halves` (``half``) divided by the halves' mean variance. Without
+    (``auto`` or ``estimate``) the target is the full tomogram: `noise_without_halves`
+    divided by its variance. Each estimate reads the central cube of at most `edge`
+    voxels per axis (memory bounded; noise is taken as stationary).
+    """
+    if how not in ("auto", "halves", "estimate"):
+        raise CryowaeInputError(f"unknown noise source {how!r}")
+    powers, freq, source = [], None, ""
+    for src in sources:
+        halves = src.has_halves and how in ("auto", "halves")
+        if how == "halves" and not src.has_halves:
+            raise CryowaeInputError(f"{src.name}: family noise 'halves' needs --even/--odd")
+        if halves:
+            e, o = _central(src.even, edge), _central(src.odd, edge)
+            var = 0.5 * (src.stats["even"][1] ** 2 + src.stats["odd"][1] ** 2)
+            spec = noise_from_halves(e, o, geometry).half.scaled(1.0 / var)
+        else:
+            full = _central(src.full, edge)
+            spec = noise_without_halves(full, geometry).scaled(1.0 / src.stats["full"][1] ** 2)
+        if freq is None:
+            freq, source = spec.frequency, spec.source
+        powers.append(np.interp(freq, spec.frequency, spec.power))
+    if freq is None:
+        raise CryowaeInputError("no training sources to estimate the noise from")
+    return NoiseSpectrum(freq, np.mean(powers, axis=0), f"{source}, normalised")
+
+
 __all__ = ["HalvesNoise", "NoiseSpectrum", "draw_noise", "measured_shell_power",
-           "noise_from_halves", "noise_without_halves"]
+           "noise_from_halves", "noise_without_halves", "target_noise"]

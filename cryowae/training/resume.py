@@ -3,8 +3,9 @@
 The state is plain (`cryowae.models.checkpoint.check_plain`): weights and optimiser
 state (tensors and numbers), the step and elapsed seconds, the config as a plain dict,
 the code banks, the balancer's figures, the divergence's and prior's state, and the RNG
-states (torch's as uint8 tensors, numpy's bit generator as a dict of integers). Files
-of format 1 (flat config) are read too.
+states (torch's as uint8 tensors, numpy's bit generator as a dict of integers); with
+the family branch also its weights, generator, balancers and divergence (``family``).
+Files of format 1 (flat config) are read too.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from cryowae.errors import CryowaeInputError
 from cryowae.models.restorer import WAERestorer
 from cryowae.training.config import TrainConfig
 from cryowae.training.data import SubtomogramSampler
+from cryowae.training.family_config import ARCHITECTURE_KEYS, FamilySettings
 from cryowae.training.latent import LatentMatcher
 from cryowae.training.loss import TermBalancer
 
@@ -37,6 +39,7 @@ class RunState:
     balancer: TermBalancer
     sampler: SubtomogramSampler
     generator: torch.Generator
+    family: Any = None  # a `cryowae.training.family_step.FamilyTrainer`, or None
 
 
 def run_state_dict(run: RunState, cfg: TrainConfig, step: int,
@@ -49,7 +52,16 @@ def run_state_dict(run: RunState, cfg: TrainConfig, step: int,
         "balancer": run.balancer.state_dict(),
         "rng": {"torch": torch.get_rng_state(), "gen": run.generator.get_state(),
                 "numpy": run.sampler.rng.bit_generator.state},
-    } | run.latent.state_dict()
+    } | run.latent.state_dict() | (
+        {"family": run.family.state_dict()} if run.family is not None else {})
+
+
+def adopt_saved_family(saved: dict[str, Any], cfg: TrainConfig) -> TrainConfig:
+    """`cfg` with the family turned off when the checkpoint's config (`saved`) predates
+    the family branch (no ``family`` key: it trained without one)."""
+    if "family" not in saved and cfg.family.enabled:
+        return cfg.replace(family=FamilySettings(enabled=False))
+    return cfg
 
 
 def check_same_settings(saved: dict[str, Any], cfg: TrainConfig) -> None:
@@ -62,6 +74,12 @@ def check_same_settings(saved: dict[str, Any], cfg: TrainConfig) -> None:
             raise CryowaeInputError(
                 f"--resume: {key} was {_show(was)} in the checkpoint but is {_show(now)} "
                 "now; resume with the same settings")
+    was_f, now_f = FamilySettings.of_saved_config(saved), cfg.family
+    for key in ARCHITECTURE_KEYS:
+        if getattr(was_f, key) != getattr(now_f, key):
+            raise CryowaeInputError(
+                f"--resume: family {key} was {getattr(was_f, key)!r} in the checkpoint but "
+                f"is {getattr(now_f, key)!r} now; resume with the same settings")
 
 
 def _show(value: Any) -> str:
@@ -79,6 +97,8 @@ def restore_run_state(run: RunState, state: dict[str, Any]) -> tuple[int, float]
         torch.set_rng_state(state["rng"]["torch"])
         run.generator.set_state(state["rng"]["gen"])
         run.sampler.rng.bit_generator.state = state["rng"]["numpy"]
+        if run.family is not None:
+            run.family.load_state_dict(state["family"])
         return int(state["step"]), float(state["elapsed"])
     except (KeyError, RuntimeError, ValueError, TypeError) as exc:
         raise CryowaeInputError(f"--resume: checkpoint does not fit this run "

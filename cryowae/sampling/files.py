@@ -1,0 +1,222 @@
+"""`sample_file`: a posterior family of a tomogram file, streamed to disk, resumable.
+
+Output directory (appears complete, by one rename, or not at all):
+
+    OUT/samples.zarr   OME-Zarr, axes (s, z, y, x), one sample per chunk along s
+    OUT/mean.mrc       per-voxel mean of the samples
+    OUT/std.mrc        per-voxel standard deviation (ddof = 0)
+    OUT/family.json    parameters, the consistency check per shell, the spread
+
+While it runs, the work lives in ``.OUT.partial/`` beside OUT: the zarr store and
+``state.json`` (the run's fingerprint and the finished samples, rewritten atomically
+after each group). A rerun with the same model, tomogram and settings continues from
+the finished samples and, since sample s depends only on (seed, s), gives the same
+family as an uninterrupted run; a rerun with other settings starts over (and says so).
+
+Memory: the tomogram and the halves are memory-mapped and read slab by slab (the tile
+engine), each sample streams into the zarr store, the mean and std are computed from
+the store slab by slab into memory-mapped MRC files, and the check reads a central crop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import shutil
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cryowae import __version__
+from cryowae.errors import CryowaeInputError
+from cryowae.io.atomic import atomic_path, check_output_path
+from cryowae.physics.geometry import TiltGeometry
+from cryowae.progress import ProgressReporter, ensure_progress
+from cryowae.sampling.family import family_figures, family_moments, plan_family, run_family
+from cryowae.sampling.samplers import DEFAULT_SAMPLER
+from cryowae.tiling.engine import array_sink
+from cryowae.tiling.pages import page_releasing, release_pages
+from cryowae.tiling.settings import TileSettings
+
+
+class _SampleView:
+    """Write access to sample s of an (S, Z, Y, X) zarr array, for `array_sink`."""
+
+    def __init__(self, arr: Any, s: int) -> None:
+        self.arr, self.s = arr, int(s)
+        self.shape = tuple(arr.shape[1:])
+
+    def __setitem__(self, key: Any, value: np.ndarray) -> None:
+        self.arr[(self.s, *key)] = value
+
+
+def _json_ready(o: Any) -> Any:
+    """Plain JSON values: numpy scalars unwrapped, inf/nan as null, paths as text."""
+    if isinstance(o, dict):
+        return {str(k): _json_ready(v) for k, v in o.items()}
+    if isinstance(o, list | tuple):
+        return [_json_ready(v) for v in o]
+    if isinstance(o, np.floating | np.integer):
+        o = o.item()
+    if isinstance(o, float):
+        return o if math.isfinite(o) else None
+    if o is None or isinstance(o, bool | int | str):
+        return o
+    return str(o)
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(_json_ready(obj), indent=2, allow_nan=False) + "\n")
+
+
+def _pyramid_levels(shape: tuple[int, ...], max_levels: int = 3, min_size: int = 16) -> int:
+    levels = 1
+    while levels < max_levels and min(shape) // 2**levels >= min_size:
+        levels += 1
+    return levels
+
+
+def _fingerprint(paths: Sequence[Path], params: dict[str, Any]) -> dict[str, Any]:
+    files = [[str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns]
+             for p in paths if p.is_file()]
+    return _json_ready({"files": files, "params": params})
+
+
+def _open(path: str | os.PathLike, what: str, stack: contextlib.ExitStack) -> Any:
+    from cryowae.io import check_finite, read_volume
+
+    vol = stack.enter_context(read_volume(path))
+    check_finite(page_releasing(vol.data), name=f"{path} ({what})")
+    return vol
+
+
+def _load(model: Any, device: str) -> Any:
+    if not isinstance(model, str | os.PathLike):
+        return model  # an already loaded `Restorer`
+    from cryowae.devices import resolve_device
+    from cryowae.models.checkpoint import load_restorer
+
+    return load_restorer(model, resolve_device(device))
+
+
+def sample_file(model: Any, tomogram: str | os.PathLike, out_dir: str | os.PathLike,
+                n_samples: int = 16, sampler: str = DEFAULT_SAMPLER, tile: int = 96,
+                overlap: int = 32, batch_size: int = 4, seed: int = 0,
+                device: str = "auto", even: str | os.PathLike | None = None,
+                odd: str | os.PathLike | None = None,
+                geometry: TiltGeometry | None = None, consistency: str = "check",
+                group: int | None = None, overwrite: bool = False,
+                progress: ProgressReporter | None = None) -> Path:
+    """Sample a family of a tomogram file into `out_dir` (module docstring).
+
+    Parameters
+    ----------
+    model
+        ``model.pt`` (or its run directory), an already loaded `LoadedRestorer`, or a
+        list of either for ``sampler="ensemble"``.
+    tomogram, even, odd
+        MRC or OME-Zarr files (memory-mapped); the halves serve the noise power of the
+        consistency check.
+    geometry
+        Tilt geometry; default: the model's (resolve options with `TiltGeometry.resolve`).
+    Other parameters as `cryowae.sampling.family.sample_array`.
+    """
+    from cryowae.inference.restore import voxel_size_warning
+    from cryowae.io import open_mrc_writer
+    from cryowae.io.omezarr import OmeZarrWriter
+    from cryowae.io.stats import volume_stats
+
+    prog = ensure_progress(progress)
+    out = check_output_path(out_dir, overwrite)
+    if (even is None) != (odd is None):
+        raise CryowaeInputError("give both --even and --odd, or neither")
+    many = isinstance(model, list | tuple)
+    restorers = [_load(m, device) for m in (model if many else [model])]
+    settings = TileSettings(tile, overlap, batch_size)
+    partial = out.with_name(f".{out.name}.partial")
+    with contextlib.ExitStack() as stack:
+        vol = _open(tomogram, "tomogram", stack)
+        halves = [_open(h, f"{k} half", stack).data if h is not None else None
+                  for k, h in (("even", even), ("odd", odd))]
+        for h, p in zip(halves, (even, odd), strict=True):
+            if h is not None and tuple(h.shape) != vol.shape:
+                raise CryowaeInputError(f"{p}: shape {tuple(h.shape)} differs from the "
+                                        f"tomogram's {vol.shape}")
+        warning = voxel_size_warning(vol.voxel_size, restorers[0].voxel_size)
+        if warning:
+            prog.log(warning)
+        fp = plan_family(restorers if many else restorers[0], vol.shape, n_samples,
+                         sampler, settings, seed, geometry, group)
+        norm = volume_stats(page_releasing(vol.data))
+        params = fp.describe() | {"seed": int(seed), "overlap": int(overlap),
+                                  "norm": list(norm), "models": [str(getattr(r, "path", ""))
+                                                                 for r in restorers]}
+        paths = [Path(p) for p in (tomogram, even, odd) if p is not None]
+        paths += [Path(getattr(r, "path", "")) for r in restorers if getattr(r, "path", "")]
+        finger = _fingerprint(paths, params)
+        state_path = partial / "state.json"
+        done: list[int] = []
+        if state_path.is_file():
+            state = json.loads(state_path.read_text())
+            if state.get("fingerprint") == finger:
+                done = sorted(int(s) for s in state.get("done", []))
+                prog.log(f"resuming: {len(done)} of {fp.n_samples} samples already done")
+            else:
+                prog.log(f"{partial}: left by a run with other settings; starting over")
+                shutil.rmtree(partial)
+        elif partial.exists():
+            shutil.rmtree(partial)
+        partial.mkdir(parents=True, exist_ok=True)
+        shape = vol.shape
+        writer = OmeZarrWriter(partial / "samples.zarr", (fp.n_samples, *shape),
+                               vol.voxel_size, _pyramid_levels(shape),
+                               (1, *(min(64, s) for s in shape)), ("s",), vol.origin,
+                               {"cryowae": {"kind": "posterior-family",
+                                            "version": __version__, "sampler": sampler}})
+        level0 = writer.level0
+
+        def finished(s: int) -> None:
+            done.append(int(s))
+            _write_json(state_path, {"fingerprint": finger, "done": sorted(done)})
+
+        t0 = time.perf_counter()
+        todo = [s for s in range(fp.n_samples) if s not in set(done)]
+        run_family(fp, vol.data, norm, lambda s: array_sink(_SampleView(level0, s)),
+                   todo, prog, finished)
+        per_slice = 2 * fp.n_samples * shape[1] * shape[2] * 4  # pyramid: ~8 MiB slabs
+        writer.finish(slab=max(1, min(32, (8 << 20) // max(1, per_slice))))
+        for name in ("mean.mrc", "std.mrc"):
+            (partial / name).unlink(missing_ok=True)
+        with open_mrc_writer(partial / "mean.mrc", shape, vol.voxel_size, origin=vol.origin,
+                             overwrite=True) as m_out, \
+                open_mrc_writer(partial / "std.mrc", shape, vol.voxel_size,
+                                origin=vol.origin, overwrite=True) as s_out:
+            family_moments(level0, m_out, s_out)
+            release_pages(m_out, flush=True)
+            release_pages(s_out, flush=True)
+            figures = family_figures(level0, (m_out, s_out), vol.data, fp.geometry, norm,
+                                     consistency, *halves)
+        meta = {"cryowae_version": __version__, "kind": "posterior-family",
+                "tomogram": str(tomogram), "even": str(even) if even else None,
+                "odd": str(odd) if odd else None, "voxel_size": vol.voxel_size,
+                "origin": list(vol.origin), "std_ddof": 0, "shape": list(shape),
+                "files": {"samples": "samples.zarr", "mean": "mean.mrc", "std": "std.mrc"},
+                "parameters": params | {"tile_setting": tile, "batch_size": batch_size,
+                                        "device": str(fp.device),
+                                        "consistency": consistency},
+                "sampling_seconds_this_run": round(time.perf_counter() - t0, 2),
+                } | fp.describe() | figures
+        _write_json(partial / "family.json", meta)
+        state_path.unlink()
+    with atomic_path(out, overwrite=overwrite) as tmp:
+        os.replace(partial, tmp)
+    return out
+
+
+__all__ = ["sample_file"]
