@@ -65,7 +65,7 @@ def half_map_fsc(sim: Path) -> tuple[np.ndarray, np.ndarray]:
     from cryowae.physics.geometry import TiltGeometry
 
     with read_volume(sim / "tomo_even.mrc") as e, read_volume(sim / "tomo_odd.mrc") as o:
-        ev, od = e.numpy(), o.numpy()
+        ev, od = np.array(e.numpy()), np.array(o.numpy())
     geo = TiltGeometry.from_file(sim / "tilts.tlt")
     mask = geo.wedge_mask(ev.shape, rfft=True) > 0.5
     import torch
@@ -94,7 +94,7 @@ def wedge_over_measured(report: dict[str, Any], good: np.ndarray) -> dict[str, A
 
 
 def run_one(out: Path, seed: int, variant: str, minutes: float, n: int,
-            tile: int) -> dict[str, Any]:
+            tile: int, with_halves: bool = True) -> dict[str, Any]:
     """Train one variant on one seed, restore, sample, evaluate (result.json)."""
     from cryowae.inference.restore import restore_array
     from cryowae.io import read_volume, write_mrc
@@ -141,7 +141,7 @@ def run_one(out: Path, seed: int, variant: str, minutes: float, n: int,
         fsc, _ = half_map_fsc(sim)
         good = fsc > 0.5
         modes: list[tuple[str, dict[str, Path]]] = [("nohalves", {})]
-        if variant == "default":  # the ablations are compared on the default path only
+        if variant == "default" and with_halves:
             modes.append(("halves", {"even": sim / "tomo_even.mrc",
                                      "odd": sim / "tomo_odd.mrc"}))
         for label, halves in modes:
@@ -154,6 +154,9 @@ def run_one(out: Path, seed: int, variant: str, minutes: float, n: int,
             rep = evaluate_family(fam, sim / "gt.mrc", restored=run / "restored.mrc",
                                   geometry=geo, tomogram=sim / "tomo.mrc",
                                   sim_meta=sim / "meta.json")
+            if label == "halves":  # the halves feed only the consistency check's noise
+                same = _same_samples(run / "family_nohalves", fam)
+                row["halves_samples_identical"] = same
             ss, cov, fm = rep["spread_skill"], rep["coverage"], rep["family_mean"]
             row[label] = {
                 "sample_s": t_sample,
@@ -166,6 +169,15 @@ def run_one(out: Path, seed: int, variant: str, minutes: float, n: int,
     run.mkdir(parents=True, exist_ok=True)
     done.write_text(json.dumps(row, indent=2, default=float))
     return row
+
+
+def _same_samples(a: Path, b: Path) -> bool:
+    """Whether two families hold bit-identical samples."""
+    import zarr
+
+    x = zarr.open_array(str(a / "samples.zarr" / "0"), mode="r")
+    y = zarr.open_array(str(b / "samples.zarr" / "0"), mode="r")
+    return x.shape == y.shape and all(np.array_equal(x[i], y[i]) for i in range(x.shape[0]))
 
 
 def _model_extra(path: Path) -> dict[str, Any]:
@@ -221,13 +233,18 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=16, help="samples per family")
     ap.add_argument("--tile", type=int, default=64)
     ap.add_argument("--parallel", type=int, default=1)
+    ap.add_argument("--halves-seeds", type=int, nargs="*", default=None,
+                    help="seeds whose default run also samples with --even/--odd "
+                         "(default: all); the halves change only the consistency check")
     ap.add_argument("--out", type=Path, default=Path("bench_families_out"))
     ap.add_argument("--single", nargs=2, metavar=("SEED", "VARIANT"), help=argparse.SUPPRESS)
     a = ap.parse_args()
     command = "python " + " ".join(sys.argv)
     a.out.mkdir(parents=True, exist_ok=True)
     if a.single:
-        row = run_one(a.out, int(a.single[0]), a.single[1], a.minutes, a.n, a.tile)
+        halves_seeds = a.seeds if a.halves_seeds is None else a.halves_seeds
+        row = run_one(a.out, int(a.single[0]), a.single[1], a.minutes, a.n, a.tile,
+                      with_halves=int(a.single[0]) in halves_seeds)
         print(json.dumps(row, default=float), flush=True)
         return
     from cryowae.data.structures import fetch_example_structures
@@ -245,7 +262,9 @@ def main() -> None:
                             "CRYOWAE_NO_TENSORBOARD": "1"}
         cmd = [sys.executable, __file__, "--single", str(job[0]), job[1], "--out",
                str(a.out), "--minutes", str(a.minutes), "--n", str(a.n),
-               "--tile", str(a.tile)]
+               "--tile", str(a.tile), "--seeds", *map(str, a.seeds)]
+        if a.halves_seeds is not None:
+            cmd += ["--halves-seeds", *map(str, a.halves_seeds)]
         subprocess.run(cmd, check=True, env=env)
 
     with ThreadPoolExecutor(max_workers=a.parallel) as pool:

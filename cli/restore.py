@@ -29,6 +29,12 @@ def restore(
                                    "(halved automatically when memory runs out)."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output."),
+    tilt_min: float = typer.Option(None, "--tilt-min", help="Lowest tilt (degrees) of "
+                                   "this tomogram, to check it against the model's."),
+    tilt_max: float = typer.Option(None, "--tilt-max", help="Highest tilt (degrees)."),
+    tilt_axis: str = typer.Option(None, "--tilt-axis", help="Tilt axis: y or x."),
+    tilt_file: Path = typer.Option(None, "--tilt-file", help="Tilt angles (.tlt/.rawtlt) "
+                                   "[default: <name>.tlt next to the tomogram]."),
 ) -> None:
     """Restore TOMOGRAM with MODEL: missing-wedge filling and denoising, tile by tile with
     blended overlaps, in memory bounded by one slab of tiles."""
@@ -39,10 +45,18 @@ def restore(
     from cryowae.inference.restore import DEFAULT_HALVES_MODE, restore_file, throughput
     from cryowae.io import read_volume
 
+    geometry = None
+    if any(v is not None for v in (tilt_min, tilt_max, tilt_axis, tilt_file)):
+        from cryowae.physics.geometry import TiltGeometry
+
+        geometry = TiltGeometry.resolve(tilt_min=tilt_min, tilt_max=tilt_max,
+                                        tilt_file=tilt_file, axis=tilt_axis,
+                                        tomogram=tomogram)
     t0 = time.perf_counter()
     path = restore_file(model, tomogram, out, even=even, odd=odd, tile=tile, overlap=overlap,
                         batch_size=batch_size, device=device, overwrite=overwrite,
-                        progress=RichProgress(), halves=halves or DEFAULT_HALVES_MODE)
+                        progress=RichProgress(), halves=halves or DEFAULT_HALVES_MODE,
+                        geometry=geometry)
     elapsed = time.perf_counter() - t0
     with read_volume(path) as vol:
         shape = vol.shape

@@ -57,6 +57,8 @@ def train(
     matching_divergence: str = typer.Option(None, "--matching-divergence", help="Its "
                                             "divergence: mmd, sinkhorn, sliced or "
                                             "adversarial [default: mmd]."),
+    branch_batch: int = typer.Option(None, "--branch-batch", help="Patches of each batch "
+                                     "the family branch trains on (0: all) [default: 1]."),
     family_noise: str = typer.Option(None, "--family-noise", help="Target noise of the "
                                      "score: auto (halves when given, else estimated), "
                                      "halves or estimate."),
@@ -100,6 +102,7 @@ def train(
                       patch_size=patch_size, latent_dim=latent_dim, prior=prior, seed=seed,
                       device=device)
     fam = {k: v for k, v in {"enabled": family, "samples": samples_per_input,
+                              "branch_batch": branch_batch,
                               "score": score, "posterior_matching": posterior_matching,
                               "matching_divergence": matching_divergence,
                               "noise": family_noise}.items() if v is not None}

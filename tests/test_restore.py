@@ -489,3 +489,25 @@ def test_cli_restore_simulated_halves(tiny_model_path, tmp_path, small_sim):
     assert res.returncode == 0, res.stderr
     y = _read(out)
     assert y.shape == _read(small_sim / "tomo.mrc").shape and np.all(np.isfinite(y))
+
+
+def test_cli_restore_reads_tlt_and_warns_on_another_geometry(tiny_model_path, tomo, tmp_path):
+    """The tiny model was trained on -60..60 about Y: a .tlt next to the tomogram with
+    another range is read and reported; one that matches, or --tilt-file with the
+    training range, gives no warning."""
+    from cryowae.io.tilts import write_tilt_angles
+
+    write_tilt_angles(tomo.with_suffix(".tlt"), np.arange(-42.0, 43.0, 3.0))
+    res = invoke_cli("restore", tiny_model_path, tomo, "--out", tmp_path / "a.mrc",
+                     "--tile", "16", "--overlap", "8")
+    assert res.returncode == 0, res.stderr
+    assert "-42..42" in res.stderr and "differs from the model's training range" in res.stderr
+    same = tmp_path / "same.tlt"
+    write_tilt_angles(same, np.arange(-60.0, 61.0, 3.0))
+    res = invoke_cli("restore", tiny_model_path, tomo, "--out", tmp_path / "b.mrc",
+                     "--tile", "16", "--overlap", "8", "--tilt-file", same)
+    assert res.returncode == 0, res.stderr
+    assert "training range" not in res.stderr
+    res = invoke_cli("restore", tiny_model_path, tomo, "--out", tmp_path / "c.mrc",
+                     "--tile", "16", "--overlap", "8", "--tilt-axis", "x")
+    assert res.returncode == 0 and "about X" in res.stderr

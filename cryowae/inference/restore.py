@@ -25,6 +25,7 @@ from cryowae.devices import resolve_device
 from cryowae.errors import CryowaeInputError
 from cryowae.io.volume import Volume
 from cryowae.models.protocol import Restorer
+from cryowae.physics.geometry import TiltGeometry, find_tilt_file, geometry_mismatch
 from cryowae.progress import ProgressReporter, ensure_progress
 from cryowae.tiling.engine import TileRunner, array_sink, iter_slabs, model_tile_fn, run_tiles
 from cryowae.tiling.pages import page_releasing, release_pages
@@ -239,7 +240,8 @@ def restore_file(model: str | os.PathLike, tomogram: str | os.PathLike,
                  odd: str | os.PathLike | None = None, tile: int = 96, overlap: int = 32,
                  batch_size: int = 4, device: str = "auto", overwrite: bool = False,
                  progress: ProgressReporter | None = None, window: str = "cosine",
-                 halves: str = DEFAULT_HALVES_MODE) -> Path:
+                 halves: str = DEFAULT_HALVES_MODE,
+                 geometry: TiltGeometry | None = None) -> Path:
     """Restore a tomogram file with a trained model and write MRC or OME-Zarr.
 
     Parameters
@@ -264,6 +266,10 @@ def restore_file(model: str | os.PathLike, tomogram: str | os.PathLike,
         ``auto``, ``cpu`` or ``cuda``.
     progress
         Reporter for tiles done and messages (e.g. a voxel-size mismatch warning).
+    geometry
+        The tomogram's tilt geometry, when known (default: a .tlt/.rawtlt file next to
+        the tomogram, if there is one). Restoration does not need it; a geometry other
+        than the model's training geometry is reported (`geometry_mismatch`).
     """
     from cryowae.io import check_output_path, create_ome_zarr, open_mrc_writer
     from cryowae.models.checkpoint import load_restorer
@@ -298,6 +304,12 @@ def restore_file(model: str | os.PathLike, tomogram: str | os.PathLike,
         warning = voxel_size_warning(vol.voxel_size, restorer.voxel_size)
         if warning:
             progress.log(warning)
+        if geometry is None and find_tilt_file(tomogram) is not None:
+            geometry = TiltGeometry.resolve(tomogram=tomogram, fallback=restorer.geometry)
+        if geometry is not None:
+            mismatch = geometry_mismatch(geometry, restorer.geometry)
+            if mismatch:
+                progress.log(mismatch)
 
         def run(target: Any) -> None:
             if halves_data is not None and halves == "average":

@@ -18,7 +18,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
-from cryowae.errors import CryowaeInputError
+from cryowae.errors import CryowaeInputError, require_int
 from cryowae.models.blocks import ConvBlock, Down, Up
 
 #: what the decoder's correction is added to (`RestorerConfig.skip`)
@@ -58,10 +58,7 @@ class RestorerConfig:
 
     def __post_init__(self) -> None:
         for name in ("channels", "depth", "latent_dim"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise CryowaeInputError(f"restorer {name} must be a positive integer, "
-                                        f"got {value!r}")
+            require_int(getattr(self, name), f"restorer {name}")
         if self.encoder not in ENCODERS:
             raise CryowaeInputError(f"unknown encoder {self.encoder!r} "
                                     f"({' or '.join(ENCODERS)})")

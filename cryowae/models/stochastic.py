@@ -37,7 +37,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from cryowae.errors import CryowaeInputError
+from cryowae.errors import CryowaeInputError, require_int
 from cryowae.models.blocks import Up
 from cryowae.models.restorer import RestorerConfig, WAERestorer
 from cryowae.models.stochastic_field import Field, FieldSpec
@@ -59,11 +59,8 @@ class StochasticConfig:
 
     def __post_init__(self) -> None:
         for name in ("latent_channels", "branch_channels", "summary_dim", "level_noise"):
-            value = getattr(self, name)
-            low = 0 if name == "level_noise" else 1
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise CryowaeInputError(f"stochastic {name} must be an integer >= {low}, "
-                                        f"got {value!r}")
+            require_int(getattr(self, name), f"stochastic {name}",
+                        low=0 if name == "level_noise" else 1)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain values for YAML and checkpoints (the mean path's config nested)."""

@@ -127,6 +127,29 @@ class TiltGeometry:
                           device=device)
 
 
+#: degrees by which either end of a tilt range may differ before a warning
+GEOMETRY_TOLERANCE_DEG = 10.0
+
+
+def geometry_mismatch(data: TiltGeometry, model: TiltGeometry,
+                      tolerance: float = GEOMETRY_TOLERANCE_DEG) -> str | None:
+    """A one-line warning when a tomogram's geometry is not the one a model was trained
+    on (axis differs, or an end of the range by more than `tolerance` degrees), else
+    None. The restorer learned to fill its training wedge; another wedge is filled
+    poorly or not at all."""
+    if data.axis != model.axis:
+        return (f"warning: this tomogram was tilted about {data.axis.upper()} "
+                f"({data.source}) but the model was trained on tilts about "
+                f"{model.axis.upper()}; retrain on data of this geometry")
+    off = max(abs(data.tilt_min - model.tilt_min), abs(data.tilt_max - model.tilt_max))
+    if off <= tolerance:
+        return None
+    return (f"warning: tilt range {data.tilt_min:g}..{data.tilt_max:g} degrees "
+            f"({data.source}) differs from the model's training range "
+            f"{model.tilt_min:g}..{model.tilt_max:g} by {off:g} degrees; the missing "
+            "wedge will be filled less well (retrain on data of this geometry)")
+
+
 def find_tilt_file(tomogram: str | os.PathLike) -> Path | None:
     """A tilt file next to `tomogram`: ``<stem>.tlt``, ``<stem>.rawtlt`` or
     ``tilts.tlt`` in its folder, else None."""
@@ -137,4 +160,5 @@ def find_tilt_file(tomogram: str | os.PathLike) -> Path | None:
     return None
 
 
-__all__ = ["DEFAULT_TILT_RANGE", "TILT_AXES", "TiltGeometry", "find_tilt_file"]
+__all__ = ["DEFAULT_TILT_RANGE", "GEOMETRY_TOLERANCE_DEG", "TILT_AXES", "TiltGeometry",
+           "find_tilt_file", "geometry_mismatch"]

@@ -8,6 +8,7 @@ input m (1 is the squared-error ablation), the energy-score ``score`` variant
 (`cryowae.training.scoring.VARIANTS`), its relative ``weight`` (scale-free: balanced
 against the mean path's loss like the latent term, `TermBalancer`), the posterior
 branch with WAE ``posterior_matching`` and its ``matching_divergence``, and the
+number of each batch's patches the branch trains on (``branch_batch``), and the
 ``noise`` source of the simulated target noise (``auto``: even/odd halves when the run
 has them, else the single-tomogram estimate; ``halves``; ``estimate``).
 
@@ -23,7 +24,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-from cryowae.errors import CryowaeInputError
+from cryowae.errors import CryowaeInputError, require_int
 from cryowae.models.restorer import RestorerConfig
 from cryowae.models.stochastic import StochasticConfig
 
@@ -43,6 +44,11 @@ class FamilySettings:
 
     enabled: bool = True
     samples: int = 2  # m: samples per input (1: the squared-error ablation)
+    # patches of each batch the branch trains on (0: all). The branch's m decodes cost
+    # about as much as the mean path's step: on all 4 patches of the cpu-small batch a
+    # 10-minute run made 126 steps instead of 255 (docs/benchmarks.md), so the mean
+    # path, and the single restoration, lost half its training
+    branch_batch: int = 1
     score: str = "shell_regions"
     weight: float = 1.0  # relative to the mean path's loss, after balancing
     # off by default: in the quick measurement (docs/architecture.md, Posterior
@@ -64,10 +70,8 @@ class FamilySettings:
                                                                 bool):
             raise CryowaeInputError("family enabled and posterior_matching must be true "
                                     "or false")
-        if isinstance(self.samples, bool) or not isinstance(self.samples, int) \
-                or not 1 <= self.samples <= 16:
-            raise CryowaeInputError(f"family samples must be an integer in 1..16, got "
-                                    f"{self.samples!r}")
+        require_int(self.samples, "family samples", 1, 16)
+        require_int(self.branch_batch, "family branch_batch", 0)
         if self.score not in VARIANTS:
             raise CryowaeInputError(f"unknown family score {self.score!r} (choose from "
                                     f"{', '.join(VARIANTS)})")

@@ -146,6 +146,11 @@ class FamilyTrainer:
         """The family's loss of one step (with its graph to the branch only) and the
         figures for the log."""
         self.model.branch.train()
+        k = self.fam.branch_batch
+        if 0 < k < restored.shape[0]:  # the branch trains on the first k patches only
+            batch = TrainingBatch(batch.inputs[:k], batch.targets[:k], batch.valid[:k],
+                                  batch.target_measured[:k], batch.input_measured)
+            restored, feats = restored[:k], [f[:k] for f in feats]
         mean = restored.detach().float()
         b, shape, m = mean.shape[0], tuple(mean.shape[-3:]), self.fam.samples
         feats = [f.float() for f in feats]
