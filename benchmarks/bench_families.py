@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from bench_train import simulate  # the same simulated data as the training benchmark
 
 VARIANT_FLAGS = {
     "default": [],
@@ -43,17 +44,6 @@ VARIANT_FLAGS = {
     "nomatch": ["--no-posterior-matching"],
     "match": ["--posterior-matching"],
 }
-
-
-def simulate(out: Path, seed: int, size: int, pdbs: list[Path]) -> Path:
-    sim = out / f"sim_seed{seed}"
-    if not (sim / "gt.mrc").exists():
-        cmd = [sys.executable, "-m", "cryowae", "simulate", str(sim), "--size", str(size),
-               "--seed", str(seed), "--voxel-size", "8", "--overwrite"]
-        for p in pdbs:
-            cmd += ["--pdb", str(p)]
-        subprocess.run(cmd, check=True)
-    return sim
 
 
 def half_map_fsc(sim: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -201,8 +191,8 @@ def table(rows: list[dict[str, Any]]) -> str:
              "|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: (r["seed"], r["variant"])):
         fm = r.get("family_matching") or {}
-        mmd = (f"{_fmt(fm.get('mmd'))} / {_fmt(fm.get('null'))}"
-               if fm.get("mmd") is not None else "")
+        mmd = (f"{fm['family_mmd']:.2g} / {fm['family_mmd_null']:.2g}"
+               if fm.get("family_mmd") is not None else "")
         single = f"{_fmt(r['single_pearson'])} / {_fmt(r['single_cc_wedge'])}"
         labels = [k for k in ("nohalves", "halves") if k in r] or [None]
         for label in labels:

@@ -31,6 +31,20 @@ def run_cli(*args: str, check: bool = False, **kw) -> subprocess.CompletedProces
     return proc
 
 
+def cancel_after(units: int):
+    """A progress reporter that asks the running task to stop once `units` units (tiles,
+    steps...) are done: how the tests interrupt long work to check resumption."""
+    from cryowae.progress import ProgressReporter
+
+    class _CancelAfter(ProgressReporter):
+        def advance(self, n: int = 1, **info) -> None:
+            super().advance(n, **info)
+            if self.done >= units:
+                self.cancel()
+
+    return _CancelAfter()
+
+
 class CliResult:
     """What an in-process `cryowae` call returned: exit code and captured text."""
 

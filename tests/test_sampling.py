@@ -32,7 +32,7 @@ from cryowae.sampling import (
 )
 from cryowae.tiling.settings import TileSettings
 
-from .conftest import invoke_cli
+from .conftest import cancel_after, invoke_cli
 
 GEO = TiltGeometry(-60.0, 60.0, "y", "model")
 
@@ -185,15 +185,6 @@ def test_consistency_check_flags_a_family_that_carries_the_measured_noise():
 
 
 # ------------------------------------------------------------------ files
-class _CancelAfter(ProgressReporter):
-    def __init__(self, tiles: int) -> None:
-        super().__init__()
-        self.limit = tiles
-
-    def advance(self, n: int = 1, **info) -> None:
-        super().advance(n, **info)
-        if self.done >= self.limit:
-            self.cancel()
 
 
 @pytest.mark.slow
@@ -206,7 +197,7 @@ def test_sample_file_resume_equals_uninterrupted(tmp_path):
     fp = plan_family(r, (24, 40, 36), 3, settings=TileSettings(16, 8))
     out = tmp_path / "resumed"
     with pytest.raises(Cancelled):
-        sample_file(r, tomo, out, progress=_CancelAfter(fp.plan.n_tiles + 2), **kw)
+        sample_file(r, tomo, out, progress=cancel_after(fp.plan.n_tiles + 2), **kw)
     assert not out.exists()
     state = json.loads((tmp_path / ".resumed.partial" / "state.json").read_text())
     assert state["done"] == [0]

@@ -21,12 +21,12 @@ from cryowae.errors import CryowaeInputError
 from cryowae.io import write_mrc
 from cryowae.models.checkpoint import KIND_CHECKPOINT, load_restorer, load_state
 from cryowae.physics.geometry import TiltGeometry
-from cryowae.progress import Cancelled, ProgressReporter
+from cryowae.progress import Cancelled
 from cryowae.training.config import TrainConfig, load_config, save_config
 from cryowae.training.data import load_sources
 from cryowae.training.loop import Trainer
 
-from .conftest import invoke_cli, run_cli
+from .conftest import cancel_after, invoke_cli, run_cli
 
 TINY = {"patch_size": 16, "channels": 4, "depth": 2, "latent_dim": 8, "batch_size": 2,
         "bank_size": 64, "log_every": 1, "checkpoint_every": 2, "steps": 6, "lr": 2e-3,
@@ -262,21 +262,12 @@ def test_resume_in_process_reads_format_1_and_refuses_other_settings(tomo, tmp_p
     assert load_restorer(tmp_path / "run").geometry.axis == "x"
 
 
-class _CancelAfter(ProgressReporter):
-    def __init__(self, n: int) -> None:
-        super().__init__()
-        self.n = n
-
-    def advance(self, n: int = 1, **info) -> None:
-        super().advance(n, **info)
-        if self.done >= self.n:
-            self.cancel()
 
 
 def test_cancel_stops_training_and_keeps_the_checkpoint(tomo, tmp_path):
     cfg = TrainConfig.from_dict(TINY | {"steps": 100, "checkpoint_every": 50})
     tr = Trainer(load_sources([tomo], min_size=16), cfg, tmp_path / "run",
-                 progress=_CancelAfter(3))
+                 progress=cancel_after(3))
     with pytest.raises(Cancelled, match="cancelled at step 3"):
         tr.run()
     assert load_state(tmp_path / "run" / "checkpoint.pt", KIND_CHECKPOINT)["step"] == 3
