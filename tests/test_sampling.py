@@ -249,9 +249,11 @@ MEMORY_SCRIPT = textwrap.dedent("""
 #: peak RSS growth allowed while sampling the 48 MiB memory-mapped tomogram below. The
 #: run keeps 2 slab buffers (2 x 48 x 128 x 128 float32, 6.3 MB), one slab of input
 #: pages, one batch of tiles and the check's 96^3 crops; measured growth 13.6 MB for a
-#: 512 x 128 x 128 input (passes at 768 too): it follows the slab and the crop, not
-#: the volume.
-MEMORY_BOUND = 16 << 20
+#: 512 x 128 x 128 input and 23.1 MB in a full `make test` run at 768 x 128 x 128 (the
+#: allocator's share varies with what ran before): it follows the slab and the crop,
+#: not the volume. Full-size float64 mean and M2 accumulators, as sampling kept before,
+#: would add 4x the input (192 MiB here).
+MEMORY_BOUND = 32 << 20
 
 
 @pytest.mark.slow
@@ -264,7 +266,7 @@ def test_sample_file_memory_bounded_on_memory_mapped_volume(tmp_path):
         rng = np.random.default_rng(0)
         for z in range(0, shape[0], 16):
             mm[z:z + 16] = rng.normal(size=(16, *shape[1:])).astype(np.float32)
-    assert int(np.prod(shape)) * 4 > 2 * MEMORY_BOUND
+    assert int(np.prod(shape)) * 4 > 1.5 * MEMORY_BOUND
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(1 << 20), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-c", MEMORY_SCRIPT, str(src),
                            str(tmp_path / "fam"), str(tmp_path / "warm.mrc")],
