@@ -266,7 +266,7 @@ def test_sample_file_memory_bounded_on_memory_mapped_volume(tmp_path):
         rng = np.random.default_rng(0)
         for z in range(0, shape[0], 16):
             mm[z:z + 16] = rng.normal(size=(16, *shape[1:])).astype(np.float32)
-    assert int(np.prod(shape)) * 4 > 1.5 * MEMORY_BOUND
+    assert int(np.prod(shape)) * 4 > 1.25 * MEMORY_BOUND  # 48 MiB input, 32 MiB bound
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(1 << 20), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-c", MEMORY_SCRIPT, str(src),
                            str(tmp_path / "fam"), str(tmp_path / "warm.mrc")],
