@@ -304,8 +304,9 @@ def restore_file(model: str | os.PathLike, tomogram: str | os.PathLike,
         warning = voxel_size_warning(vol.voxel_size, restorer.voxel_size)
         if warning:
             progress.log(warning)
-        if geometry is None and find_tilt_file(tomogram) is not None:
-            geometry = TiltGeometry.resolve(tomogram=tomogram, fallback=restorer.geometry)
+        found = find_tilt_file(tomogram) if geometry is None else None
+        if found is not None:
+            geometry = TiltGeometry.from_file(found, restorer.geometry.axis)
         if geometry is not None:
             mismatch = geometry_mismatch(geometry, restorer.geometry)
             if mismatch:
