@@ -14,6 +14,13 @@ Z-ranges that no later row touches are divided by the separable weight sum,
 de-normalised (``* std + mean``) and handed to ``sink(where, block)``. Memory: one slab
 of the input, the buffer and one batch of tiles, whatever the volume's depth.
 
+Overlapped I/O (``prefetch``, on by default): a reader thread reads, cuts and normalises
+the next batches of tiles (into pinned host memory for CUDA) while the device computes,
+and a writer thread hands the finished block to the sink while the next row computes
+(`cryowae.tiling.prefetch`); a few batches of tiles and one block more, same output bit
+for bit. Running the batches (batch size, out-of-memory halving, the restoration's tile
+function) is `cryowae.tiling.runner`.
+
 The tile function. ``fn(x, refs)`` gets ``x``, a (B, 1, tz, ty, tx) float32 tensor of
 normalised tiles on `device`, and ``refs``, one `TileRef` per tile, and returns a
 (B, 1, tz, ty, tx) tensor (or a tuple whose first element is one) in normalised units.
@@ -51,8 +58,8 @@ single pass over the whole volume there (restore-batch blocks rely on it).
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import closing
 from dataclasses import dataclass
 from typing import Any
 
@@ -60,122 +67,46 @@ import numpy as np
 import torch
 
 from cryowae.errors import CryowaeInputError
-from cryowae.models.protocol import Restorer
 from cryowae.progress import ProgressReporter, ensure_progress
 from cryowae.tiling.pages import mmap_of, release_pages
 from cryowae.tiling.plan import TilePlan, core_tiles
+from cryowae.tiling.prefetch import BackgroundWriter, Prefetcher
+from cryowae.tiling.runner import (
+    Core,
+    Range,
+    TileFn,
+    TileRef,
+    TileRunner,
+    is_out_of_memory,
+    model_tile_fn,
+)
 
-Range = tuple[int, int]
-Core = tuple[Range, Range, Range]
 Where = tuple[slice, slice, slice]
-
-
-@dataclass(frozen=True)
-class TileRef:
-    """Where one tile of a `TilePlan` lies.
-
-    Attributes
-    ----------
-    index
-        (iz, iy, ix): position of the tile in the plan's grid (into ``axis.starts``).
-    start
-        (z, y, x) of the tile's first voxel in the plan's padded coordinates
-        (``plan.axes[a].starts[index[a]]``); the tile spans ``start .. start + tile``.
-    real
-        ((z0, z1), (y0, y1), (x0, x1)): the real voxels the tile covers (end exclusive),
-        the rest of the tile being reflect padding.
-    """
-
-    index: tuple[int, int, int]
-    start: tuple[int, int, int]
-    real: Core
-
-
-#: ``fn(tiles (B, 1, tz, ty, tx) on the device, refs) -> (B, 1, tz, ty, tx)`` (or a tuple
-#: whose first element is that tensor), in normalised units
-TileFn = Callable[[torch.Tensor, Sequence[TileRef]], Any]
 #: ``sink(where, block)``: `block` (float32, de-normalised) is the volume at the global
 #: index `where` (three slices); the block is reused afterwards, so copy what you keep
 Sink = Callable[[Where, np.ndarray], None]
+#: batches of tiles the reader thread prepares ahead of the device (`run_tiles`)
+DEFAULT_PREFETCH = 2
 
 
-def is_out_of_memory(exc: BaseException) -> bool:
-    """True for CUDA out-of-memory errors and the CPU allocator's failures."""
-    oom = getattr(torch.cuda, "OutOfMemoryError", None)
-    if oom is not None and isinstance(exc, oom):
-        return True
-    msg = str(exc).lower()
-    return isinstance(exc, RuntimeError) and ("out of memory" in msg
-                                              or "can't allocate memory" in msg)  # CPU
+@dataclass
+class _Batch:
+    """One batch of normalised tiles of row `row` (an index into the rows worked on);
+    `tiles` is (B, tz, ty, tx) float32, numpy or a pinned CPU tensor for CUDA."""
+
+    row: int
+    tiles: np.ndarray | torch.Tensor
+    refs: list[TileRef]
+    last: bool  # the row's last batch
 
 
-def model_tile_fn(restorer: Restorer) -> TileFn:
-    """The deterministic restoration tile function: ``restorer.model(x)`` under
-    `torch.inference_mode`, with bfloat16 autocast on CUDA devices (float32 elsewhere)."""
-    model, device = restorer.model, torch.device(restorer.device)
-
-    def fn(x: torch.Tensor, refs: Sequence[TileRef]) -> Any:
-        amp = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
-               else contextlib.nullcontext())
-        with torch.inference_mode(), amp:
-            return model(x)
-
-    return fn
-
-
-class TileRunner:
-    """Runs batches of tiles through a `TileFn` and weights the outputs by the plan's
-    window; halves the batch size on out-of-memory errors (and says so through
-    `progress`). One runner may serve several passes (e.g. the two halves of a
-    tomogram), which then share the batch size it has fallen back to."""
-
-    def __init__(self, fn: TileFn, plan: TilePlan, device: torch.device | str,
-                 batch_size: int, progress: ProgressReporter | None = None,
-                 channels: int = 1) -> None:
-        self.fn = fn
-        self.channels = max(1, int(channels))
-        self.device = torch.device(device)
-        self.batch = max(1, int(batch_size))
-        self.tile = plan.tile
-        self.window = torch.from_numpy(plan.tile_window()).to(self.device)
-        self.progress = ensure_progress(progress)
-
-    def _forward(self, x: np.ndarray, refs: Sequence[TileRef]) -> np.ndarray:
-        t = torch.from_numpy(x).to(self.device, non_blocking=True)[:, None]
-        with torch.inference_mode():
-            y = self.fn(t, refs)
-            if isinstance(y, tuple | list):
-                y = y[0]
-            if tuple(y.shape) != (len(x), self.channels, *self.tile):
-                raise ValueError(f"tile function returned shape {tuple(y.shape)} for "
-                                 f"tiles {(len(x), self.channels, *self.tile)}")
-            y = (y[:, 0].float() if self.channels == 1 else y.float()) * self.window
-        return y.cpu().numpy()
-
-    def __call__(self, tiles: np.ndarray, refs: Sequence[TileRef]) -> np.ndarray:
-        """Weighted outputs (B, tz, ty, tx) float32 for normalised tiles (B, tz, ty, tx);
-        (B, C, tz, ty, tx) for a runner of C > 1 `channels`."""
-        out, i = [], 0
-        while i < len(tiles):
-            n = min(self.batch, len(tiles) - i)
-            try:
-                out.append(self._forward(tiles[i:i + n], refs[i:i + n]))
-            except Exception as exc:
-                if not is_out_of_memory(exc):
-                    raise
-                if self.device.type == "cuda":
-                    torch.cuda.empty_cache()
-                if n == 1:
-                    shape = "x".join(str(s) for s in tiles.shape[1:])
-                    raise CryowaeInputError(
-                        f"out of memory restoring a single {shape} tile on {self.device}; "
-                        "use a smaller --tile or --device cpu") from None
-                self.batch = max(1, n // 2)
-                self.progress.log(f"out of memory with batch {n}: fell back to batch "
-                                  f"{self.batch}")
-                continue
-            i += n
-        return np.concatenate(out) if len(out) > 1 else out[0]
+def _tile_buffer(shape: tuple[int, ...], pin: bool) -> tuple[Any, np.ndarray]:
+    """(buffer, numpy view): pinned host memory for fast copies to a CUDA device."""
+    if pin:
+        buf = torch.empty(shape, dtype=torch.float32, pin_memory=True)
+        return buf, buf.numpy()
+    arr = np.empty(shape, dtype=np.float32)
+    return arr, arr
 
 
 def _as_index(idx: np.ndarray) -> slice | np.ndarray:
@@ -207,7 +138,8 @@ def _check_core(plan: TilePlan, core: Sequence[Range] | None) -> Core:
 def iter_slabs(runner: TileRunner, source: Any, plan: TilePlan, *,
                norm: tuple[float, float], progress: ProgressReporter | None = None,
                core: Sequence[Range] | None = None, task: str = "restoration",
-               check_finite: bool = False) -> Iterator[tuple[Where, np.ndarray]]:
+               check_finite: bool = False,
+               prefetch: int = 0) -> Iterator[tuple[Where, np.ndarray]]:
     """Yield ``(where, block)`` in increasing z: the blended result of real voxels `where`
     in *normalised* units (float32), covering the core (default: the whole volume).
 
@@ -215,7 +147,9 @@ def iter_slabs(runner: TileRunner, source: Any, plan: TilePlan, *,
     (C, z, Y, X) instead of (z, Y, X) for a runner of C > 1 ``channels``. Tiles
     are counted with ``progress.advance``; ``progress.check_cancelled(task)`` runs
     before every batch. With `check_finite`, each slab read is checked for NaN/Inf.
-    See `run_tiles` for the parameters.
+    With ``prefetch > 0`` the slabs are read, cut into tiles and normalised in a reader
+    thread (`Prefetcher`) up to `prefetch` batches ahead of the device; the result is
+    the same, bit for bit. See `run_tiles` for the other parameters.
     """
     progress = ensure_progress(progress)
     mean, std = float(norm[0]), float(norm[1])
@@ -237,39 +171,49 @@ def iter_slabs(runner: TileRunner, source: Any, plan: TilePlan, *,
     nch = runner.channels
     acc = np.zeros((nch, min(az.tile, cz1 - cz0), cy1 - cy0, cx1 - cx0), dtype=np.float32)
     acc_z0 = cz0  # real z of acc[0]; everything below it has been yielded
-    for k_row, iz in enumerate(rows):
-        zs = az.starts[iz]
-        zi = az.real_indices(zs)
-        z_lo, z_hi = int(zi.min()), int(zi.max()) + 1
-        # a view for memory maps, a copy for zarr
-        slab = np.asarray(source[z_lo:z_hi, y_lo:y_hi, x_lo:x_hi])
-        if check_finite and not np.all(np.isfinite(slab)):
-            raise CryowaeInputError(f"NaN or infinite voxels in slices {z_lo}-{z_hi - 1} "
-                                    "of the input")
-        zi_rel = _as_index(zi - z_lo)
-        rz0, rz1 = az.real_range(zs)
-        rz0, rz1 = max(rz0, cz0), min(rz1, cz1)
-        if rz1 - acc_z0 > acc.shape[1]:  # (only when tiles shrink the padding; rare)
-            grown = np.zeros((nch, rz1 - acc_z0, *acc.shape[2:]), dtype=np.float32)
-            grown[:, :acc.shape[1]] = acc
-            acc = grown
-        b0 = 0
-        while b0 < len(yx_tiles):  # runner.batch may shrink on out-of-memory errors
+    batch = runner.batch
+    pin = runner.device.type == "cuda" and torch.cuda.is_available()
+
+    def batches() -> Iterator[_Batch]:  # the reading side (a thread with `prefetch`)
+        for k_row, iz in enumerate(rows):
+            zs = az.starts[iz]
+            zi = az.real_indices(zs)
+            z_lo, z_hi = int(zi.min()), int(zi.max()) + 1
+            # a view for memory maps, a copy for zarr
+            slab = np.asarray(source[z_lo:z_hi, y_lo:y_hi, x_lo:x_hi])
+            if check_finite and not np.all(np.isfinite(slab)):
+                raise CryowaeInputError(f"NaN or infinite voxels in slices {z_lo}-"
+                                        f"{z_hi - 1} of the input")
+            zi_rel = _as_index(zi - z_lo)
+            for b0 in range(0, len(yx_tiles), batch):
+                group = yx_tiles[b0:b0 + batch]
+                buf, tiles = _tile_buffer((len(group), *plan.tile), pin)
+                refs = []
+                for k, (iy, ix) in enumerate(group):
+                    tiles[k] = _take(slab, zi_rel, y_idx[iy], x_idx[ix])
+                    ys, xs = ay.starts[iy], ax.starts[ix]
+                    refs.append(TileRef((iz, iy, ix), (zs, ys, xs),
+                                        (az.real_range(zs), ay.real_range(ys),
+                                         ax.real_range(xs))))
+                tiles -= mean
+                tiles /= std
+                release_pages(source)  # keeps only a few batches of a memmap resident
+                yield _Batch(k_row, buf, refs, b0 + batch >= len(yx_tiles))
+            del slab
+
+    items = Prefetcher(batches, prefetch) if prefetch > 0 else batches()
+    with closing(items):
+        for item in items:
             progress.check_cancelled(task)
-            group = yx_tiles[b0:b0 + runner.batch]
-            b0 += len(group)
-            tiles = np.empty((len(group), *plan.tile), dtype=np.float32)
-            refs = []
-            for k, (iy, ix) in enumerate(group):
-                tiles[k] = _take(slab, zi_rel, y_idx[iy], x_idx[ix])
-                ys, xs = ay.starts[iy], ax.starts[ix]
-                refs.append(TileRef((iz, iy, ix), (zs, ys, xs),
-                                    (az.real_range(zs), ay.real_range(ys),
-                                     ax.real_range(xs))))
-            tiles -= mean
-            tiles /= std
-            outs = runner(tiles, refs).reshape(len(refs), nch, *plan.tile)
-            for k, ref in enumerate(refs):
+            zs = az.starts[rows[item.row]]
+            rz0, rz1 = az.real_range(zs)
+            rz0, rz1 = max(rz0, cz0), min(rz1, cz1)
+            if rz1 - acc_z0 > acc.shape[1]:  # (only when tiles shrink the padding; rare)
+                grown = np.zeros((nch, rz1 - acc_z0, *acc.shape[2:]), dtype=np.float32)
+                grown[:, :acc.shape[1]] = acc
+                acc = grown
+            outs = runner(item.tiles, item.refs).reshape(len(item.refs), nch, *plan.tile)
+            for k, ref in enumerate(item.refs):
                 (_, _), (ry0, ry1), (rx0, rx1) = ref.real
                 ry0, ry1, rx0, rx1 = max(ry0, cy0), min(ry1, cy1), max(rx0, cx0), min(rx1, cx1)
                 oz, oy, ox = (rz0 - (zs - az.pad_before), ry0 - (ref.start[1] - ay.pad_before),
@@ -277,31 +221,32 @@ def iter_slabs(runner: TileRunner, source: Any, plan: TilePlan, *,
                 acc[:, rz0 - acc_z0:rz1 - acc_z0, ry0 - cy0:ry1 - cy0,
                     rx0 - cx0:rx1 - cx0] += outs[k, :, oz:oz + rz1 - rz0,
                                                  oy:oy + ry1 - ry0, ox:ox + rx1 - rx0]
-            progress.advance(len(group))
-            release_pages(source)  # keeps only one batch of tiles of a memmap resident
-        del slab
-        # slices below the next row's first real slice are final
-        final = (min(az.real_range(az.starts[rows[k_row + 1]])[0], cz1)
-                 if k_row + 1 < len(rows) else cz1)
-        final = max(final, acc_z0)
-        if final > acc_z0:
-            n = final - acc_z0
-            block = acc[:, :n]
-            block /= wsum_z[acc_z0:final, None, None]
-            block /= wsum_yx[None]
-            yield ((slice(acc_z0, final), slice(cy0, cy1), slice(cx0, cx1)),
-                   block[0] if nch == 1 else block)
-            carry = acc.shape[1] - n
-            acc[:, :carry] = acc[:, n:] if n >= carry else acc[:, n:].copy()
-            acc[:, carry:] = 0.0
-            acc_z0 = final
+            progress.advance(len(item.refs))
+            if not item.last:
+                continue
+            # slices below the next row's first real slice are final
+            k_row = item.row
+            final = (min(az.real_range(az.starts[rows[k_row + 1]])[0], cz1)
+                     if k_row + 1 < len(rows) else cz1)
+            final = max(final, acc_z0)
+            if final > acc_z0:
+                n = final - acc_z0
+                block = acc[:, :n]
+                block /= wsum_z[acc_z0:final, None, None]
+                block /= wsum_yx[None]
+                yield ((slice(acc_z0, final), slice(cy0, cy1), slice(cx0, cx1)),
+                       block[0] if nch == 1 else block)
+                carry = acc.shape[1] - n
+                acc[:, :carry] = acc[:, n:] if n >= carry else acc[:, n:].copy()
+                acc[:, carry:] = 0.0
+                acc_z0 = final
 
 
 def run_tiles(fn: TileFn, source: Any, plan: TilePlan, sink: Sink, *,
               norm: tuple[float, float], device: torch.device | str, batch_size: int,
               progress: ProgressReporter | None = None, core: Sequence[Range] | None = None,
               task: str = "restoration", check_finite: bool = False,
-              channels: int = 1) -> None:
+              channels: int = 1, prefetch: int = DEFAULT_PREFETCH) -> None:
     """Run `fn` over every tile of `plan` on `source`, blend, and stream the result out.
 
     Parameters
@@ -333,6 +278,12 @@ def run_tiles(fn: TileFn, source: Any, plan: TilePlan, sink: Sink, *,
         samples decoded from one pass of a network's encoder), each channel is blended
         on its own, and `sink` receives (C, z, Y, X) blocks. The slab buffer is C times
         larger.
+    prefetch
+        Overlapped I/O: a reader thread prepares up to `prefetch` batches of tiles
+        ahead of the device (pinned host memory for CUDA), and a writer thread runs
+        `sink` on a copy of each finished block while the next row computes (one block
+        in flight). The output is bit-identical to ``prefetch=0`` (everything in the
+        calling thread); memory grows by those batches and one block.
     """
     mean, std = float(norm[0]), float(norm[1])
     if not (np.isfinite(mean) and np.isfinite(std) and std > 0):
@@ -341,12 +292,27 @@ def run_tiles(fn: TileFn, source: Any, plan: TilePlan, sink: Sink, *,
         raise CryowaeInputError(f"input of shape {tuple(source.shape)} does not match the "
                                 f"tile plan's {plan.shape}")
     runner = TileRunner(fn, plan, device, batch_size, progress, channels)
-    for where, block in iter_slabs(runner, source, plan, norm=(mean, std),
-                                   progress=progress, core=core, task=task,
-                                   check_finite=check_finite):
-        block *= std
-        block += mean
-        sink(where, block)
+    writer = BackgroundWriter(sink) if prefetch > 0 else None
+    slabs = iter_slabs(runner, source, plan, norm=(mean, std), progress=progress,
+                       core=core, task=task, check_finite=check_finite, prefetch=prefetch)
+    try:
+        with closing(slabs):
+            for where, block in slabs:
+                if writer is None:
+                    block *= std
+                    block += mean
+                    sink(where, block)
+                    continue
+                writer.wait()  # one block in flight: memory stays bounded
+                out = block * std  # float32, as the in-place product
+                out += mean
+                writer.submit(where, out)
+    except BaseException:
+        if writer is not None:
+            writer.close(raise_errors=False)  # finish what was computed, keep the error
+        raise
+    if writer is not None:
+        writer.close()
 
 
 #: bytes written to a memory-mapped output between two flushes
@@ -383,6 +349,6 @@ def array_sink(out: Any, origin: Sequence[int] = (0, 0, 0)) -> Sink:
 
 
 __all__ = [
-    "Core", "Sink", "TileFn", "TileRef", "TileRunner", "array_sink", "is_out_of_memory",
-    "iter_slabs", "model_tile_fn", "run_tiles",
+    "DEFAULT_PREFETCH", "Core", "Sink", "TileFn", "TileRef", "TileRunner", "array_sink",
+    "is_out_of_memory", "iter_slabs", "model_tile_fn", "run_tiles",
 ]
