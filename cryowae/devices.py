@@ -1,4 +1,5 @@
-"""Choosing the torch device from a user's ``--device`` option."""
+"""Choosing the torch device from a user's ``--device`` option, the training preset that
+goes with it, and the free memory of a CUDA device."""
 
 from __future__ import annotations
 
@@ -19,3 +20,24 @@ def resolve_device(name: str | torch.device) -> torch.device:
     except RuntimeError:
         raise CryowaeInputError(f"--device: unknown device {name!r} (auto, cpu or cuda)"
                                 ) from None
+
+
+#: the training preset chosen without --config, by device type
+DEVICE_PRESETS = {"cuda": "gpu-default", "cpu": "cpu-small"}
+
+
+def preset_for(device: torch.device | str) -> str:
+    """The training preset for `device` (a resolved device, not ``auto``): ``gpu-default``
+    on CUDA, ``cpu-small`` elsewhere."""
+    return DEVICE_PRESETS.get(torch.device(device).type, "cpu-small")
+
+
+def free_memory(device: torch.device | str) -> int | None:
+    """Bytes this process can still allocate on a CUDA `device`: the driver's free memory
+    plus what torch's caching allocator holds unused; None on other devices."""
+    device = torch.device(device)
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return None
+    free, _total = torch.cuda.mem_get_info(device)
+    return int(free + torch.cuda.memory_reserved(device)
+               - torch.cuda.memory_allocated(device))
