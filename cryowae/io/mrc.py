@@ -22,9 +22,37 @@ from cryowae.errors import CryowaeInputError
 from cryowae.io.atomic import atomic_path
 from cryowae.io.volume import Volume
 
-#: MRC modes cryowae reads: int8, int16, float32, uint16, float16.
+#: MRC modes cryowae reads: int8, int16, float32, uint16, float16 (MRC2014). Every one
+#: is converted to float32 (statistics: float64) before any arithmetic, so no integer
+#: wraps and no float16 sum overflows.
 SUPPORTED_MODES = {0: "int8", 1: "int16", 2: "float32", 6: "uint16", 12: "float16"}
+#: Modes cryowae refuses, named in the error.
+UNSUPPORTED_MODES = {3: "complex int16", 4: "complex float32", 16: "RGB bytes",
+                     101: "4-bit integers"}
+#: IMOD's stamp at header byte 152 (the bit flags at byte 156 are then meaningful);
+#: flag 1 means mode-0 bytes are signed. The stamp lies in mrcfile's ``extra2``
+#: (header bytes 112-195).
+IMOD_STAMP = 1146047817
+_IMOD_STAMP_AT = 152 - 112
 MRC_SUFFIXES = (".mrc", ".rec", ".map", ".st", ".mrcs", ".ali")
+
+
+def _mode_error(path: Path, mode: int) -> CryowaeInputError:
+    what = f" ({UNSUPPORTED_MODES[mode]})" if mode in UNSUPPORTED_MODES else ""
+    return CryowaeInputError(
+        f"{path}: MRC mode {mode}{what} is not supported "
+        f"(supported: {', '.join(f'{k} ({v})' for k, v in SUPPORTED_MODES.items())})")
+
+
+def _header_mode(path: Path) -> int | None:
+    """The mode of a file mrcfile refuses to open, read from its header alone."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with mrcfile.open(path, header_only=True, permissive=True) as mrc:
+                return int(mrc.header.mode)
+    except Exception:  # not even a header: the caller reports the first error
+        return None
 
 
 def _open_mmap(path: Path):
@@ -37,8 +65,27 @@ def _open_mmap(path: Path):
             warnings.simplefilter("error")  # mrcfile warns on some corrupt headers
             return mrcfile.mmap(path, mode="r", permissive=False)
     except (ValueError, OSError, RuntimeWarning, UserWarning, EOFError) as exc:
+        mode = _header_mode(path)
+        if mode is not None and mode not in SUPPORTED_MODES:
+            raise _mode_error(path, mode) from None
         msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise CryowaeInputError(f"{path}: not a readable MRC file ({msg})") from None
+
+
+def mode0_unsigned(header: Any) -> bool:
+    """Whether the bytes of a mode-0 file are unsigned (uint8) rather than MRC2014's int8.
+
+    IMOD before 4.2.23 wrote unsigned bytes; later IMOD writes a stamp and a flag saying
+    which. Unsigned when the IMOD stamp is present without the signed flag, or, without
+    the stamp, when the header's minimum is >= 0 and its maximum > 127 (impossible for
+    int8). Otherwise signed (the standard).
+    """
+    extra = bytes(header.extra2)
+    int32 = header.dtype.fields["nx"][0]  # int32 in the file's byte order
+    stamp, flags = np.frombuffer(extra[_IMOD_STAMP_AT:_IMOD_STAMP_AT + 8], dtype=int32)
+    if int(stamp) == IMOD_STAMP:
+        return not int(flags) & 1
+    return float(header.dmin) >= 0 and float(header.dmax) > 127
 
 
 def _header_meta(mrc: Any) -> dict[str, Any]:
@@ -57,20 +104,22 @@ def _header_meta(mrc: Any) -> dict[str, Any]:
 def read_mrc(path: str | os.PathLike, mmap: bool = True) -> Volume:
     """Read an MRC file as a `Volume` (Z, Y, X), memory-mapped by default.
 
-    Raises `CryowaeInputError` for a missing, non-MRC, truncated or unsupported-mode
-    file and for a zero voxel size. The data is not checked for NaNs here (that would
-    read the whole file): call `check_finite`.
+    ``data`` keeps the file's dtype (int8, int16, float32, uint16, float16; uint8 for
+    mode-0 files of unsigned bytes, see `mode0_unsigned`): readers convert blocks to
+    float32 as they read them. Raises `CryowaeInputError` for a missing, non-MRC,
+    truncated or unsupported-mode file and for a zero voxel size. The data is not
+    checked for NaNs here (that would read the whole file): call `check_finite`.
     """
     path = Path(path)
     mrc = _open_mmap(path)
     mode = int(mrc.header.mode)
     if mode not in SUPPORTED_MODES:
         mrc.close()
-        raise CryowaeInputError(
-            f"{path}: MRC mode {mode} is not supported "
-            f"(supported: {', '.join(f'{k} ({v})' for k, v in SUPPORTED_MODES.items())})"
-        )
+        raise _mode_error(path, mode)
     data = mrc.data
+    unsigned = mode == 0 and data is not None and mode0_unsigned(mrc.header)
+    if unsigned:
+        data = data.view(np.uint8)  # same bytes, still memory-mapped
     if data is None or data.ndim not in (2, 3):
         mrc.close()
         raise CryowaeInputError(f"{path}: expected a 3D volume, found no 3D data block")
@@ -91,6 +140,8 @@ def read_mrc(path: str | os.PathLike, mmap: bool = True) -> Volume:
         )
     o = mrc.header.origin
     meta = _header_meta(mrc) | {"source": str(path)}
+    if unsigned:
+        meta["mrc_mode0_unsigned"] = True
     if not mmap:
         data = np.array(data)
         mrc.close()
