@@ -25,9 +25,18 @@ def restore(
                              "the model needs)."),
     overlap: int = typer.Option(32, "--overlap", help="Overlap of neighbouring tiles in "
                                 "voxels (about a third of the tile)."),
-    batch_size: int = typer.Option(4, "--batch-size", help="Tiles per forward pass "
-                                   "(halved automatically when memory runs out)."),
+    batch_size: int = typer.Option(None, "--batch-size", help="Tiles per forward pass "
+                                   "(halved automatically when memory runs out) "
+                                   "[default: from free GPU memory on CUDA, 4 on CPU]."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    amp: bool = typer.Option(None, "--amp/--no-amp", help="bf16 autocast on CUDA "
+                             "[default: on]; ignored on CPU (said in one line)."),
+    compile_: bool = typer.Option(False, "--compile", help="torch.compile the network "
+                                  "(falls back to eager with one line if it fails)."),
+    compile_backend: str = typer.Option("inductor", "--compile-backend",
+                                        help="torch.compile backend."),
+    channels_last: bool = typer.Option(False, "--channels-last", help="channels_last_3d "
+                                       "memory layout."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output."),
     tilt_min: float = typer.Option(None, "--tilt-min", help="Lowest tilt (degrees) of "
                                    "this tomogram, to check it against the model's."),
@@ -40,10 +49,18 @@ def restore(
     blended overlaps, in memory bounded by one slab of tiles."""
     import time
 
-    from cryowae.cli.common import out_console
+    from cryowae.cli.common import err_console, out_console
     from cryowae.cli.progress import RichProgress
+    from cryowae.devices import resolve_device
     from cryowae.inference.restore import DEFAULT_HALVES_MODE, restore_file, throughput
     from cryowae.io import read_volume
+    from cryowae.precision import ComputeSettings, amp_note
+
+    note = amp_note(resolve_device(device), amp)
+    if note:
+        err_console.print(note, soft_wrap=True, highlight=False, markup=False)
+    compute = ComputeSettings(amp=amp is not False, channels_last=channels_last,
+                              compile=compile_, compile_backend=compile_backend)
 
     geometry = None
     if any(v is not None for v in (tilt_min, tilt_max, tilt_axis, tilt_file)):
@@ -56,7 +73,7 @@ def restore(
     path = restore_file(model, tomogram, out, even=even, odd=odd, tile=tile, overlap=overlap,
                         batch_size=batch_size, device=device, overwrite=overwrite,
                         progress=RichProgress(), halves=halves or DEFAULT_HALVES_MODE,
-                        geometry=geometry)
+                        geometry=geometry, compute=compute)
     elapsed = time.perf_counter() - t0
     with read_volume(path) as vol:
         shape = vol.shape

@@ -25,7 +25,8 @@ def train(
     tilt_axis: str = typer.Option(None, "--tilt-axis", help="Tilt axis: y or x "
                                   "[default: the config's, else y]."),
     config: str = typer.Option(None, "--config", "-c", help="YAML file or preset "
-                               "(cpu-small, gpu-default, gpu-large). Default: cpu-small, "
+                               "(cpu-small, gpu-default, gpu-large). Default: by device "
+                               "(gpu-default on CUDA, cpu-small on CPU; said in one line), "
                                "or the run's own config with --resume."),
     divergence: str = typer.Option(None, "--divergence", help="mmd, sinkhorn, sliced, "
                                    "adversarial or none."),
@@ -64,15 +65,28 @@ def train(
                                      "halves or estimate."),
     seed: int = typer.Option(None, "--seed"),
     device: str = typer.Option(None, "--device", help="auto, cpu or cuda."),
+    amp: bool = typer.Option(None, "--amp/--no-amp", help="bf16 autocast on CUDA "
+                             "[default: the config's, on]; ignored on CPU (said in one "
+                             "line)."),
+    compile_: bool = typer.Option(None, "--compile/--no-compile", help="torch.compile the "
+                                  "network (falls back to eager with one line if it "
+                                  "fails) [default: off]."),
+    compile_backend: str = typer.Option(None, "--compile-backend", help="torch.compile "
+                                        "backend [default: inductor]."),
+    channels_last: bool = typer.Option(None, "--channels-last/--no-channels-last",
+                                       help="channels_last_3d memory layout "
+                                       "[default: off]."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out."),
 ) -> None:
     """Train a restorer on TOMOGRAMS alone (no ground truth needed)."""
     import dataclasses
 
-    from cryowae.cli.common import out_console, resolve_geometry
+    from cryowae.cli.common import err_console, out_console, resolve_geometry
     from cryowae.cli.progress import RichProgress
+    from cryowae.devices import preset_for, resolve_device
     from cryowae.errors import CryowaeInputError
     from cryowae.io import read_volume
+    from cryowae.precision import amp_note
     from cryowae.training.config import load_config
     from cryowae.training.data import load_sources
     from cryowae.training.loop import train as run_training
@@ -86,6 +100,11 @@ def train(
         if (run_dir / "checkpoint.pt").exists():
             raise CryowaeInputError(f"{run_dir} already holds a run; pass --resume to "
                                     "continue it or choose another --out")
+        if config is None:
+            config = preset_for(resolve_device(device or "auto"))
+            err_console.print(f"no --config: using preset {config} (device "
+                              f"{resolve_device(device or 'auto')})", soft_wrap=True,
+                              highlight=False, markup=False)
         cfg = load_config(config)
     if resume and tilt_file is None and tilt_min is None and tilt_max is None:
         geometry = cfg.geometry  # the run's own
@@ -100,7 +119,11 @@ def train(
     cfg = cfg.replace(geometry=geometry, divergence=divergence, kernel=kernel,
                       lambda_=lam, steps=steps, minutes=minutes, batch_size=batch_size,
                       patch_size=patch_size, latent_dim=latent_dim, prior=prior, seed=seed,
-                      device=device)
+                      device=device, amp=amp, compile=compile_,
+                      compile_backend=compile_backend, channels_last=channels_last)
+    note = amp_note(resolve_device(cfg.device), amp)
+    if note:
+        err_console.print(note, soft_wrap=True, highlight=False, markup=False)
     fam = {k: v for k, v in {"enabled": family, "samples": samples_per_input,
                               "branch_batch": branch_batch,
                               "score": score, "posterior_matching": posterior_matching,

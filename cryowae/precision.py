@@ -97,7 +97,7 @@ class CompileFallback(torch.nn.Module):
     out of memory) propagate unchanged. ``train()``/``eval()`` reach the eager module,
     whose parameters the compiled one shares."""
 
-    def __init__(self, module: torch.nn.Module, compiled: Any, backend: str,
+    def __init__(self, module: torch.nn.Module, compiled: Any, backend: Any,
                  log: Log | None = None) -> None:
         super().__init__()
         self.eager = module
@@ -118,14 +118,17 @@ class CompileFallback(torch.nn.Module):
         return self.eager(*args, **kwargs)
 
 
-def compile_warning(backend: str, exc: BaseException) -> str:
-    """One line: compilation with `backend` failed (the first line of `exc`), eager."""
-    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-    return (f"warning: torch.compile (backend {backend}) failed: {first[:160]}; running "
+def compile_warning(backend: Any, exc: BaseException) -> str:
+    """One line: compilation with `backend` (a name or a backend function) failed, with
+    the first line of the error that made it fail; the network runs eagerly."""
+    inner = getattr(exc, "inner_exception", None) or exc
+    first = (str(inner).strip().splitlines() or [type(inner).__name__])[0]
+    name = backend if isinstance(backend, str) else getattr(backend, "__name__", backend)
+    return (f"warning: torch.compile (backend {name}) failed: {first[:160]}; running "
             "eagerly")
 
 
-def compiled(module: torch.nn.Module, backend: str = "inductor",
+def compiled(module: torch.nn.Module, backend: Any = "inductor",
              log: Log | None = None) -> CompileFallback:
     """`module` behind `torch.compile` with an eager fallback (`CompileFallback`); a
     failure to wrap (e.g. an unknown backend) is reported through `log` at once."""

@@ -26,10 +26,20 @@ from cryowae.errors import CryowaeInputError
 from cryowae.io.volume import Volume
 from cryowae.models.protocol import Restorer
 from cryowae.physics.geometry import TiltGeometry, find_tilt_file, geometry_mismatch
+from cryowae.physics.wedge_estimate import spectrum_warning
+from cryowae.precision import ComputeSettings
 from cryowae.progress import ProgressReporter, ensure_progress
-from cryowae.tiling.engine import TileRunner, array_sink, iter_slabs, model_tile_fn, run_tiles
+from cryowae.tiling.engine import (
+    DEFAULT_PREFETCH,
+    TileRunner,
+    array_sink,
+    iter_slabs,
+    model_tile_fn,
+    run_tiles,
+)
 from cryowae.tiling.pages import page_releasing, release_pages
 from cryowae.tiling.plan import TilePlan
+from cryowae.tiling.runner import resolve_batch_size
 from cryowae.tiling.settings import TileSettings
 
 #: What `restore_file` does with even/odd halves by default: "average" restores each half
@@ -85,24 +95,40 @@ def _output(out: Any, shape: tuple[int, int, int]) -> Any:
     return out
 
 
+def _settings(tile: int, overlap: int, batch_size: int | None,
+              window: str) -> tuple[TileSettings, int | None]:
+    """The tile settings and the batch size asked for (None: chosen by `_batch`)."""
+    return TileSettings(tile, overlap, batch_size or 4, window), batch_size
+
+
+def _batch(fn: Any, plan: TilePlan, restorer: Restorer, requested: int | None,
+           progress: ProgressReporter) -> int:
+    """`requested`, else from the free GPU memory (`resolve_batch_size`), else 4."""
+    return resolve_batch_size(fn, plan.tile, restorer.device, requested, progress.log)
+
+
 def _restore(restorer: Restorer, data: Any, settings: TileSettings,
-             progress: ProgressReporter, out: Any, norm: tuple[float, float] | None) -> Any:
+             progress: ProgressReporter, out: Any, norm: tuple[float, float] | None,
+             compute: ComputeSettings | None = None, auto_batch: bool = False) -> Any:
     plan = _plan(restorer, data, settings, progress)
     norm = _stats(data, norm)
     out = _output(out, plan.shape)
+    fn = model_tile_fn(restorer, compute, progress.log)
+    batch = _batch(fn, plan, restorer, None if auto_batch else settings.batch_size, progress)
     progress.start(plan.n_tiles, "restoring")
     try:
-        run_tiles(model_tile_fn(restorer), data, plan, array_sink(out), norm=norm,
-                  device=restorer.device, batch_size=settings.batch_size, progress=progress)
+        run_tiles(fn, data, plan, array_sink(out), norm=norm, device=restorer.device,
+                  batch_size=batch, progress=progress)
     finally:
         progress.finish()
     return out
 
 
 def restore_array(restorer: Restorer, data: Any, tile: int = 96, overlap: int = 32,
-                  batch_size: int = 4, window: str = "cosine",
+                  batch_size: int | None = 4, window: str = "cosine",
                   progress: ProgressReporter | None = None, out: Any = None,
-                  norm: tuple[float, float] | None = None) -> Any:
+                  norm: tuple[float, float] | None = None,
+                  compute: ComputeSettings | None = None) -> Any:
     """Restore a whole (Z, Y, X) tomogram tile by tile, in bounded memory.
 
     Parameters
@@ -119,7 +145,9 @@ def restore_array(restorer: Restorer, data: Any, tile: int = 96, overlap: int = 
         tile is rounded up to a multiple of ``model.multiple``, reported through
         `progress`; axes shorter than a tile get one smaller tile and reflect padding),
         tiles per forward pass (halved automatically on out-of-memory errors), blending
-        window (``cosine``, ``gaussian`` or ``flat``).
+        window (``cosine``, ``gaussian`` or ``flat``). ``batch_size=None``: chosen
+        from the free GPU memory on CUDA (`cryowae.tiling.runner.batch_for_memory`),
+        4 elsewhere.
     progress
         Reporter: counts tiles, receives messages, and is polled for cancellation
         (`cryowae.progress.Cancelled` is raised).
@@ -130,19 +158,24 @@ def restore_array(restorer: Restorer, data: Any, tile: int = 96, overlap: int = 
         (mean, std) to normalise with; default: ``volume_stats(data)``, the global
         normalisation used in training. The output is de-normalised with the same
         values, so it has the input's intensity scale.
+    compute
+        bf16 autocast (CUDA only; default on), ``channels_last_3d``, `torch.compile`
+        (`cryowae.precision.ComputeSettings`).
 
     Returns
     -------
     The restored volume (float32), `out` itself when given.
     """
-    settings = TileSettings(tile, overlap, batch_size, window)
-    return _restore(restorer, data, settings, ensure_progress(progress), out, norm)
+    settings, asked = _settings(tile, overlap, batch_size, window)
+    return _restore(restorer, data, settings, ensure_progress(progress), out, norm,
+                    compute, asked is None)
 
 
 def _restore_halves(restorer: Restorer, even: Any, odd: Any, settings: TileSettings,
                     progress: ProgressReporter, out: Any,
                     norms: tuple[tuple[float, float], tuple[float, float]] | None,
-                    out_norm: tuple[float, float] | None) -> Any:
+                    out_norm: tuple[float, float] | None,
+                    compute: ComputeSettings | None = None, auto_batch: bool = False) -> Any:
     if tuple(even.shape) != tuple(odd.shape):
         raise CryowaeInputError(f"even and odd halves differ in shape: {tuple(even.shape)} "
                                 f"vs {tuple(odd.shape)}")
@@ -157,13 +190,15 @@ def _restore_halves(restorer: Restorer, even: Any, odd: Any, settings: TileSetti
     out = _output(out, plan.shape)
     sink = array_sink(out)
     # one runner: an out-of-memory fallback holds for both halves
-    runner = TileRunner(model_tile_fn(restorer), plan, restorer.device,
-                        settings.batch_size, progress)
+    fn = model_tile_fn(restorer, compute, progress.log)
+    runner = TileRunner(fn, plan, restorer.device, _batch(
+        fn, plan, restorer, None if auto_batch else settings.batch_size, progress), progress)
     progress.start(2 * plan.n_tiles, "restoring halves")
     try:
-        slabs = zip(iter_slabs(runner, even, plan, norm=norms[0], progress=progress),
-                    iter_slabs(runner, odd, plan, norm=norms[1], progress=progress),
-                    strict=True)
+        slabs = zip(iter_slabs(runner, even, plan, norm=norms[0], progress=progress,
+                               prefetch=DEFAULT_PREFETCH),
+                    iter_slabs(runner, odd, plan, norm=norms[1], progress=progress,
+                               prefetch=DEFAULT_PREFETCH), strict=True)
         for (where, a), (_, b) in slabs:
             a += b
             a *= 0.5 * std
@@ -238,10 +273,11 @@ def _open_input(path: str | os.PathLike, what: str, check_nan: bool = True) -> V
 def restore_file(model: str | os.PathLike, tomogram: str | os.PathLike,
                  out: str | os.PathLike, even: str | os.PathLike | None = None,
                  odd: str | os.PathLike | None = None, tile: int = 96, overlap: int = 32,
-                 batch_size: int = 4, device: str = "auto", overwrite: bool = False,
+                 batch_size: int | None = 4, device: str = "auto", overwrite: bool = False,
                  progress: ProgressReporter | None = None, window: str = "cosine",
                  halves: str = DEFAULT_HALVES_MODE,
-                 geometry: TiltGeometry | None = None) -> Path:
+                 geometry: TiltGeometry | None = None,
+                 compute: ComputeSettings | None = None) -> Path:
     """Restore a tomogram file with a trained model and write MRC or OME-Zarr.
 
     Parameters
@@ -260,8 +296,8 @@ def restore_file(model: str | os.PathLike, tomogram: str | os.PathLike,
         restored and the two averaged, on the full tomogram's intensity scale; with
         ``"full"`` (the default, see `DEFAULT_HALVES_MODE` for the measurements) the
         full tomogram is restored in one pass and the halves' shapes are checked.
-    tile, overlap, batch_size, window
-        See `restore_array`.
+    tile, overlap, batch_size, window, compute
+        See `restore_array` (``batch_size=None``: from the free GPU memory).
     device
         ``auto``, ``cpu`` or ``cuda``.
     progress
@@ -269,7 +305,9 @@ def restore_file(model: str | os.PathLike, tomogram: str | os.PathLike,
     geometry
         The tomogram's tilt geometry, when known (default: a .tlt/.rawtlt file next to
         the tomogram, if there is one). Restoration does not need it; a geometry other
-        than the model's training geometry is reported (`geometry_mismatch`).
+        than the model's training geometry is reported (`geometry_mismatch`), and so is
+        one (or, when none is known, the model's) that the tomogram's own spectrum
+        contradicts (`spectrum_warning`).
     """
     from cryowae.io import check_output_path, create_ome_zarr, open_mrc_writer
     from cryowae.models.checkpoint import load_restorer
@@ -278,7 +316,7 @@ def restore_file(model: str | os.PathLike, tomogram: str | os.PathLike,
     out = Path(out)
     kind = _output_kind(out)
     check_output_path(out, overwrite=overwrite)
-    settings = TileSettings(tile, overlap, batch_size, window)
+    settings, asked = _settings(tile, overlap, batch_size, window)
     if (even is None) != (odd is None):
         raise CryowaeInputError("give both --even and --odd, or neither")
     if halves not in HALVES_MODES:
@@ -311,13 +349,17 @@ def restore_file(model: str | os.PathLike, tomogram: str | os.PathLike,
             mismatch = geometry_mismatch(geometry, restorer.geometry)
             if mismatch:
                 progress.log(mismatch)
+        seen = spectrum_warning(vol.data, geometry or restorer.geometry, Path(tomogram).name)
+        if seen:
+            progress.log(seen)
 
         def run(target: Any) -> None:
             if halves_data is not None and halves == "average":
                 _restore_halves(restorer, *halves_data, settings, progress, target, None,
-                                _stats(vol.data, None))
+                                _stats(vol.data, None), compute, asked is None)
             else:
-                _restore(restorer, vol.data, settings, progress, target, None)
+                _restore(restorer, vol.data, settings, progress, target, None, compute,
+                         asked is None)
 
         if kind == "zarr":
             with create_ome_zarr(out, vol.shape, vol.voxel_size, origin=vol.origin,

@@ -81,7 +81,10 @@ class TrainConfig:
     # bookkeeping
     seed: int = 0
     device: str = "auto"
-    amp: bool = True  # bf16 autocast on CUDA
+    amp: bool = True  # bf16 autocast on CUDA (cryowae.precision); float32 elsewhere
+    channels_last: bool = False  # channels_last_3d weights and inputs
+    compile: bool = False  # torch.compile the network (eager fallback on failure)
+    compile_backend: str = "inductor"
     num_threads: int = 0  # CPU threads for torch (0: torch's default)
     log_every: int = 5
     checkpoint_every: int = 25

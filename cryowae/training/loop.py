@@ -28,6 +28,7 @@ from cryowae.divergences import CodeBank, prefers_prior
 from cryowae.errors import CryowaeInputError
 from cryowae.models.checkpoint import KIND_CHECKPOINT, load_state, save_restorer, save_state
 from cryowae.models.restorer import RestorerOutput, WAERestorer
+from cryowae.precision import autocast, compiled, to_layout
 from cryowae.progress import Cancelled, NullProgress, ProgressReporter, ensure_progress
 from cryowae.training.augment import make_batch
 from cryowae.training.config import TrainConfig, save_config
@@ -114,6 +115,8 @@ class Trainer:
                                           seed=cfg.seed + 1000 * self.dist.rank)
         self.gen = torch.Generator().manual_seed(cfg.seed + 7919 * (self.dist.rank + 1))
         self.model = WAERestorer(cfg.restorer).to(self.device)
+        if cfg.channels_last:
+            self.model.to(memory_format=torch.channels_last_3d)
         if not resume and cfg.divergence != "none" and cfg.init_codes > 0:
             self.init_code_scale(cfg.init_codes)
         params = list(self.model.parameters())
@@ -137,6 +140,12 @@ class Trainer:
             self.net = torch.nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda"
                 else None)
+        if cfg.compile and self.family is not None:
+            self.progress.log("warning: --compile is not used with the family branch (it "
+                              "reads the mean path's features through forward hooks, "
+                              "which a compiled graph skips); training eagerly")
+        elif cfg.compile:  # eager fallback, said in one line, if compiling fails
+            self.net = compiled(self.net, cfg.compile_backend, self.progress.log)
         self.prior_check = "not run"
         if saved is not None:
             self.step, self.elapsed = restore_run_state(self._run_state(), saved)
@@ -179,11 +188,13 @@ class Trainer:
         inputs, targets = self.sampler.sample(cfg.batch_size)
         batch = make_batch(inputs, targets, cfg.patch_size, cfg.geometry, self.device,
                            generator=self.gen)
-        use_amp = cfg.amp and self.device.type == "cuda"
         capture = self.family.capture() if self.family else contextlib.nullcontext([])
-        with capture as feats, torch.autocast(self.device.type, dtype=torch.bfloat16,
-                                              enabled=use_amp):
-            fwd: RestorerOutput = self.net(batch.inputs, with_features=True)
+        # bf16 autocast (CUDA) around the network only: the losses and their FFTs run
+        # in float32 on the outputs' .float()
+        with capture as feats, autocast(self.device, cfg.amp):
+            fwd: RestorerOutput = self.net(to_layout(batch.inputs, cfg.channels_last),
+                                           with_features=True)
+        feats = [f.float() for f in feats]
         rec, parts = masked_fourier_loss(fwd.restored, batch, cfg.wedge_weight)
         z = fwd.z.float()
         out = {"rec": rec.item(), **parts}
@@ -206,7 +217,8 @@ class Trainer:
             out |= {"div": div.item(), "div_weight": weight}
         out["loss"] = loss.item()
         if self.family is not None:  # the branch's terms: no gradient reaches the mean
-            fam_loss, fam_out = self.family.loss(batch, fwd.restored, feats, out["rec"])
+            fam_loss, fam_out = self.family.loss(batch, fwd.restored.float(), feats,
+                                                 out["rec"])
             out |= fam_out
         if not math.isfinite(out["loss"] + out.get("fam_loss", 0.0)):
             raise FloatingPointError(f"loss became {out['loss']} at step {self.step}; "
@@ -228,7 +240,7 @@ class Trainer:
         if self.family is not None:
             self.family.after_backward(cfg.grad_clip, self.dist.enabled)
         self.opt.step()
-        out |= self.latent.after_step(z, fwd.pooled)
+        out |= self.latent.after_step(z, fwd.pooled.float())
         if self.family is not None:
             out |= self.family.after_step()
         self.recent.push(z.detach())
