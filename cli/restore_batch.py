@@ -8,11 +8,17 @@ import typer
 
 
 def restore_batch(
-    inputs: list[Path] = typer.Argument(..., help="Tomograms to restore (MRC or OME-Zarr)."),
+    inputs: list[str] = typer.Argument(..., help="Tomograms to restore (MRC or OME-Zarr): "
+                                       "paths, quoted globs ('TS_*/tomo.mrc', "
+                                       "'data/**/*.mrc'), @list.txt or list.txt (one "
+                                       "per line, # comments) or CryoET Data Portal "
+                                       "dataset/run folders."),
     model: Path = typer.Option(..., "--model", "-m", help="model.pt, or a run directory "
                                "holding one."),
     out: Path = typer.Option(..., "--out", "-o", help="Output folder: NAME.zarr per "
-                             "tomogram (NAME.zarr.partial while unfinished)."),
+                             "tomogram (NAME.zarr.partial while unfinished); NAME is "
+                             "the file name without suffix, or TS_01/tomo (the path "
+                             "under the inputs' common folder) when file names repeat."),
     cluster: str = typer.Option("local", "--cluster", help="local (this machine: one "
                                 "worker per GPU, or one CPU worker) or slurm "
                                 "(dask-jobqueue)."),

@@ -5,6 +5,11 @@ with axes z, y, x in angstrom, optionally preceded by non-spatial axes such as a
 sample axis ``s`` for posterior families. Reads NGFF 0.4 and 0.5 (zarr v3) stores, as
 published by the CryoET Data Portal. The metadata is written by `ome-zarr`; the pixel
 data is written chunk by chunk with `zarr` so memory stays bounded for any size.
+
+The multiscale's ``name`` is the store's final name without ``.zarr``/``.ome.zarr``
+(``r`` for ``r.zarr``), never the temporary name it is written under. A store without a
+scale in its metadata, inside a CryoET Data Portal ``VoxelSpacing<A>`` folder, takes its
+voxel size from that folder (`cryowae.io.portal`).
 """
 
 from __future__ import annotations
@@ -22,9 +27,20 @@ from ome_zarr.writer import write_multiscales_metadata
 
 from cryowae.errors import CryowaeInputError
 from cryowae.io.atomic import atomic_path
+from cryowae.io.portal import folder_voxel_spacing
 from cryowae.io.volume import Volume
 
 DEFAULT_CHUNK = 64
+
+
+def store_name(path: str | os.PathLike) -> str:
+    """The NGFF multiscale name of a store at `path`: its file name without ``.ome.zarr``
+    or ``.zarr`` (``r.zarr`` -> ``r``)."""
+    name = Path(path).name
+    for suffix in (".ome.zarr", ".zarr"):
+        if name.lower().endswith(suffix) and len(name) > len(suffix):
+            return name[: -len(suffix)]
+    return name
 
 
 def _axes(extra_axes: Sequence[str]) -> list[dict[str, str]]:
@@ -64,14 +80,20 @@ def _downsample_level(src: zarr.Array, dst: zarr.Array, slab: int) -> None:
 
 
 class OmeZarrWriter:
-    """An open OME-Zarr store being written: fill `level0`, then `finish()`."""
+    """An open OME-Zarr store being written: fill `level0`, then `finish()`.
+
+    `name` is the multiscale's name in the NGFF metadata (default: `store_name(path)`);
+    a store written under a temporary or ``.partial`` path is given its final name.
+    """
 
     def __init__(self, path: Path, shape: Sequence[int], voxel_size: float, levels: int,
                  chunks: Sequence[int], extra_axes: Sequence[str],
-                 origin: tuple[float, float, float], attrs: dict[str, Any] | None) -> None:
+                 origin: tuple[float, float, float], attrs: dict[str, Any] | None,
+                 name: str | None = None) -> None:
         if len(shape) != 3 + len(extra_axes):
             raise ValueError(f"shape {tuple(shape)} does not fit axes {list(extra_axes)} + zyx")
         self.path, self.voxel_size, self.origin = path, float(voxel_size), origin
+        self.name = name if name is not None else store_name(path)
         self.extra_axes = list(extra_axes)
         self.levels = max(1, int(levels))
         self.group = zarr.open_group(str(path), mode="a", zarr_format=2)
@@ -96,7 +118,7 @@ class OmeZarrWriter:
         write_multiscales_metadata(
             self.group,
             _datasets(self.levels, self.voxel_size, len(self.extra_axes), self.origin),
-            fmt=FormatV04(), axes=_axes(self.extra_axes), name=self.path.stem)
+            fmt=FormatV04(), axes=_axes(self.extra_axes), name=self.name)
 
 
 def default_chunks(ndim_extra: int, chunk: int = DEFAULT_CHUNK) -> tuple[int, ...]:
@@ -119,7 +141,7 @@ def create_ome_zarr(path: str | os.PathLike, shape: Sequence[int], voxel_size: f
     chunks = tuple(chunks) if chunks else default_chunks(len(extra_axes))
     with atomic_path(path, overwrite=overwrite) as tmp:
         writer = OmeZarrWriter(tmp, shape, voxel_size, levels, chunks, extra_axes, origin,
-                               attrs)
+                               attrs, name=store_name(path))
         yield writer
         writer.finish()
 
@@ -153,7 +175,9 @@ def read_ome_zarr(path: str | os.PathLike, level: int = 0) -> Volume:
 
     ``Volume.data`` is the zarr array of pyramid `level`; its leading non-spatial axes
     (e.g. ``s`` of a posterior family) are kept. ``meta["levels"]`` lists all levels
-    and ``meta["axes"]`` their names.
+    and ``meta["axes"]`` their names. ``meta["voxel_source"]`` says where the voxel size
+    came from: ``"ngff"`` (the level's scale), ``"folder"`` (no scale in the metadata; a
+    CryoET Data Portal ``VoxelSpacing<A>`` folder name) or ``"default"`` (1 A).
     """
     p = Path(path)
     if not p.exists():
@@ -162,9 +186,11 @@ def read_ome_zarr(path: str | os.PathLike, level: int = 0) -> Volume:
         node = zarr.open(str(p), mode="r")
     except Exception as exc:  # zarr raises several types for a non-store
         raise CryowaeInputError(f"{p}: not a readable Zarr store ({type(exc).__name__})") from None
+    folder = folder_voxel_spacing(p)
     if isinstance(node, zarr.Array):
-        return Volume(data=node, voxel_size=1.0, meta={"source": str(p), "levels": [node],
-                                                       "axes": ["z", "y", "x"]})
+        return Volume(data=node, voxel_size=folder or 1.0,
+                      meta={"source": str(p), "levels": [node], "axes": ["z", "y", "x"],
+                            "voxel_source": "default" if folder is None else "folder"})
     ms = _multiscales(node)
     if not ms:
         raise CryowaeInputError(f"{p}: Zarr group without OME-NGFF multiscales metadata")
@@ -174,7 +200,7 @@ def read_ome_zarr(path: str | os.PathLike, level: int = 0) -> Volume:
     if not 0 <= level < len(datasets):
         raise CryowaeInputError(f"{p}: pyramid level {level} absent ({len(datasets)} levels)")
     arrays = [node[d["path"]] for d in datasets]
-    scale, origin = [1.0] * len(axes), [0.0] * len(axes)
+    scale, origin = None, [0.0] * len(axes)
     for t in datasets[level].get("coordinateTransformations", []):
         if t["type"] == "scale":
             scale = t["scale"]
@@ -182,10 +208,15 @@ def read_ome_zarr(path: str | os.PathLike, level: int = 0) -> Volume:
             origin = t["translation"]
     units = [a.get("unit") if isinstance(a, dict) else None for a in m.get("axes", [])]
     factor = 10.0 if units[-1:] == ["nanometer"] else 1e4 if units[-1:] == ["micrometer"] else 1.0
-    voxel = float(scale[-1]) * factor
+    if scale is not None:
+        voxel, source = float(scale[-1]) * factor, "ngff"
+    elif folder is not None:  # the folder names the level-0 spacing
+        voxel, source = folder * 2**level, "folder"
+    else:
+        voxel, source = 1.0, "default"
     if voxel <= 0:
         raise CryowaeInputError(f"{p}: voxel size {voxel} in the NGFF metadata is invalid")
     o = tuple(float(v) * factor for v in origin[-3:])
     return Volume(data=arrays[level], voxel_size=voxel, origin=o,  # type: ignore[arg-type]
                   meta={"source": str(p), "levels": arrays, "axes": axes,
-                        "attrs": dict(node.attrs)})
+                        "attrs": dict(node.attrs), "voxel_source": source})

@@ -314,6 +314,8 @@ class Trainer:
         if cfg.refill_every and self.step >= cfg.refill_every:
             self.refill()  # refilled volumes are not checkpointed: rebuild them on resume
         self.progress.start(cfg.steps, "training", done=self.step)
+        # --minutes: the bar and the remaining time follow the budget, not the step total
+        self.progress.set_time_budget(budget, spent_s=self.elapsed)
         t_start = time.perf_counter() - self.elapsed
         last: dict[str, float] = {}
         steps_at_start = self.step

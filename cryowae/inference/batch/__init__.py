@@ -25,7 +25,10 @@ bfloat16 noise of its autocast), for two reasons:
   --tile 96 --overlap 32: about 2-2.5x for --block 256 and 1.3x for --block 512 on
   300x1000x1000 to 500x2000x2000 tomograms): a larger block costs less.
 
-Output of a tomogram ``NAME`` (the input's file name without suffix) in ``DIR``:
+Output of a tomogram ``NAME`` in ``DIR``: ``NAME`` is the input's file name without
+suffix, or, when two inputs share a file name (``TS_01/tomo.mrc``, ``TS_02/tomo.mrc``),
+every input's path relative to the inputs' common folder (``TS_01/tomo``), so outputs
+keep the inputs' folders (`cryowae.data.inputs.output_names`):
 
 * while blocks are running, ``DIR/NAME.zarr.partial``: a zarr group without NGFF
   metadata (`read_volume` refuses it), whose ``.cryowae_done/`` folder holds an empty

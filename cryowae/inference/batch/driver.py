@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cryowae.data.inputs import expand_inputs
 from cryowae.errors import CryowaeInputError
 from cryowae.inference.batch.resume import TomogramJob, create_partial, plan_batch
 from cryowae.inference.batch.settings import BatchSettings, block_id, block_overhead
@@ -68,11 +69,15 @@ def restore_batch(inputs: Sequence[str | os.PathLike], model: str | os.PathLike,
     Parameters
     ----------
     inputs
-        MRC files or OME-Zarr stores, read memory-mapped / lazily by the workers.
+        MRC files or OME-Zarr stores, read memory-mapped / lazily by the workers; globs,
+        list files and CryoET Data Portal folders are expanded
+        (`cryowae.data.inputs.expand_inputs`).
     model
         ``model.pt`` (or a run directory holding one), loaded once per worker.
     out_dir
-        Output folder (created). See the module docstring for the layout.
+        Output folder (created). See the module docstring for the layout; outputs are
+        named by `cryowae.data.inputs.output_names` (``TS_01/tomo.zarr`` when two
+        inputs share a file name).
     block
         Edge of a block's core (voxels), a multiple of the output `chunk` (default 64,
         or the block itself when 64 does not divide it).
@@ -105,8 +110,6 @@ def restore_batch(inputs: Sequence[str | os.PathLike], model: str | os.PathLike,
     t_start = time.perf_counter()
     if not inputs:
         raise CryowaeInputError("no input tomograms given")
-    # absolute paths: workers (SLURM jobs) may start in another directory
-    inputs = [Path(os.path.abspath(p)) for p in inputs]
     model, out_dir = os.path.abspath(model), os.path.abspath(out_dir)
     settings = BatchSettings(model=str(model), tiles=TileSettings(tile, overlap, batch_size,
                                                                   window),
@@ -119,6 +122,11 @@ def restore_batch(inputs: Sequence[str | os.PathLike], model: str | os.PathLike,
         raise CryowaeInputError(f"--cluster {cluster!r}: choose local or slurm")
     if workers is not None and workers < 1:
         raise CryowaeInputError(f"--workers must be >= 1, got {workers}")
+    expanded = expand_inputs(inputs, what="input tomogram")
+    for note in expanded.notes:
+        progress.log(note)
+    # absolute paths: workers (SLURM jobs) may start in another directory
+    inputs = [Path(os.path.abspath(p)) for p in expanded.paths]
     loaded = load_restorer(model, "cpu")  # validates the checkpoint on the client
     multiple = loaded.model.multiple
     jobs = plan_batch(inputs, out_dir, settings, multiple, progress)
@@ -176,7 +184,9 @@ def restore_batch(inputs: Sequence[str | os.PathLike], model: str | os.PathLike,
 
         def submit(fn: Any, arg: Any, kind: str, job: TomogramJob, key: str,
                    priority: int, resources: dict[str, int] | None = None) -> None:
-            fut = client.submit(fn, arg, key=f"cryowae-{kind}-{job.name}-{key}-{run_id}",
+            label = job.name.replace("/", "_")  # names may hold folders (TS_01/tomo)
+            fut = client.submit(fn, arg,
+                                key=f"cryowae-{kind}-{job.index}-{label}-{key}-{run_id}",
                                 priority=priority, resources=resources, retries=1)
             info[fut] = (kind, job, key)
             all_futures.setdefault(job.name, []).append(fut)

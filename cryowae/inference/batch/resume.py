@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cryowae.data.inputs import input_stem, output_names
 from cryowae.errors import CryowaeInputError
 from cryowae.inference.batch.settings import (
     ATTR,
@@ -66,13 +67,10 @@ class TomogramJob:
 
 
 def output_name(path: str | os.PathLike) -> str:
-    """Output name of an input: its file name without ``.mrc``/``.rec``/``.zarr``/
-    ``.ome.zarr``... suffixes."""
-    name = Path(path).name
-    for suffix in (".ome.zarr", ".zarr", ".mrc", ".rec", ".map", ".st", ".mrcs", ".ali"):
-        if name.lower().endswith(suffix) and len(name) > len(suffix):
-            return name[: -len(suffix)]
-    return Path(name).stem or name
+    """Output name of an input alone: its file name without ``.mrc``/``.zarr``/
+    ``.ome.zarr``... suffixes (`cryowae.data.inputs.input_stem`); in a batch, the names
+    come from `cryowae.data.inputs.output_names` over all inputs."""
+    return input_stem(path)
 
 
 def _file_id(path: Path) -> dict[str, Any]:
@@ -111,12 +109,12 @@ def _markers(partial: Path, names: set[str]) -> set[str]:
     return {n for n in os.listdir(d) if n in names}
 
 
-def _new_job(index: int, p: Path, out: Path, settings: BatchSettings, tile: int,
-             model_id: dict[str, Any]) -> TomogramJob:
-    """A job for input `p`, from its header (the file is closed again)."""
+def _new_job(index: int, p: Path, name: str, out: Path, settings: BatchSettings,
+             tile: int, model_id: dict[str, Any]) -> TomogramJob:
+    """A job for input `p` written to ``out/<name>.zarr``, from its header (the file is
+    closed again)."""
     from cryowae.io import read_volume
 
-    name = output_name(p)
     with read_volume(p) as vol:
         shape, voxel_size, origin = vol.shape, float(vol.voxel_size), tuple(vol.origin)
         mrc_meta = {k: vol.meta[k] for k in ("mrc_labels", "mrc_nstart") if k in vol.meta}
@@ -171,6 +169,8 @@ def plan_batch(inputs: Sequence[str | os.PathLike], out_dir: str | os.PathLike,
                progress: ProgressReporter | None = None) -> list[TomogramJob]:
     """Read every input's header, and find out what is left to do for each.
 
+    Outputs are named by `cryowae.data.inputs.output_names` (file stems when unique,
+    else paths relative to the inputs' common folder: ``out/TS_01/tomo.zarr``).
     Raises `CryowaeInputError` (before any work starts) for an unreadable input, two
     inputs with one output name, or a finished output that `settings` may not replace.
     """
@@ -182,9 +182,9 @@ def plan_batch(inputs: Sequence[str | os.PathLike], out_dir: str | os.PathLike,
     tile = settings.tiles.resolved_tile(multiple)
     jobs: list[TomogramJob] = []
     names: dict[str, Path] = {}
-    for i, inp in enumerate(inputs):
+    for i, (inp, name) in enumerate(zip(inputs, output_names(inputs), strict=True)):
         p = Path(inp)
-        job = _new_job(i, p, out, settings, tile, model_id)
+        job = _new_job(i, p, name, out, settings, tile, model_id)
         if job.name in names:
             raise CryowaeInputError(f"{p} and {names[job.name]} would both be written to "
                                     f"{job.final}; rename one")

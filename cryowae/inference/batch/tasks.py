@@ -137,15 +137,16 @@ def write_mrc_from_zarr(store: str | os.PathLike, path: str | os.PathLike, voxel
 def finalize_tomogram(task: FinalizeTask) -> str:
     """Worker task: pyramid + NGFF metadata, drop the markers, rename the partial store
     to its final name; then the MRC, if asked for."""
-    from cryowae.io.omezarr import OmeZarrWriter
+    from cryowae.io.omezarr import OmeZarrWriter, store_name
 
     partial, final = Path(task.partial), Path(task.final)
     if task.write_zarr:
         if partial.is_dir():
+            # the NGFF name is the final one (tomo), not *.partial
             writer = OmeZarrWriter(partial, task.shape, task.voxel_size, task.levels,
-                                   (task.chunk,) * 3, (), task.origin, task.attrs)
+                                   (task.chunk,) * 3, (), task.origin, task.attrs,
+                                   name=store_name(final))
             if "multiscales" not in dict(writer.group.attrs):
-                writer.path = final  # the NGFF name is the final one, not *.partial
                 writer.finish()
             shutil.rmtree(partial / DONE_DIR, ignore_errors=True)
             _replace_dir(partial, final)
