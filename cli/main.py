@@ -41,6 +41,7 @@ COMMAND_MODULES = (
     "restore_batch",
     "view",
     "data",
+    "inspect",
 )
 
 

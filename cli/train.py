@@ -133,11 +133,12 @@ def train(
         cfg = cfg.replace(family=cfg.family.to_dict() | fam)
     if minutes is not None and steps is None:
         cfg = cfg.replace(steps=10**9)
+    progress = RichProgress()
     sources = load_sources(list(tomograms), list(even or []), list(odd or []),
-                           min_size=cfg.patch_size)
+                           min_size=cfg.patch_size, geometry=cfg.geometry, progress=progress)
     refs = [read_volume(r, check_nan=True).numpy() for r in (reference or [])]
     result = run_training(sources, cfg, run_dir, resume=resume, references=refs or None,
-                          progress=RichProgress())
+                          progress=progress)
     if result.rank != 0:
         return
     out_console.print(f"trained {result.steps} steps in {result.elapsed_s / 60:.1f} min "

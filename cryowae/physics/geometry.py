@@ -9,14 +9,18 @@ sampling, evaluation, simulation and the napari plugin.
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from cryowae.physics.wedge import TILT_AXES, check_tilt_axis, check_tilt_range, wedge_mask
+
+if TYPE_CHECKING:
+    from cryowae.physics.wedge_estimate import WedgeEstimate
 
 #: the tilt range assumed when nothing says otherwise (degrees)
 DEFAULT_TILT_RANGE = (-60.0, 60.0)
@@ -79,12 +83,15 @@ class TiltGeometry:
     def resolve(cls, *, tilt_min: float | None = None, tilt_max: float | None = None,
                 tilt_file: str | os.PathLike | None = None, axis: str | None = None,
                 tomogram: str | os.PathLike | None = None,
-                fallback: TiltGeometry | None = None) -> TiltGeometry:
+                fallback: TiltGeometry | None = None,
+                estimate: bool = False) -> TiltGeometry:
         """The geometry a command should use, from (in this order): a tilt file, the
         tilt-range options (a missing end taken from the default -60..60), a tilt file
         next to `tomogram` (``<stem>.tlt``, ``<stem>.rawtlt``, ``tilts.tlt``), the
-        `fallback` (e.g. the model's training geometry), else the default -60..60 with
-        ``source="default"`` so that the caller can warn."""
+        `fallback` (e.g. the model's training geometry), with `estimate` the range the
+        tomogram's own spectrum shows (`cryowae.physics.wedge_estimate`, when reliable
+        and not Y/Z-swapped; its source starts with ``"estimated"``), else the default
+        -60..60 with ``source="default"`` so that the caller can warn."""
         ax = axis if axis is not None else (fallback.axis if fallback is not None else "y")
         if tilt_file is not None:
             return cls.from_file(tilt_file, ax)
@@ -98,6 +105,12 @@ class TiltGeometry:
                 return cls.from_file(found, ax)
         if fallback is not None:
             return cls(fallback.tilt_min, fallback.tilt_max, ax, fallback.source)
+        if estimate and tomogram is not None:
+            from cryowae.physics.wedge_estimate import estimate_wedge_file
+
+            est = estimate_wedge_file(tomogram)
+            if est.reliable and not est.swapped:
+                return est.geometry(axis or est.axis)
         return cls(*DEFAULT_TILT_RANGE, ax, "default")
 
     # ------------------------------------------------------------------ views
@@ -150,6 +163,51 @@ def geometry_mismatch(data: TiltGeometry, model: TiltGeometry,
             "wedge will be filled less well (retrain on data of this geometry)")
 
 
+def _close(a: tuple[float, float], b: tuple[float, float], tolerance: float) -> bool:
+    return max(abs(a[0] - b[0]), abs(a[1] - b[1])) <= tolerance
+
+
+def estimate_mismatch(given: TiltGeometry, estimate: WedgeEstimate, name: str = "",
+                      tolerance: float = GEOMETRY_TOLERANCE_DEG) -> str | None:
+    """A one-line warning, naming the likely cause, when the geometry a command uses
+    disagrees with what the tomogram's own spectrum shows (`estimate`, from
+    `cryowae.physics.wedge_estimate`): the tilt axis, or an end of the range by more
+    than `tolerance` degrees. None when they agree or the estimate is not reliable."""
+    if not estimate.reliable:
+        return None
+    est = (estimate.tilt_min, estimate.tilt_max)
+    head = (f"warning: {name + ': ' if name else ''}{given.describe()} disagrees with "
+            f"the tomogram's spectrum ({est[0]:.0f}..{est[1]:.0f} degrees about "
+            f"{estimate.axis.upper()}): ")
+    if estimate.swapped:
+        return head + ("its Y and Z axes look swapped (the missing wedge lies in the YX "
+                       "plane), as in an IMOD reconstruction that was not rotated; rotate "
+                       "it (e.g. trimvol -rx) before using it")
+    model = given.source == "model"
+    if estimate.axis != given.axis:
+        return head + (f"the tilt axis looks like {estimate.axis.upper()}, not "
+                       f"{given.axis.upper()}; " + ("the model was trained on another "
+                                                    "geometry" if model else
+                                                    f"set --tilt-axis {estimate.axis}"))
+    ours = (given.tilt_min, given.tilt_max)
+    if _close(ours, est, tolerance):
+        return None
+    if model:
+        return head + ("the model was trained on another tilt range; the missing wedge "
+                       "will be filled less well (give this tomogram's range with "
+                       "--tilt-min/--tilt-max to check, or retrain)")
+    if _close((math.degrees(ours[0]), math.degrees(ours[1])), est, tolerance):
+        return head + ("the tilt angles look like radians (a tilt file in the wrong "
+                       "units); give them in degrees")
+    if _close((-ours[1], -ours[0]), est, tolerance):
+        return head + ("the range looks mirrored (the opposite sign convention of the "
+                       "tilt angles, or a flipped axis); negate the angles")
+    off = max(abs(ours[0] - est[0]), abs(ours[1] - est[1]))
+    return head + (f"an end differs by {off:.0f} degrees (the tilt file of another "
+                   "tomogram, or tilts left out of the reconstruction?); check "
+                   "--tilt-min/--tilt-max or --tilt-file")
+
+
 def find_tilt_file(tomogram: str | os.PathLike) -> Path | None:
     """A tilt file next to `tomogram`: ``<stem>.tlt``, ``<stem>.rawtlt`` or
     ``tilts.tlt`` in its folder, else None."""
@@ -161,4 +219,4 @@ def find_tilt_file(tomogram: str | os.PathLike) -> Path | None:
 
 
 __all__ = ["DEFAULT_TILT_RANGE", "GEOMETRY_TOLERANCE_DEG", "TILT_AXES", "TiltGeometry",
-           "find_tilt_file", "geometry_mismatch"]
+           "estimate_mismatch", "find_tilt_file", "geometry_mismatch"]

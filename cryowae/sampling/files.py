@@ -36,6 +36,7 @@ from cryowae import __version__
 from cryowae.errors import CryowaeInputError
 from cryowae.io.atomic import atomic_path, check_output_path
 from cryowae.physics.geometry import TiltGeometry
+from cryowae.physics.wedge_estimate import spectrum_warning
 from cryowae.progress import ProgressReporter, ensure_progress
 from cryowae.sampling.family import family_figures, family_moments, plan_family, run_family
 from cryowae.sampling.samplers import DEFAULT_SAMPLER
@@ -125,6 +126,7 @@ def sample_file(model: Any, tomogram: str | os.PathLike, out_dir: str | os.PathL
         consistency check.
     geometry
         Tilt geometry; default: the model's (resolve options with `TiltGeometry.resolve`).
+        One the tomogram's own spectrum contradicts is reported (`spectrum_warning`).
     Other parameters as `cryowae.sampling.family.sample_array`.
     """
     from cryowae.inference.restore import voxel_size_warning
@@ -151,6 +153,10 @@ def sample_file(model: Any, tomogram: str | os.PathLike, out_dir: str | os.PathL
         warning = voxel_size_warning(vol.voxel_size, restorers[0].voxel_size)
         if warning:
             prog.log(warning)
+        seen = spectrum_warning(vol.data, geometry or restorers[0].geometry,
+                                Path(tomogram).name)
+        if seen:
+            prog.log(seen)
         fp = plan_family(restorers if many else restorers[0], vol.shape, n_samples,
                          sampler, settings, seed, geometry, group)
         norm = volume_stats(page_releasing(vol.data))

@@ -20,6 +20,9 @@ from cryowae.errors import CryowaeInputError
 from cryowae.io import read_volume
 from cryowae.io.mrc import check_finite
 from cryowae.io.stats import volume_stats
+from cryowae.physics.geometry import TiltGeometry
+from cryowae.physics.wedge_estimate import spectrum_warning
+from cryowae.progress import ProgressReporter, ensure_progress
 
 
 def structure_map(data: Any, bin_factor: int = 4) -> np.ndarray:
@@ -74,8 +77,11 @@ class TomogramSource:
 
 def load_sources(tomograms: list[str | Path], even: list[str | Path] | None = None,
                  odd: list[str | Path] | None = None, min_size: int = 16,
-                 check_nan: bool = True) -> list[TomogramSource]:
-    """Open tomograms (and halves, matched in order) and compute their statistics."""
+                 check_nan: bool = True, geometry: TiltGeometry | None = None,
+                 progress: ProgressReporter | None = None) -> list[TomogramSource]:
+    """Open tomograms (and halves, matched in order) and compute their statistics.
+    With `geometry`, each tomogram whose own spectrum contradicts it gets one warning
+    line through `progress` (`cryowae.physics.wedge_estimate.spectrum_warning`)."""
     even, odd = list(even or []), list(odd or [])
     if len(even) != len(odd):
         raise CryowaeInputError(f"got {len(even)} --even and {len(odd)} --odd halves; "
@@ -102,6 +108,9 @@ def load_sources(tomograms: list[str | Path], even: list[str | Path] | None = No
             if getattr(src, which) is not None:
                 src.stats[which] = volume_stats(getattr(src, which))
         src.structure = structure_map(src.full)
+        seen = spectrum_warning(src.full, geometry, src.name) if geometry else None
+        if seen:
+            ensure_progress(progress).log(seen)
         sources.append(src)
     vs = [s.voxel_size for s in sources]
     if max(vs) > 1.05 * min(vs):
