@@ -6,6 +6,9 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.cryowae-installed
 EXTRAS ?= dev,cluster,napari
 DEMO_DIR ?= demo_out
+# pytest-xdist workers for make test / test-fast: one per core (each worker then runs
+# torch single-threaded on a 2-core machine; see tests/conftest.py)
+TEST_WORKERS ?= auto
 # idle OpenMP threads sleep instead of spinning: small torch ops were 10-20x slower
 # with spinning threads on a busy 2-core machine
 export OMP_WAIT_POLICY ?= PASSIVE
@@ -41,11 +44,11 @@ demo: $(STAMP)
 
 # the whole suite (CI runs this)
 test: $(STAMP) system-packages
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS)
 
 # the inner loop: the same set-up, without the tests marked slow
 test-fast: $(STAMP) system-packages
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -n $(TEST_WORKERS) -m "not slow"
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check cryowae cli plugins tests benchmarks

@@ -16,9 +16,19 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
 
-# tests share 2 cores with each other: keep torch from oversubscribing them
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# tests share the cores with each other: keep torch from oversubscribing them. Under
+# pytest-xdist (`make test` runs one worker per core) each worker gets its share.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1") or 1)
+torch.set_num_threads(max(1, min(2, (os.cpu_count() or 1) // _WORKERS)))
 os.environ.setdefault("CRYOWAE_NO_TENSORBOARD", "1")
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """Run the modules holding tests marked slow first, each module's tests kept together
+    and in order (module fixtures are built once): spread over xdist workers, the long
+    tests then overlap the many short ones instead of trailing at the end."""
+    slow_modules = {item.module for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.module not in slow_modules)
 
 
 def run_cli(*args: str, check: bool = False, **kw) -> subprocess.CompletedProcess:
