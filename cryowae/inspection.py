@@ -12,9 +12,9 @@ Contrast polarity: in a raw reconstruction protein scatters more than ice and is
 long tail: negative skewness when dark, positive when bright. The skewness is compared
 with its standard error under Gaussian noise, sqrt(6 / N_eff), N_eff the effective
 number of independent voxels after the filter; |z| >= 4 decides. Measured on simulated
-40x64x64 tomograms (seeds 0-2; `cryowae simulate` writes protein bright): z = +29 to
-+37 at 120 e/A^2 and 10 A voxels, +9 to +11 at 20 e/A^2, +16 to +24 at 4 A voxels, the
-negated volumes the opposite; Gaussian noise |z| < 1.
+40x64x64 tomograms (seeds 0-2; `cryowae simulate` writes protein bright): z = +28.9 to
++37.1 at 120 e/A^2 and 10 A voxels, +8.8 to +11.2 at 20 e/A^2, +15.8 to +23.9 at 4 A
+voxels, the negated volumes the opposite; Gaussian noise |z| <= 1.32 in 5 draws.
 """
 
 from __future__ import annotations

@@ -22,9 +22,9 @@ of its radial shell (so the radial fall-off and CTF rings cancel):
    the edge to the floor of the wedge: the plateau's width equivalent of the profile
    from 19 degrees inside the edge outwards.
 
-Measured on simulated 40x64x64 tomograms (dose 20-120 e/A^2, tilt step 3 degrees,
-symmetric, asymmetric and X-axis ranges, Y and Z swapped): every edge within 2.2
-degrees of the outermost tilt; separation 0.76-0.83 for
+Measured on six simulated tomograms (40x64x64 and 24x48x48, dose 20-120 e/A^2, tilt
+step 3 degrees, symmetric, asymmetric and X-axis ranges, Y and Z swapped): every edge
+within 2.2 degrees of the outermost tilt; separation 0.76-0.83 for
 the true axis against at most 0.21 for the others; 0.001 for white noise and 0.15 for
 the ground truth (no wedge). `WedgeEstimate.reliable` needs a separation of at least
 0.3 and a measured/missing power ratio of at least 10^0.5.
