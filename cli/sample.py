@@ -10,11 +10,16 @@ import typer
 def sample(
     model: Path = typer.Argument(..., help="Trained model (model.pt or its run directory).",
                                  show_default=False),
-    tomogram: Path = typer.Argument(..., help="Tomogram to sample (MRC or OME-Zarr).",
-                                    show_default=False),
+    tomograms: list[Path] = typer.Argument(..., help="Tomogram(s) to sample (MRC or "
+                                           "OME-Zarr): paths, quoted globs, @list.txt or "
+                                           "CryoET Data Portal dataset/run folders.",
+                                           show_default=False),
     n: int = typer.Option(16, "--n", help="Number of samples (family size)."),
     out: Path = typer.Option(None, "--out", "-o", help="Output directory (default: "
-                             "<tomogram name>_family)."),
+                             "<tomogram name>_family); with several tomograms the folder "
+                             "of their families (default: families), one per tomogram "
+                             "named like restore-batch's outputs (TS_01/tomo when file "
+                             "names repeat)."),
     sampler: str = typer.Option("prior", "--sampler", help="prior (latent fields of the "
                                 "model's stochastic branch, default), rotations (test-time "
                                 "rotations) or ensemble (one sample per --ensemble-model)."),
@@ -39,14 +44,16 @@ def sample(
     seed: int = typer.Option(0, "--seed", help="Sample s is drawn from (seed, s)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out."),
 ) -> None:
-    """Sample N plausible restorations of TOMOGRAM with MODEL: each a coherent whole,
+    """Sample N plausible restorations of TOMOGRAMS with MODEL: each a coherent whole,
     differing where the missing wedge leaves the structure undetermined. Writes
-    samples.zarr (s, z, y, x), mean.mrc, std.mrc and family.json to --out; an
-    interrupted run continues where it stopped when run again."""
+    samples.zarr (s, z, y, x), mean.mrc, std.mrc and family.json to --out (one such
+    folder per tomogram under --out when there are several); an interrupted run
+    continues where it stopped when run again."""
     import json
 
-    from cryowae.cli.common import out_console, resolve_geometry
+    from cryowae.cli.common import err_console, out_console, resolve_geometry
     from cryowae.cli.progress import RichProgress
+    from cryowae.data.inputs import expand_inputs, output_names
     from cryowae.devices import resolve_device
     from cryowae.errors import CryowaeInputError
     from cryowae.io.atomic import check_output_path
@@ -62,7 +69,7 @@ def sample(
                                 f"{', '.join(CONSISTENCY)}")
     if (even is None) != (odd is None):
         raise CryowaeInputError("give both --even and --odd, or neither")
-    for p in [model, tomogram, even, odd, tilt_file, *(ensemble_model or [])]:
+    for p in [model, even, odd, tilt_file, *(ensemble_model or [])]:
         if p is not None and not p.exists():
             raise CryowaeInputError(f"{p}: no such file or directory")
     if ensemble_model and sampler != "ensemble":
@@ -70,26 +77,39 @@ def sample(
     if sampler == "ensemble" and not ensemble_model:
         raise CryowaeInputError("--sampler ensemble needs at least one --ensemble-model "
                                 "besides MODEL")
-    out_dir = out or Path(f"{tomogram.name.split('.')[0]}_family")
-    check_output_path(out_dir, overwrite)  # refuse early, before any computation
+    inputs = expand_inputs(tomograms, what="tomogram")  # globs, list files, Portal folders
+    for note in inputs.notes:
+        err_console.print(note, soft_wrap=True, markup=False, highlight=False)
+    if len(inputs.paths) > 1 and even is not None:
+        raise CryowaeInputError("--even/--odd belong to one tomogram; sample several "
+                                "tomograms without them")
+    names = output_names(inputs.paths)
+    if len(set(names)) < len(names):
+        raise CryowaeInputError(f"two inputs have one output name ({names}); rename one")
+    out_dirs = ([out or Path(f"{inputs.paths[0].name.split('.')[0]}_family")]
+                if len(names) == 1 else [(out or Path("families")) / nm for nm in names])
+    for out_dir in out_dirs:
+        check_output_path(out_dir, overwrite)  # refuse early, before any computation
     dev = resolve_device(device)
     restorers = [load_restorer(p, dev) for p in [model, *(ensemble_model or [])]]
-    geometry = resolve_geometry(tomogram, tilt_min, tilt_max, tilt_file, tilt_axis,
-                                fallback=restorers[0].geometry)
-    result = sample_file(restorers if sampler == "ensemble" else restorers[0], tomogram,
-                         out_dir, n_samples=n, sampler=sampler, tile=tile, overlap=overlap,
-                         batch_size=batch_size, seed=seed, device=device, even=even,
-                         odd=odd, geometry=geometry, consistency=consistency,
-                         overwrite=overwrite, progress=RichProgress())
-    meta = json.loads((result / "family.json").read_text())
-    out_console.print(f"{meta['n_samples']} samples ({sampler}): mean voxel std "
-                      f"{meta['voxel_std_relative']:.3g} x the tomogram's std")
-    for line in family_lines(meta):
-        out_console.print(line)
-    out_console.print(f"family:  {result / 'samples.zarr'}  (axes s, z, y, x)")
-    out_console.print(f"mean:    {result / 'mean.mrc'}    std: {result / 'std.mrc'}")
-    out_console.print(f"details: {result / 'family.json'}")
-    out_console.print(f"open in napari:  cryowae view {result}")
+    for tomogram, out_dir in zip(inputs.paths, out_dirs, strict=True):
+        geometry = resolve_geometry(tomogram, tilt_min, tilt_max, tilt_file, tilt_axis,
+                                    fallback=restorers[0].geometry)
+        result = sample_file(restorers if sampler == "ensemble" else restorers[0], tomogram,
+                             out_dir, n_samples=n, sampler=sampler, tile=tile,
+                             overlap=overlap, batch_size=batch_size, seed=seed, device=device,
+                             even=even, odd=odd, geometry=geometry, consistency=consistency,
+                             overwrite=overwrite, progress=RichProgress())
+        meta = json.loads((result / "family.json").read_text())
+        out_console.print(f"{tomogram}: {meta['n_samples']} samples ({sampler}): mean voxel "
+                          f"std {meta['voxel_std_relative']:.3g} x the tomogram's std",
+                          soft_wrap=True, highlight=False)
+        for line in family_lines(meta):
+            out_console.print(line)
+        out_console.print(f"family:  {result / 'samples.zarr'}  (axes s, z, y, x)")
+        out_console.print(f"mean:    {result / 'mean.mrc'}    std: {result / 'std.mrc'}")
+        out_console.print(f"details: {result / 'family.json'}")
+        out_console.print(f"open in napari:  cryowae view {result}")
 
 
 def register(app: typer.Typer) -> None:

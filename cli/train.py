@@ -9,7 +9,8 @@ import typer
 
 def train(
     tomograms: list[Path] = typer.Argument(..., help="Tomogram(s) to learn from (MRC or "
-                                           "OME-Zarr)."),
+                                           "OME-Zarr): paths, quoted globs, @list.txt or "
+                                           "CryoET Data Portal dataset/run folders."),
     out: Path = typer.Option(None, "--out", "-o", help="Run directory (default: "
                              "runs/<first tomogram's name>)."),
     even: list[Path] = typer.Option(None, "--even", help="Even-tilt half tomogram(s), one "
@@ -83,6 +84,7 @@ def train(
 
     from cryowae.cli.common import err_console, out_console, resolve_geometry
     from cryowae.cli.progress import RichProgress
+    from cryowae.data.inputs import expand_inputs, input_stem
     from cryowae.devices import preset_for, resolve_device
     from cryowae.errors import CryowaeInputError
     from cryowae.io import read_volume
@@ -91,7 +93,13 @@ def train(
     from cryowae.training.data import load_sources
     from cryowae.training.loop import train as run_training
 
-    run_dir = out or Path("runs") / tomograms[0].stem
+    inputs = expand_inputs(tomograms, what="tomogram")  # globs, list files, Portal folders
+    for note in inputs.notes:
+        err_console.print(note, soft_wrap=True, markup=False, highlight=False)
+    tomograms = inputs.paths
+    even = expand_inputs(even, what="even half").paths if even else []
+    odd = expand_inputs(odd, what="odd half").paths if odd else []
+    run_dir = out or Path("runs") / input_stem(tomograms[0])
     if resume:
         if not (run_dir / "checkpoint.pt").is_file():
             raise CryowaeInputError(f"--resume: no checkpoint.pt in {run_dir}")

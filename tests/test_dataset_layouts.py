@@ -334,3 +334,48 @@ def test_repeated_names_batch_resumes_after_kill(client, tiny_model_path, tmp_pa
     assert (f"blocks: {3 * BLOCKS} total, {3 * BLOCKS - done} restored in this run, "
             f"{done} already done") in again.stdout, again.stdout
     _check_outputs(out, series)
+
+
+# ----------------------------------------------------------------------------- train, sample
+
+def test_sample_several_repeated_names_one_family_each(tiny_model_path, tmp_path):
+    from tests.conftest import invoke_cli
+
+    series = _series(tmp_path / "data", n=2)
+    fams = tmp_path / "fams"
+    res = invoke_cli("sample", tiny_model_path, str(tmp_path / "data" / "TS_*" / "tomo.mrc"),
+                     "--n", "2", "--sampler", "rotations", "--tile", "16", "--overlap", "4",
+                     "--consistency", "none", "--tilt-min", "-60", "--tilt-max", "60",
+                     "--out", fams, check=True)
+    data = [read_volume(src).numpy() for src in series]
+    for k, src in enumerate(series):
+        fam = fams / src.parent.name / "tomo"
+        meta = json.loads((fam / "family.json").read_text())
+        assert meta["n_samples"] == 2 and f"{src}: 2 samples" in res.stdout
+        # each family is its own tomogram's (identity restorer: rotations only blur it)
+        mean = read_volume(fam / "mean.mrc").numpy().ravel()
+        own = np.corrcoef(mean, data[k].ravel())[0, 1]
+        other = np.corrcoef(mean, data[1 - k].ravel())[0, 1]
+        assert own > 0.5 and abs(other) < 0.1, (own, other)
+    bad = invoke_cli("sample", tiny_model_path, str(tmp_path / "data" / "TS_*" / "tomo.mrc"),
+                     "--sampler", "rotations", "--even", series[0], "--odd", series[1],
+                     "--out", tmp_path / "f2")
+    assert bad.returncode == 2 and "--even/--odd belong to one tomogram" in bad.stderr
+
+
+def test_train_on_a_list_file(tmp_path):
+    from tests.conftest import invoke_cli
+
+    _series(tmp_path / "data", n=2)
+    (tmp_path / "data" / "train.txt").write_text("# both series\nTS_01/tomo.mrc\nTS_02/tomo.mrc\n")
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text("train:\n  patch_size: 16\n  channels: 4\n  depth: 2\n  latent_dim: 8\n"
+                   "  batch_size: 2\n  bank_size: 64\n  check_prior_preference: false\n"
+                   "  family: false\n")
+    res = invoke_cli("train", f"@{tmp_path / 'data' / 'train.txt'}", "--out", tmp_path / "run",
+                     "--config", cfg, "--steps", "2", "--device", "cpu", "--tilt-min", "-60",
+                     "--tilt-max", "60", check=True)
+    assert "trained 2 steps" in res.stdout and (tmp_path / "run" / "model.pt").is_file()
+    missing = invoke_cli("train", str(tmp_path / "nowhere" / "*.mrc"), "--out", tmp_path / "r2")
+    assert missing.returncode == 2 and "the pattern matches no file" in missing.stderr
+    assert len(missing.stderr.strip().splitlines()) == 1
