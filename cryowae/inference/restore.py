@@ -98,7 +98,8 @@ def _output(out: Any, shape: tuple[int, int, int]) -> Any:
 def _settings(tile: int, overlap: int, batch_size: int | None,
               window: str) -> tuple[TileSettings, int | None]:
     """The tile settings and the batch size asked for (None: chosen by `_batch`)."""
-    return TileSettings(tile, overlap, batch_size or 4, window), batch_size
+    return (TileSettings(tile, overlap, 4 if batch_size is None else batch_size, window),
+            batch_size)
 
 
 def _batch(fn: Any, plan: TilePlan, restorer: Restorer, requested: int | None,
