@@ -27,7 +27,8 @@ def verify_cmd(
     from rich.markup import escape
     from rich.table import Table
 
-    from cryowae.data.manifest import load_manifest, verify
+    from cryowae.data.manifest import load_manifest
+    from cryowae.data.verify import verify
 
     m = load_manifest(manifest)
     results = verify(m, directory)

@@ -19,8 +19,9 @@ import yaml
 
 import cryowae.data.fetch as fetch_mod
 from cryowae.data.fetch import download, fetch
-from cryowae.data.manifest import load_manifest, parse_manifest, sha256_file, verify
+from cryowae.data.manifest import load_manifest, parse_manifest
 from cryowae.data.structures import EXAMPLE_STRUCTURES, Archive, fetch_example_structures
+from cryowae.data.verify import sha256_file, verify
 from cryowae.errors import CryowaeInputError
 
 from .conftest import invoke_cli, run_cli

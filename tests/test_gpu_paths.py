@@ -7,8 +7,6 @@ been run on a GPU yet, so their tolerances are first guesses to be checked there
 
 from __future__ import annotations
 
-import json
-import os
 import subprocess
 import sys
 import textwrap
@@ -32,7 +30,6 @@ from cryowae.tiling import TileSettings, run_tiles
 from cryowae.tiling.runner import model_tile_fn, resolve_batch_size
 
 from .conftest import cancel_after, invoke_cli
-from .test_restore import MEMORY_BOUND
 
 HAS_CUDA = torch.cuda.is_available()
 
@@ -335,62 +332,9 @@ def test_batch_size_on_cpu_is_the_given_or_default():
     assert resolve_batch_size(fn, (16, 16, 16), "cpu", None) == 4
 
 
-MEMORY_SCRIPT = textwrap.dedent("""
-    import json, sys
-    import numpy as np, torch
-    torch.set_num_threads(1)
-    from cryowae.io import open_mrc_writer, read_volume
-    from cryowae.models.checkpoint import load_restorer
-    from cryowae.tiling import TileSettings, array_sink, model_tile_fn, run_tiles
-
-    model, src, dst, prefetch = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
-    r = load_restorer(model)
-    fn = model_tile_fn(r)
-    def run(data, out):
-        plan = TileSettings(48, 8).plan(data.shape, r.model.multiple)
-        run_tiles(fn, data, plan, array_sink(out), norm=(0.0, 1.0), device="cpu",
-                  batch_size=2, prefetch=prefetch)
-    # the network's working set for one batch of tiles is a fixed cost: pay it first
-    warm = np.random.default_rng(0).normal(size=(60, 96, 96)).astype(np.float32)
-    run(warm, np.zeros_like(warm))
-    def peak():
-        with open("/proc/self/status") as f:
-            return next(int(l.split()[1]) * 1024 for l in f if l.startswith("VmHWM"))
-    with read_volume(src) as vol, open_mrc_writer(dst, vol.shape, vol.voxel_size,
-                                                  overwrite=True) as out:
-        base = peak()
-        run(vol.data, out)
-        during = peak()
-    print(json.dumps({"base": base, "during": during}))
-""")
-
-
-@pytest.mark.slow
-def test_prefetching_restore_keeps_the_memory_bound(tiny_model_path, tmp_path):
-    """The same bound as the plain restore (tests/test_restore.py MEMORY_BOUND) for the
-    prefetching engine on a 64 MiB memory-mapped input, and the same output."""
-    from cryowae.io import open_mrc_writer
-
-    shape = (1024, 128, 128)
-    src = tmp_path / "big.mrc"
-    with open_mrc_writer(src, shape, 10.0) as mm:
-        rng = np.random.default_rng(0)
-        for z in range(0, shape[0], 16):
-            mm[z:z + 16] = rng.normal(size=(16, *shape[1:])).astype(np.float32)
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(1 << 20), "OMP_NUM_THREADS": "1"}
-    growth = {}
-    for prefetch in (2, 0):
-        dst = tmp_path / f"out{prefetch}.mrc"
-        proc = subprocess.run([sys.executable, "-c", MEMORY_SCRIPT, str(tiny_model_path),
-                               str(src), str(dst), str(prefetch)], capture_output=True,
-                              text=True, timeout=600, env=env)
-        assert proc.returncode == 0, proc.stderr
-        m = json.loads(proc.stdout.strip().splitlines()[-1])
-        growth[prefetch] = m["during"] - m["base"]
-    assert growth[2] < MEMORY_BOUND, f"peak RSS grew by {growth[2] / 1e6:.1f} MB"
-    with read_volume(tmp_path / "out2.mrc") as a, read_volume(tmp_path / "out0.mrc") as b:
-        for z in range(0, shape[0], 128):
-            assert np.array_equal(np.asarray(a.data[z:z + 128]), np.asarray(b.data[z:z + 128]))
+# The memory bound of the prefetching engine: restore and sampling run it by default
+# (prefetch=2), so tests/test_restore.py and tests/test_sampling.py measure their peak-RSS
+# growth on memory-mapped inputs larger than the bound through this path.
 
 
 # --------------------------------------------------------------------------- CUDA

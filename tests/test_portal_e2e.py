@@ -97,13 +97,33 @@ def _manifest(path: Path, entries: list[dict]) -> Path:
 
 
 def test_data_verify_each_portal_tomogram_folder(portal, tmp_path):
-    """Each Tomograms/{id} folder against a manifest of its MRC file: ok; one changed
-    byte: exit 1, named."""
+    """Each Tomograms/{id} folder against a manifest of its MRC file: ok; the whole tree
+    against one manifest of both runs (the same file name in each): each entry found in
+    the Portal layout; one changed byte: exit 1, named."""
     for k, r in enumerate(portal["runs"]):
         m = _manifest(tmp_path / f"m{k}.yaml", [_entry(r, f"run{k}")])
         res = invoke_cli("data", "verify", m, r["folder"])
         assert res.returncode == 0, res.stdout + res.stderr
         assert "1 ok, 0 failed" in res.stdout
+    both = _manifest(tmp_path / "both.yaml",
+                     [_entry(r, f"{r['dataset']}-{r['run']}") for r in portal["runs"]])
+    res = invoke_cli("data", "verify", both, portal["root"])
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "2 ok, 0 failed" in res.stdout
+    # without a tomogram id the dataset tells the two copies apart
+    r = portal["runs"][1]
+    entry = _entry(r, "second")
+    del entry["source"]["tomogram_id"]
+    res = invoke_cli("data", "verify", _manifest(tmp_path / "no_id.yaml", [entry]),
+                     portal["root"])
+    assert res.returncode == 0 and "1 ok, 0 failed" in res.stdout, res.stdout + res.stderr
+    # a repeated file name needs Portal places: one line, exit 2
+    other = _entry(portal["runs"][0], "other") | {"source": {"type": "empiar",
+                                                              "empiar_id": 10988,
+                                                              "path": "a/TS_01.mrc"}}
+    res = invoke_cli("data", "verify", _manifest(tmp_path / "clash.yaml",
+                                                 [_entry(r, "second"), other]), tmp_path)
+    assert res.returncode == 2 and "run_name and tomogram_id" in res.stderr
     bad = tmp_path / "copy"
     bad.mkdir()
     r = portal["runs"][0]

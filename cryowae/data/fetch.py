@@ -23,13 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cryowae import __version__
-from cryowae.data.manifest import (
-    CHUNK,
-    Manifest,
-    ManifestEntry,
-    load_manifest,
-    verify_entry,
-)
+from cryowae.data.manifest import Manifest, ManifestEntry, load_manifest
+from cryowae.data.verify import CHUNK, verify_entry
 from cryowae.errors import CryowaeInputError
 from cryowae.io.atomic import atomic_path
 from cryowae.progress import ProgressReporter, ensure_progress
@@ -208,9 +203,10 @@ def fetch(manifest: Manifest | str | os.PathLike, directory: str | os.PathLike,
     d.mkdir(parents=True, exist_ok=True)
     results: list[FetchResult] = []
     for e in entries:
-        dest = d / e.file_name
+        dest = m.local_path(e, d)
+        dest.parent.mkdir(parents=True, exist_ok=True)
         if dest.is_file():
-            check = verify_entry(e, d)
+            check = verify_entry(e, d, path=dest)
             if check.ok:
                 progress.log(f"{e.name}: {dest} is present and matches the manifest "
                              f"(size {check.size_check}, sha256 {check.hash_check})")

@@ -18,12 +18,12 @@ A manifest is a YAML file (schema in ``data_manifests/README.md``)::
 
 `load_manifest` turns schema violations into a `CryowaeInputError` that names the file,
 the entry and the field. `verify` checks the files of a directory against it: presence,
-size, and SHA-256 (streamed in chunks; "unchecked" where the manifest gives none).
+size, and SHA-256 (streamed in chunks; "unchecked" where the manifest gives none); it
+lives in `cryowae.data.verify`.
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 from collections.abc import Callable, Mapping, Sequence
@@ -37,8 +37,6 @@ SCHEMA_VERSION = 1
 SOURCE_TYPES = ("cryoet-data-portal", "empiar")
 EMPIAR_FTP = "https://ftp.ebi.ac.uk/empiar/world_availability"
 URL_SCHEMES = ("https://", "http://", "file://")
-#: bytes read at a time when hashing
-CHUNK = 8 * 1024 * 1024
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 _SHA_RE = re.compile(r"^[0-9a-f]{64}$")
@@ -95,6 +93,19 @@ class Manifest:
 
     def names(self) -> list[str]:
         return [e.name for e in self.entries]
+
+    def local_path(self, entry: ManifestEntry, directory: str | os.PathLike) -> Path:
+        """Where `entry`'s file belongs under `directory`: ``directory/file_name``, or,
+        when other entries share its file name, its place in the Portal's folder layout
+        (`cryowae.io.portal.portal_relpath`)."""
+        if sum(e.file_name == entry.file_name for e in self.entries) == 1:
+            return Path(directory) / entry.file_name
+        from cryowae.io.portal import portal_relpath
+
+        s = entry.source
+        return Path(directory) / portal_relpath(s["dataset_id"], s["run_name"],
+                                                entry.voxel_size_A, s["tomogram_id"],
+                                                entry.file_name)
 
     def select(self, names: Sequence[str] | None) -> list[ManifestEntry]:
         """The entries called `names` (all entries when empty or None)."""
@@ -255,13 +266,35 @@ def parse_manifest(data: Any, path: str | os.PathLike = "<manifest>") -> Manifes
             raise CryowaeInputError(f"{p}: entry #{i + 1}: field 'name' repeats {e.name!r} "
                                     f"(already used by entry #{seen[e.name] + 1})")
         seen[e.name] = i
-    files: dict[str, str] = {}
+    first: dict[str, ManifestEntry] = {}
+    places: set[tuple[Any, ...]] = set()
     for e in entries:
-        if e.file_name in files:
-            raise CryowaeInputError(f"{p}: entry {e.name!r}: field 'file_name' "
-                                    f"{e.file_name!r} is also used by entry {files[e.file_name]!r}")
-        files[e.file_name] = e.name
+        other = first.setdefault(e.file_name, e)
+        if other is e:
+            continue
+        # one file name in several entries: only Portal entries that say where in the
+        # Portal's folder layout each copy lives (the layout the Portal ships them in)
+        for x in (other, e):
+            if _portal_place(x) is None:
+                raise CryowaeInputError(
+                    f"{p}: entry {e.name!r}: field 'file_name' {e.file_name!r} is also used "
+                    f"by entry {other.name!r} (entries may share a file name only as "
+                    "cryoet-data-portal entries with run_name and tomogram_id)")
+        places.add(_portal_place(other))
+        if _portal_place(e) in places:
+            raise CryowaeInputError(f"{p}: entry {e.name!r}: the same Portal tomogram as "
+                                    f"another entry with file_name {e.file_name!r}")
+        places.add(_portal_place(e))
     return Manifest(path=p, entries=entries)
+
+
+def _portal_place(e: ManifestEntry) -> tuple[Any, ...] | None:
+    """(dataset_id, run_name, tomogram_id) of a Portal entry that gives all three."""
+    s = e.source
+    if e.source_type != "cryoet-data-portal" or s.get("run_name") is None \
+            or s.get("tomogram_id") is None:
+        return None
+    return s["dataset_id"], s["run_name"], s["tomogram_id"]
 
 
 def load_manifest(path: str | os.PathLike) -> Manifest:
@@ -279,88 +312,3 @@ def load_manifest(path: str | os.PathLike) -> Manifest:
         at = f" (line {mark.line + 1})" if mark is not None else ""
         raise CryowaeInputError(f"{p}: not valid YAML{at}: {first}") from None
     return parse_manifest(data, p)
-
-
-# ---------------------------------------------------------------------------- verifying
-
-#: statuses of `VerifyResult.status`
-OK, MISSING, SIZE_MISMATCH, HASH_MISMATCH = "ok", "missing", "size mismatch", "hash mismatch"
-
-
-@dataclass
-class VerifyResult:
-    """Outcome of checking one entry's file.
-
-    ``status`` is "ok", "missing", "size mismatch" or "hash mismatch"; ``size_check``
-    and ``hash_check`` are "ok", "mismatch", "unchecked" (the manifest gives no value)
-    or "skipped" (not reached); ``detail`` is a short human-readable note.
-    """
-
-    name: str
-    path: Path
-    status: str
-    size_check: str = "skipped"
-    hash_check: str = "skipped"
-    size_bytes: int | None = None
-    sha256: str | None = None
-    detail: str = ""
-
-    @property
-    def ok(self) -> bool:
-        return self.status == OK
-
-
-def sha256_file(path: str | os.PathLike, chunk: int = CHUNK,
-                on_chunk: Callable[[int], None] | None = None) -> str:
-    """SHA-256 hex digest of a file, read `chunk` bytes at a time."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-            if on_chunk is not None:
-                on_chunk(len(block))
-    return h.hexdigest()
-
-
-def verify_entry(entry: ManifestEntry, directory: str | os.PathLike,
-                 on_chunk: Callable[[int], None] | None = None) -> VerifyResult:
-    """Check one entry's file in `directory`: presence, size, then SHA-256."""
-    path = Path(directory) / entry.file_name
-    if not path.is_file():
-        return VerifyResult(entry.name, path, MISSING, detail="not found")
-    size = path.stat().st_size
-    res = VerifyResult(entry.name, path, OK, size_bytes=size)
-    if entry.size_bytes is None:
-        res.size_check = "unchecked"
-    elif size != entry.size_bytes:
-        res.status, res.size_check = SIZE_MISMATCH, "mismatch"
-        res.detail = f"{size} bytes, manifest says {entry.size_bytes}"
-        return res
-    else:
-        res.size_check = "ok"
-    if entry.sha256 is None:
-        res.hash_check = "unchecked"
-        res.detail = "no sha256 in the manifest"
-        return res
-    res.sha256 = sha256_file(path, on_chunk=on_chunk)
-    if res.sha256 != entry.sha256:
-        res.status, res.hash_check = HASH_MISMATCH, "mismatch"
-        res.detail = f"sha256 {res.sha256[:12]}..., manifest says {entry.sha256[:12]}..."
-    else:
-        res.hash_check = "ok"
-    return res
-
-
-def verify(manifest: Manifest | str | os.PathLike, directory: str | os.PathLike,
-           names: Sequence[str] | None = None,
-           on_chunk: Callable[[int], None] | None = None) -> list[VerifyResult]:
-    """Check every entry (or those in `names`) of `manifest` against `directory`.
-
-    Returns one `VerifyResult` per entry, in manifest order. `on_chunk(n_bytes)` is
-    called while hashing, for progress display.
-    """
-    m = manifest if isinstance(manifest, Manifest) else load_manifest(manifest)
-    d = Path(directory)
-    if d.exists() and not d.is_dir():
-        raise CryowaeInputError(f"{d}: not a directory")
-    return [verify_entry(e, d, on_chunk) for e in m.select(names)]

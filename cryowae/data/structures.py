@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cryowae.data.fetch import TIMEOUT, download
-from cryowae.data.manifest import sha256_file
+from cryowae.data.verify import sha256_file
 from cryowae.errors import CryowaeInputError
 from cryowae.io.atomic import atomic_path
 from cryowae.progress import ProgressReporter

@@ -142,3 +142,43 @@ __all__ = [
     "METADATA_FILE", "PortalTomogram", "find_portal_tomograms", "folder_voxel_spacing",
     "metadata_voxel_spacing", "portal_tomogram", "voxel_size_note",
 ]
+
+
+def portal_relpath(dataset_id: int | str, run: str, voxel_spacing: float,
+                   tomogram_id: int | str, file_name: str) -> Path:
+    """Where the current Portal layout puts a tomogram file, relative to the download
+    root: ``{dataset}/{run}/Reconstructions/VoxelSpacing{vs:.3f}/Tomograms/{id}/{file}``
+    (`voxel_spacing` in Angstrom)."""
+    return Path(str(dataset_id), run, "Reconstructions", f"VoxelSpacing{voxel_spacing:.3f}",
+                "Tomograms", str(tomogram_id), file_name)
+
+
+def find_portal_file(root: str | os.PathLike, file_name: str, *, run: str | None = None,
+                     dataset_id: int | str | None = None,
+                     tomogram_id: int | str | None = None,
+                     voxel_spacing: float | None = None) -> list[Path]:
+    """The copies of the file `file_name` under `root` that sit in either Portal layout
+    and agree with those of `run`, `dataset_id`, `tomogram_id` and `voxel_spacing`
+    (Angstrom, to the Portal's 3-decimal rounding) that are given; sorted. Zarr stores
+    are not descended into."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(n for n in dirnames if not n.endswith(".zarr"))
+        if file_name not in filenames:
+            continue
+        path = Path(dirpath) / file_name
+        pos = portal_tomogram(path)
+        if pos is None or (run is not None and pos.run != run):
+            continue
+        if (tomogram_id is not None and pos.tomogram_id is not None
+                and pos.tomogram_id != str(tomogram_id)):
+            continue
+        if voxel_spacing is not None and abs(pos.voxel_spacing - voxel_spacing) > 5e-4:
+            continue
+        # the dataset folder sits above the run folder in the current layout
+        dataset = path.parents[5].name if pos.layout == "reconstructions" else None
+        if (dataset_id is not None and dataset is not None and dataset.isdigit()
+                and dataset != str(dataset_id)):
+            continue
+        found.append(path)
+    return sorted(found)
