@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from cryowae.io import atomic_path, read_volume
+from cryowae.io import read_volume
 from cryowae.physics.fourier import hermitian_weights, radial_frequency
 from cryowae.physics.wedge_estimate import (
     CROP_SIZE,
@@ -37,6 +37,7 @@ from cryowae.physics.wedge_estimate import (
     estimate_wedge,
     tapered,
 )
+from cryowae.report import save_figure
 
 #: resolution (Angstrom) of the low-pass before the skewness of the polarity check
 POLARITY_RESOLUTION_A = 60.0
@@ -226,12 +227,7 @@ def write_wedge_png(path: str | os.PathLike, data: Any, wedge: WedgeEstimate,
     state = "" if wedge.reliable else " - no clear wedge"
     ax.set_title((title + "\n" if title else "") + f"estimated {wedge.tilt_min:.1f}.."
                  f"{wedge.tilt_max:.1f} deg about {wedge.axis.upper()}{state}", fontsize=9)
-    fig.tight_layout()
-    out = Path(path)
-    with atomic_path(out) as tmp:
-        fig.savefig(tmp, dpi=100, format="png")
-    plt.close(fig)
-    return out
+    return save_figure(fig, path, dpi=100)
 
 
 __all__ = ["InspectionReport", "IntensityStats", "Polarity", "contrast_polarity",

@@ -47,10 +47,18 @@ def slice_figure(path: str | os.PathLike, volumes: Mapping[str, Any],
             ax.set_yticks([])
     if title:
         fig.suptitle(title, fontsize=10)
+    return save_figure(fig, path, dpi=110)
+
+
+def save_figure(fig: Any, path: str | os.PathLike, dpi: int = 100) -> Path:
+    """Lay out a matplotlib figure, write it as PNG atomically (temporary name, then
+    rename) and close it."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     out = Path(path)
     with atomic_path(out) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
+        fig.savefig(tmp, dpi=dpi, format="png")
     plt.close(fig)
     return out
 

@@ -87,6 +87,21 @@ def invoke_cli(*args: str, check: bool = False) -> CliResult:
     return res
 
 
+@pytest.fixture(scope="module")
+def client():
+    """A local Dask cluster of two worker processes with one thread each, shared by
+    the tests of a module (restore-batch)."""
+    from distributed import Client
+
+    from cryowae.inference.cluster import local_cluster
+
+    cluster = local_cluster(2)
+    c = Client(cluster)
+    yield c
+    c.close()
+    cluster.close()
+
+
 @pytest.fixture(scope="session")
 def tiny_model_path(tmp_path_factory) -> Path:
     """An untrained tiny restorer with the identity skip: its output head starts at zero,

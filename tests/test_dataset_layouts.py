@@ -189,19 +189,6 @@ def test_ngff_name_is_the_final_name(tmp_path):
 
 # ----------------------------------------------------------------------------- batches
 
-@pytest.fixture(scope="module")
-def client():
-    from distributed import Client
-
-    from cryowae.inference.cluster import local_cluster
-
-    cluster = local_cluster(2)
-    c = Client(cluster)
-    yield c
-    c.close()
-    cluster.close()
-
-
 def _markers(out: Path) -> int:
     return sum(len(os.listdir(p / DONE_DIR)) for p in out.glob("TS_*/tomo.zarr.partial"))
 

@@ -40,20 +40,6 @@ SLURM_SH = Path(__file__).with_name("slurm_local.sh")
 
 
 @pytest.fixture(scope="module")
-def client():
-    """Two worker processes with one thread each, shared by the tests of this module."""
-    from distributed import Client
-
-    from cryowae.inference.cluster import local_cluster
-
-    cluster = local_cluster(2)
-    c = Client(cluster)
-    yield c
-    c.close()
-    cluster.close()
-
-
-@pytest.fixture(scope="module")
 def tomos(tmp_path_factory) -> list[Path]:
     d = tmp_path_factory.mktemp("tomos")
     rng = np.random.default_rng(0)
