@@ -26,8 +26,13 @@ def sample(
     consistency: str = typer.Option("check", "--consistency", help="check (residual "
                                     "against the data over the noise, per shell; the "
                                     "samples are never overwritten) or none."),
+    spread_calibration: str = typer.Option(
+        "auto", "--spread-calibration", help="Widen the family per resolution shell to "
+        "its estimated error (docs/benchmarks.md, Spread recalibration): halves (noise "
+        "from --even/--odd), data (noise estimated from the tomogram), none; auto: "
+        "halves when given, else data."),
     even: Path = typer.Option(None, "--even", help="Even half tomogram (noise power "
-                              "for the check)."),
+                              "for the check and the spread calibration)."),
     odd: Path = typer.Option(None, "--odd", help="Odd half tomogram."),
     ensemble_model: list[Path] = typer.Option(None, "--ensemble-model", help="Further "
                                               "model(s) for --sampler ensemble (repeat)."),
@@ -99,13 +104,19 @@ def sample(
                              out_dir, n_samples=n, sampler=sampler, tile=tile,
                              overlap=overlap, batch_size=batch_size, seed=seed, device=device,
                              even=even, odd=odd, geometry=geometry, consistency=consistency,
-                             overwrite=overwrite, progress=RichProgress())
+                             overwrite=overwrite, progress=RichProgress(),
+                             spread_calibration=spread_calibration)
         meta = json.loads((result / "family.json").read_text())
         out_console.print(f"{tomogram}: {meta['n_samples']} samples ({sampler}): mean voxel "
                           f"std {meta['voxel_std_relative']:.3g} x the tomogram's std",
                           soft_wrap=True, highlight=False)
         for line in family_lines(meta):
             out_console.print(line)
+        cal = meta.get("spread_calibration", {})
+        if cal.get("factors"):
+            f = cal["factors"]["measured"]
+            out_console.print(f"spread calibration ({cal['mode']}): factors "
+                              f"{min(f):.2f}..{max(f):.2f} per shell", highlight=False)
         out_console.print(f"family:  {result / 'samples.zarr'}  (axes s, z, y, x)")
         out_console.print(f"mean:    {result / 'mean.mrc'}    std: {result / 'std.mrc'}")
         out_console.print(f"details: {result / 'family.json'}")

@@ -5,7 +5,8 @@ Output directory (appears complete, by one rename, or not at all):
     OUT/samples.zarr   OME-Zarr, axes (s, z, y, x), one sample per chunk along s
     OUT/mean.mrc       per-voxel mean of the samples
     OUT/std.mrc        per-voxel standard deviation (ddof = 0)
-    OUT/family.json    parameters, the consistency check per shell, the spread
+    OUT/family.json    parameters, the consistency check per shell, the spread, the
+                       spread calibration (`cryowae.sampling.recalibrate`)
 
 While it runs, the work lives in ``.OUT.partial/`` beside OUT: the zarr store and
 ``state.json`` (the run's fingerprint and the finished samples, rewritten atomically
@@ -14,8 +15,10 @@ the finished samples and, since sample s depends only on (seed, s), gives the sa
 family as an uninterrupted run; a rerun with other settings starts over (and says so).
 
 Memory: the tomogram and the halves are memory-mapped and read slab by slab (the tile
-engine), each sample streams into the zarr store, the mean and std are computed from
-the store slab by slab into memory-mapped MRC files, and the check reads a central crop.
+engine), each sample streams into the zarr store, the spread calibration estimates its
+factors on a central crop and filters each sample tile by tile in place, the mean and std
+are computed from the store slab by slab into memory-mapped MRC files, and the check
+reads a central crop.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ from cryowae.physics.geometry import TiltGeometry
 from cryowae.physics.wedge_estimate import spectrum_warning
 from cryowae.progress import ProgressReporter, ensure_progress
 from cryowae.sampling.family import family_figures, family_moments, plan_family, run_family
+from cryowae.sampling.recalibrate import calibrate_store, resolve_mode
 from cryowae.sampling.samplers import DEFAULT_SAMPLER
 from cryowae.tiling.engine import array_sink
 from cryowae.tiling.pages import page_releasing, release_pages
@@ -113,7 +117,8 @@ def sample_file(model: Any, tomogram: str | os.PathLike, out_dir: str | os.PathL
                 odd: str | os.PathLike | None = None,
                 geometry: TiltGeometry | None = None, consistency: str = "check",
                 group: int | None = None, overwrite: bool = False,
-                progress: ProgressReporter | None = None) -> Path:
+                progress: ProgressReporter | None = None,
+                spread_calibration: str = "auto") -> Path:
     """Sample a family of a tomogram file into `out_dir` (module docstring).
 
     Parameters
@@ -127,6 +132,11 @@ def sample_file(model: Any, tomogram: str | os.PathLike, out_dir: str | os.PathL
     geometry
         Tilt geometry; default: the model's (resolve options with `TiltGeometry.resolve`).
         One the tomogram's own spectrum contradicts is reported (`spectrum_warning`).
+    spread_calibration
+        ``auto`` (``halves`` when the halves are given, else ``data``), ``halves``,
+        ``data`` or ``none``: the per-shell widening of the finished samples about their
+        mean before the moments are written (`cryowae.sampling.recalibrate.calibrate_store`),
+        recorded in ``family.json`` under ``spread_calibration``.
     Other parameters as `cryowae.sampling.family.sample_array`.
     """
     from cryowae.inference.restore import voxel_size_warning
@@ -138,6 +148,7 @@ def sample_file(model: Any, tomogram: str | os.PathLike, out_dir: str | os.PathL
     out = check_output_path(out_dir, overwrite)
     if (even is None) != (odd is None):
         raise CryowaeInputError("give both --even and --odd, or neither")
+    resolve_mode(spread_calibration, even is not None)
     many = isinstance(model, list | tuple)
     restorers = [_load(m, device) for m in (model if many else [model])]
     settings = TileSettings(tile, overlap, batch_size)
@@ -161,6 +172,7 @@ def sample_file(model: Any, tomogram: str | os.PathLike, out_dir: str | os.PathL
                          sampler, settings, seed, geometry, group)
         norm = volume_stats(page_releasing(vol.data))
         params = fp.describe() | {"seed": int(seed), "overlap": int(overlap),
+                                  "spread_calibration": spread_calibration,
                                   "norm": list(norm), "models": [str(getattr(r, "path", ""))
                                                                  for r in restorers]}
         paths = [Path(p) for p in (tomogram, even, odd) if p is not None]
@@ -168,10 +180,12 @@ def sample_file(model: Any, tomogram: str | os.PathLike, out_dir: str | os.PathL
         finger = _fingerprint(paths, params)
         state_path = partial / "state.json"
         done: list[int] = []
+        calib_state: dict[str, Any] = {}
         if state_path.is_file():
             state = json.loads(state_path.read_text())
             if state.get("fingerprint") == finger:
                 done = sorted(int(s) for s in state.get("done", []))
+                calib_state = state.get("calibration", {})
                 prog.log(f"resuming: {len(done)} of {fp.n_samples} samples already done")
             else:
                 prog.log(f"{partial}: left by a run with other settings; starting over")
@@ -187,14 +201,23 @@ def sample_file(model: Any, tomogram: str | os.PathLike, out_dir: str | os.PathL
                                             "version": __version__, "sampler": sampler}})
         level0 = writer.level0
 
+        def save_state() -> None:
+            _write_json(state_path, {"fingerprint": finger, "done": sorted(done),
+                                     "calibration": calib_state})
+
         def finished(s: int) -> None:
             done.append(int(s))
-            _write_json(state_path, {"fingerprint": finger, "done": sorted(done)})
+            save_state()
 
         t0 = time.perf_counter()
         todo = [s for s in range(fp.n_samples) if s not in set(done)]
         run_family(fp, vol.data, norm, lambda s: array_sink(_SampleView(level0, s)),
                    todo, prog, finished)
+        if spread_calibration != "none":
+            prog.log(f"spread calibration ({resolve_mode(spread_calibration, even is not None)})"
+                     f": per-shell factors, then {fp.n_samples} samples filtered")
+        calibration = calibrate_store(level0, vol.data, fp.geometry, spread_calibration,
+                                      calib_state, save_state, partial, *halves)
         per_slice = 2 * fp.n_samples * shape[1] * shape[2] * 4  # pyramid: ~8 MiB slabs
         writer.finish(slab=max(1, min(32, (8 << 20) // max(1, per_slice))))
         for name in ("mean.mrc", "std.mrc"):
@@ -217,6 +240,7 @@ def sample_file(model: Any, tomogram: str | os.PathLike, out_dir: str | os.PathL
                                         "device": str(fp.device),
                                         "consistency": consistency},
                 "sampling_seconds_this_run": round(time.perf_counter() - t0, 2),
+                "spread_calibration": calibration,
                 } | fp.describe() | figures
         _write_json(partial / "family.json", meta)
         state_path.unlink()

@@ -1,0 +1,206 @@
+"""Spread recalibration experiment (issue 11): does per-shell scaling of a family's
+spread about its mean calibrate it, and can the factors be found without ground truth?
+
+Reads existing families (``samples.zarr`` of ``cryowae sample``) of bench_families runs
+and scores each recalibration variant with the conventions of ``cryowae evaluate``
+(`cryowae.sampling.evaluate`): truth = ground truth filtered by |CTF|, on the data's
+scale; spread/skill in the measured and the wedge region; 90% coverage of all voxels
+after a 30 A low-pass and of the wedge component. The ground truth is used for scoring
+and for the oracle factors only.
+
+    OMP_NUM_THREADS=1 taskset -c 1 .venv/bin/python benchmarks/bench_recalibration.py \
+        --root /tmp/bfam --seeds 3 4 5 --out /tmp/brecal/results.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+
+def load_case(root: Path, seed: int, family: str) -> dict[str, Any]:
+    """Family samples, truth on the data's scale, data, halves, geometry of one seed."""
+    import zarr
+
+    from cryowae.io import read_volume
+    from cryowae.metrics.calibration_checks import truth_seen_by_data
+    from cryowae.physics.geometry import TiltGeometry
+    from cryowae.sampling.evaluate import _ctf_of, truth_on_data_scale
+
+    sim, run = root / f"sim_seed{seed}", root / f"run_seed{seed}_default"
+    fam = run / family
+    meta = json.loads((fam / "family.json").read_text())
+    geo = TiltGeometry.from_dict(meta["geometry"])
+    samples = torch.from_numpy(np.asarray(
+        zarr.open_array(str(fam / "samples.zarr" / "0"), mode="r")[:], dtype=np.float32))
+
+    def vol(name: str) -> tuple[torch.Tensor, float]:
+        with read_volume(sim / name) as v:
+            return torch.from_numpy(v.numpy().astype(np.float32)), float(v.voxel_size)
+
+    g, vs = vol("gt.mrc")
+    d, _ = vol("tomo.mrc")
+    e, _ = vol("tomo_even.mrc")
+    o, _ = vol("tomo_odd.mrc")
+    params, _ = _ctf_of(sim / "gt.mrc", None)
+    truth, _, _ = truth_on_data_scale(truth_seen_by_data(g, vs, params, "abs_ctf"), d, geo)
+    return {"samples": samples, "truth": truth, "data": d, "even": e, "odd": o,
+            "geometry": geo, "voxel_size": vs, "model": run / "train" / "model.pt",
+            "restored": run / "restored.mrc"}
+
+
+def score(samples: torch.Tensor, truth: torch.Tensor, geo: Any, vs: float) -> dict[str, float]:
+    """The calibration figures of `cryowae evaluate` on an in-memory family."""
+    from cryowae.metrics.calibration import interval_coverage, spread_skill, wedge_coverage
+    from cryowae.sampling.evaluate import LOWPASS_A, _lowpass
+
+    ss = spread_skill(samples, truth, geo)
+    cut = vs / LOWPASS_A
+    cov = interval_coverage(_lowpass(samples, cut), _lowpass(truth, cut), (0.9,))
+    wcov = wedge_coverage(samples, truth, geo, (0.9,))
+    return {"ss_measured": ss.ratio_measured, "ss_wedge": ss.ratio_wedge,
+            "cov_all_90": cov[0.9], "cov_wedge_90": wcov[0.9]}
+
+
+def shared_factors(f: Any) -> Any:
+    """One factor per shell for both regions: the rms of the two regions' factors,
+    weighted like their error (oracle variant without the region split)."""
+    from cryowae.sampling.recalibrate import ShellFactors
+
+    a = np.sqrt(0.5 * (f.measured**2 + f.wedge**2))
+    return ShellFactors(f.frequency, a, a, f.source + " (shared)")
+
+
+def restore_halves_separately(c: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The mean restorations of the even and of the odd half (each on its own scale)."""
+    from cryowae.inference.restore import restore_array
+    from cryowae.models.checkpoint import load_restorer
+
+    r = load_restorer(c["model"], "cpu")
+    return tuple(torch.from_numpy(np.asarray(restore_array(r, c[k].numpy(), tile=64,
+                                                             overlap=21)))
+                 for k in ("even", "odd"))  # type: ignore[return-value]
+
+
+def data_factors(c: dict[str, Any], samples: torch.Tensor, method: str) -> Any:
+    """Factors from data only, on the whole volume in memory: the measured-region error
+    of the full restoration estimated per shell, over the family's measured spread,
+    one factor per shell for both regions. ``halves``: the error of each half's mean
+    restoration against the other half (`halves_error`); ``wiener_halves`` /
+    ``wiener_est``: `shell_error_estimate` with / without the halves."""
+    from cryowae.metrics.calibration import shell_frequencies
+    from cryowae.sampling.recalibrate import (
+        factors_from_data,
+        family_shell_spread,
+        halves_error,
+        shell_error_estimate,
+    )
+    from cryowae.training.noise import noise_from_halves
+
+    geo = c["geometry"]
+    _, spread, _ = family_shell_spread(samples, geo)
+    if method == "halves":
+        hn = noise_from_halves(c["even"], c["odd"], geo)
+        if "r_even" not in c:
+            c["r_even"], c["r_odd"] = restore_halves_separately(c)
+        err = 0.5 * (halves_error(c["r_even"], c["odd"], hn.half.power, hn.full.power, geo)
+                     + halves_error(c["r_odd"], c["even"], hn.half.power, hn.full.power,
+                                    geo))
+    else:
+        halves = (c["even"], c["odd"]) if method == "wiener_halves" else (None, None)
+        err, _ = shell_error_estimate(c["data"], geo, *halves)
+    freq = shell_frequencies(tuple(samples.shape[1:]))
+    return factors_from_data(spread["measured"], err, freq, method), err
+
+
+def store_family(c: dict[str, Any], samples: torch.Tensor, mode: str,
+                 work: Path) -> tuple[torch.Tensor, dict[str, Any]]:
+    """The library path of ``cryowae sample``: `calibrate_store` on a zarr copy of the
+    family (central-crop estimate, tiled filtering)."""
+    import shutil
+
+    import zarr
+
+    from cryowae.sampling.recalibrate import calibrate_store
+
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    z = zarr.open_array(str(work / "s.zarr"), mode="w", shape=tuple(samples.shape),
+                        chunks=(1, *(min(64, v) for v in samples.shape[1:])), dtype="f4")
+    z[:] = samples.numpy()
+    halves = (c["even"].numpy(), c["odd"].numpy()) if mode == "halves" else (None, None)
+    rec = calibrate_store(z, c["data"].numpy(), c["geometry"], mode, {}, lambda: None, work,
+                          *halves)
+    out = torch.from_numpy(np.asarray(z[:]))
+    shutil.rmtree(work, ignore_errors=True)
+    return out, rec
+
+
+def run_seed(root: Path, seed: int, family: str, methods: list[str],
+             n_samples: int) -> dict[str, Any]:
+    from cryowae.sampling.recalibrate import factors_from_truth, recalibrate_family
+
+    c = load_case(root, seed, family)
+    samples = c["samples"][:n_samples]
+    truth, geo, vs = c["truth"], c["geometry"], c["voxel_size"]
+    out: dict[str, Any] = {"seed": seed, "n_samples": int(samples.shape[0]),
+                           "before": score(samples, truth, geo, vs)}
+    oracle = factors_from_truth(samples, truth, geo)
+    out["oracle_factors"] = oracle.to_dict()
+    from cryowae.metrics.calibration import spread_skill
+
+    ss = spread_skill(samples, truth, geo)
+    out["oracle_error_measured"] = [float(v) for v in ss.error_measured]
+    for m in methods:
+        t0 = time.perf_counter()
+        if m == "oracle":
+            f = oracle
+        elif m == "oracle_shared":
+            f = shared_factors(oracle)
+        elif m in ("halves", "wiener_halves", "wiener_est"):
+            f, err = data_factors(c, samples, m)
+            out.setdefault("error_estimates", {})[m] = [float(v) for v in err]
+        elif m in ("store_halves", "store_data"):
+            rec, info = store_family(c, samples, m.split("_")[1],
+                                     Path(f"/tmp/brecal/work_{seed}"))
+            out[m] = score(rec, truth, geo, vs) | {"calibration": info,
+                                                   "seconds": time.perf_counter() - t0}
+            continue
+        else:
+            raise SystemExit(f"unknown method {m}")
+        rec = recalibrate_family(samples, f, geo)
+        out[m] = score(rec, truth, geo, vs) | {"factors": f.to_dict(),
+                                               "seconds": time.perf_counter() - t0}
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--root", type=Path, default=Path("/tmp/bfam"))
+    ap.add_argument("--seeds", type=int, nargs="+", default=[3, 4, 5])
+    ap.add_argument("--family", default="family_nohalves")
+    ap.add_argument("--methods", nargs="+", default=["oracle", "oracle_shared"])
+    ap.add_argument("--samples", type=int, default=16)
+    ap.add_argument("--out", type=Path, default=Path("/tmp/brecal/results.json"))
+    a = ap.parse_args()
+    results = []
+    for seed in a.seeds:
+        r = run_seed(a.root, seed, a.family, a.methods, a.samples)
+        results.append(r)
+        line = " | ".join(f"{k}: " + ", ".join(f"{n} {v:.2f}" for n, v in r[k].items()
+                                                if n in ("ss_measured", "ss_wedge",
+                                                         "cov_wedge_90", "cov_all_90"))
+                          for k in ("before", *a.methods))
+        print(f"seed {seed}: {line}", flush=True)
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    a.out.write_text(json.dumps(results, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()

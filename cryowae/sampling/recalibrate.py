@@ -1,0 +1,375 @@
+"""Post-hoc spread recalibration of a posterior family (issue 11).
+
+A family of S samples X_s (S, Z, Y, X) with mean m is widened (or narrowed) about its
+mean, per resolution shell and region of Fourier space:
+
+    X_s' = m + F^-1[ a(|k|, region) F(X_s - m) ]
+
+with amplitude factors a >= 0 given per shell frequency (cycles per voxel) for the
+measured region and for the wedge region (`ShellFactors`; the regions of the model's
+tilt geometry, `TiltGeometry.wedge_mask`). The mean is unchanged; the family variance
+of each coefficient is multiplied by a^2. Factors are looked up by |k| (linear
+interpolation between the given shells, the end values beyond them), so factors found
+on one grid (e.g. training patches) apply to another; DC keeps factor 1.
+
+Factors come from:
+
+- `factors_from_truth`: the oracle, a^2 = error / spread per shell and region against
+  a ground truth (simulations only; the upper bound of what per-shell scaling can do);
+- `factors_from_errors`: any per-shell estimate of the mean's squared error (e.g. from
+  the even/odd halves, `cryowae.sampling.recalibrate_halves`).
+
+Memory: `recalibrate_sample` transforms one whole sample volume (a real volume, its
+rfft and the inverse: about four float32 copies of one sample); callers stream the
+family one sample at a time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from cryowae.errors import CryowaeInputError
+from cryowae.metrics.calibration import SpectralGrid, check_family, family_spectra
+from cryowae.metrics.calibration import shell_frequencies as _shell_frequencies
+from cryowae.physics.fourier import radial_frequency
+from cryowae.physics.geometry import TiltGeometry
+
+_DIMS = (-3, -2, -1)
+#: the choices of ``cryowae sample --spread-calibration`` (auto: halves when given,
+#: else data)
+SPREAD_CALIBRATIONS = ("auto", "halves", "data", "none")
+#: largest amplitude factor applied (shells where the family has almost no spread)
+MAX_FACTOR = 20.0
+
+
+@dataclass
+class ShellFactors:
+    """Amplitude factors per shell. ``frequency`` (n,) cycles per voxel, increasing;
+    ``measured`` and ``wedge`` (n,) factors >= 0 for the two Fourier regions."""
+
+    frequency: np.ndarray
+    measured: np.ndarray
+    wedge: np.ndarray
+    source: str = ""
+
+    def __post_init__(self) -> None:
+        self.frequency = np.asarray(self.frequency, dtype=np.float64)
+        self.measured = np.asarray(self.measured, dtype=np.float64)
+        self.wedge = np.asarray(self.wedge, dtype=np.float64)
+        n = self.frequency.shape
+        if len(n) != 1 or self.measured.shape != n or self.wedge.shape != n or n[0] < 1:
+            raise CryowaeInputError("spread factors need one frequency, measured and wedge "
+                                    "value per shell")
+        for v in (self.frequency, self.measured, self.wedge):
+            if not np.all(np.isfinite(v)) or np.any(v < 0):
+                raise CryowaeInputError("spread factors must be finite and >= 0")
+
+    def coefficient_map(self, shape: tuple[int, int, int],
+                        geometry: TiltGeometry | torch.Tensor) -> torch.Tensor:
+        """Factor of every rfft coefficient of a (Z, Y, X) grid (float32,
+        (Z, Y, X // 2 + 1)); DC 1."""
+        from cryowae.metrics.calibration import measured_mask
+
+        r = radial_frequency(shape, rfft=True).double().numpy()
+        meas = measured_mask(geometry, shape, device="cpu").numpy()
+        fm = np.interp(r, self.frequency, self.measured)
+        fw = np.interp(r, self.frequency, self.wedge)
+        out = np.where(meas, fm, fw)
+        out[0, 0, 0] = 1.0
+        return torch.from_numpy(out.astype(np.float32))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"frequency": [float(v) for v in self.frequency],
+                "measured": [float(v) for v in self.measured],
+                "wedge": [float(v) for v in self.wedge], "source": self.source}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ShellFactors:
+        return cls(np.asarray(data["frequency"]), np.asarray(data["measured"]),
+                   np.asarray(data["wedge"]), str(data.get("source", "")))
+
+
+def family_shell_spread(samples: Any, geometry: TiltGeometry | torch.Tensor
+                        ) -> tuple[torch.Tensor, dict[str, np.ndarray], SpectralGrid]:
+    """Mean spectrum of the family, and per shell the predictive spread
+    ``(S + 1) / S`` x unbiased family variance (per-coefficient mean, ortho FFT) of the
+    ``"measured"`` and ``"wedge"`` regions, with the grid."""
+    shape = tuple(int(v) for v in np.shape(samples))
+    s = check_family(shape, shape[1:])
+    mean, var = family_spectra(samples)
+    grid = SpectralGrid.of(shape[1:], geometry)
+    spread = {}
+    with np.errstate(invalid="ignore", divide="ignore"):
+        for name in ("measured", "wedge"):
+            region = getattr(grid, name)
+            count = grid.shell_sums(torch.ones(var.shape), region)
+            spread[name] = grid.shell_sums(var * ((s + 1) / s), region) / count
+    return mean, spread, grid
+
+
+def _factor(error: np.ndarray, spread: np.ndarray, max_factor: float) -> np.ndarray:
+    """sqrt(error / spread) clipped to [0, max_factor]; 1 where either is undefined."""
+    with np.errstate(invalid="ignore", divide="ignore"):
+        a = np.sqrt(np.clip(error, 0.0, None) / spread)
+    a = np.where(np.isfinite(error) & np.isfinite(spread) & (spread >= 0), a, 1.0)
+    return np.clip(np.nan_to_num(a, nan=1.0, posinf=max_factor), 0.0, max_factor)
+
+
+def factors_from_errors(spread: dict[str, np.ndarray], error: dict[str, np.ndarray],
+                        frequency: np.ndarray, source: str,
+                        max_factor: float = MAX_FACTOR) -> ShellFactors:
+    """Factors a = sqrt(error / spread) per shell and region (``"measured"``,
+    ``"wedge"``: per-coefficient means, as `family_shell_spread`), clipped to
+    `max_factor`; 1 where a shell has no coefficient."""
+    return ShellFactors(frequency, _factor(error["measured"], spread["measured"], max_factor),
+                        _factor(error["wedge"], spread["wedge"], max_factor), source)
+
+
+def factors_from_truth(samples: Any, truth: Any, geometry: TiltGeometry | torch.Tensor,
+                       max_factor: float = MAX_FACTOR) -> ShellFactors:
+    """Oracle factors: per shell and region, the family mean's squared error against
+    `truth` (Z, Y, X, on the samples' scale) over the family's predictive spread."""
+    mean, spread, grid = family_shell_spread(samples, geometry)
+    g = torch.as_tensor(np.asarray(truth, dtype=np.float32))
+    err = (mean - torch.fft.rfftn(g, dim=_DIMS, norm="ortho")).abs().square()
+    error = {}
+    with np.errstate(invalid="ignore", divide="ignore"):
+        for name in ("measured", "wedge"):
+            region = getattr(grid, name)
+            error[name] = (grid.shell_sums(err, region)
+                           / grid.shell_sums(torch.ones(err.shape), region))
+    return factors_from_errors(spread, error, _shell_frequencies(g.shape), "ground truth",
+                               max_factor)
+
+
+def wiener_error(signal_power: np.ndarray, noise_power: np.ndarray) -> np.ndarray:
+    """Per-shell squared error ``P N / (P + N)`` of the Wiener estimate of a signal of
+    power P under noise of power N (P clipped at 0; P inf gives N)."""
+    p = np.clip(np.asarray(signal_power, dtype=np.float64), 0.0, None)
+    n = np.asarray(noise_power, dtype=np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(np.isinf(p), n, p * n / (p + n))
+
+
+def halves_error(restored_a: Any, half_b: Any, noise_half: np.ndarray,
+                 noise_full: np.ndarray, geometry: TiltGeometry | torch.Tensor
+                 ) -> np.ndarray:
+    """Per-shell squared error (measured region) of a restoration of the FULL tomogram,
+    estimated from a restoration of half A against the independent half B.
+
+    ``E|r_A - b|^2 = E|r_A - t|^2 + N_half`` gives the half restoration's error
+    e_h; read as a Wiener error (`wiener_error`) it fixes the signal power
+    ``P = N_half e_h / (N_half - e_h)`` (inf when e_h >= N_half), and the full
+    tomogram's error is ``P N_full / (P + N_full)``. Arrays per shell of
+    `cryowae.physics.fourier.shell_index` of the volume's grid."""
+    from cryowae.metrics.calibration_checks import halves_check
+
+    ra = torch.as_tensor(np.asarray(restored_a, dtype=np.float32))
+    hc = halves_check(ra[None].expand(2, *ra.shape), half_b, noise_half, geometry)
+    e_h = np.clip(np.nan_to_num(hc["observed"] - noise_half), 0.0, None)
+    nh = np.asarray(noise_half, dtype=np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        p = np.where(e_h < nh, nh * e_h / (nh - e_h), np.inf)
+    return wiener_error(p, noise_full)
+
+
+def shell_error_estimate(data: Any, geometry: TiltGeometry | torch.Tensor,
+                         even: Any = None, odd: Any = None) -> tuple[np.ndarray, str]:
+    """Per-shell squared error (measured region, per-coefficient mean, data units) of a
+    restoration of (Z, Y, X) `data`, without ground truth: the Wiener error
+    ``P N / (P + N)`` with N the data's noise power (`noise_of_data`: from the even/odd
+    halves when given, else `noise_without_halves`) and P the data's measured power
+    minus N; and the noise source."""
+    from cryowae.sampling.consistency import noise_of_data
+    from cryowae.training.noise import measured_shell_power
+
+    d = torch.as_tensor(np.asarray(data, dtype=np.float32))
+    halves = [None if h is None else torch.as_tensor(np.asarray(h, dtype=np.float32))
+              for h in (even, odd)]
+    noise = noise_of_data(d, geometry, *halves)  # type: ignore[arg-type]
+    power, _ = measured_shell_power(d, geometry)
+    return wiener_error(np.nan_to_num(power) - noise.power, noise.power), noise.source
+
+
+def factors_from_data(spread_measured: np.ndarray, error: np.ndarray,
+                      frequency: np.ndarray, source: str,
+                      max_factor: float = MAX_FACTOR) -> ShellFactors:
+    """One factor per shell for both regions: sqrt(measured-region error estimate over
+    the family's measured spread). The data say nothing of the wedge region's error;
+    the oracle factors of the benchmark families were alike in the two regions above
+    0.06 cycles per voxel (docs/benchmarks.md, "Spread recalibration")."""
+    a = _factor(error, spread_measured, max_factor)
+    return ShellFactors(frequency, a, a, source)
+
+
+def recalibrate_sample(sample: Any, mean: Any, factor_map: torch.Tensor) -> torch.Tensor:
+    """``mean + F^-1[factor_map F(sample - mean)]`` of one (Z, Y, X) sample (float32)."""
+    x = torch.as_tensor(np.asarray(sample, dtype=np.float32))
+    m = torch.as_tensor(np.asarray(mean, dtype=np.float32))
+    if x.shape != m.shape or x.ndim != 3:
+        raise CryowaeInputError(f"sample {tuple(x.shape)} and mean {tuple(m.shape)} must be "
+                                "the same (Z, Y, X) shape")
+    spec = torch.fft.rfftn(x - m, dim=_DIMS) * factor_map
+    return m + torch.fft.irfftn(spec, s=tuple(x.shape), dim=_DIMS)
+
+
+def recalibrate_family(samples: Any, factors: ShellFactors,
+                       geometry: TiltGeometry | torch.Tensor) -> torch.Tensor:
+    """The recalibrated (S, Z, Y, X) family, in memory (for evaluation and tests)."""
+    x = torch.as_tensor(np.asarray(samples, dtype=np.float32))
+    check_family(tuple(x.shape), tuple(x.shape[1:]))
+    fmap = factors.coefficient_map(tuple(x.shape[1:]), geometry)
+    mean = x.mean(dim=0)
+    return torch.stack([recalibrate_sample(x[i], mean, fmap) for i in range(x.shape[0])])
+
+
+def resolve_mode(mode: str, have_halves: bool) -> str:
+    """The calibration `mode` to run (``auto``: ``halves`` with the halves, else
+    ``data``); unknown modes and ``halves`` without halves raise `CryowaeInputError`."""
+    if mode not in SPREAD_CALIBRATIONS:
+        raise CryowaeInputError(f"unknown spread calibration {mode!r}: use "
+                                f"{', '.join(SPREAD_CALIBRATIONS)}")
+    if mode == "halves" and not have_halves:
+        raise CryowaeInputError("--spread-calibration halves needs --even and --odd")
+    return ("halves" if have_halves else "data") if mode == "auto" else mode
+
+
+class _CropView:
+    """The central crop of every sample of an (S, Z, Y, X) store, read one at a time."""
+
+    def __init__(self, samples: Any, crop: tuple[slice, ...]) -> None:
+        self.samples, self.crop = samples, crop
+        self.shape = (int(samples.shape[0]), *(c.stop - c.start for c in crop))
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        from cryowae.sampling.consistency import crop_of
+
+        return crop_of(self.samples, (int(i), *self.crop))
+
+
+class _Difference:
+    """Array view of ``samples[s] - mean`` for the tile engine (slab reads only)."""
+
+    def __init__(self, samples: Any, s: int, mean: Any) -> None:
+        self.samples, self.s, self.mean = samples, int(s), mean
+        self.shape, self.dtype = tuple(mean.shape), np.dtype(np.float32)
+
+    def __getitem__(self, key: tuple[slice, ...]) -> np.ndarray:
+        return np.asarray(self.samples[(self.s, *key)], np.float32) - self.mean[key]
+
+
+def _filter_fn(factors: ShellFactors, geometry: TiltGeometry) -> Any:
+    """Tile function of the engine: each tile's spectrum times the factor map of its
+    own grid."""
+    maps: dict[tuple[int, ...], torch.Tensor] = {}
+
+    def fn(x: torch.Tensor, _refs: Any) -> torch.Tensor:
+        shp = tuple(int(v) for v in x.shape[-3:])
+        if shp not in maps:
+            maps[shp] = factors.coefficient_map(shp, geometry).to(x.device)  # type: ignore[arg-type]
+        spec = torch.fft.rfftn(x.float(), dim=_DIMS) * maps[shp]
+        return torch.fft.irfftn(spec, s=shp, dim=_DIMS)
+
+    return fn
+
+
+def estimate_factors(samples: Any, data: Any, geometry: TiltGeometry, mode: str,
+                     even: Any = None, odd: Any = None) -> tuple[ShellFactors, dict[str, Any]]:
+    """`factors_from_data` on the central crop (`central_crop`, at most 96 voxels per
+    axis) of the family, the data and (``mode == "halves"``) the halves; with the
+    per-shell error estimate and spread it used."""
+    from cryowae.sampling.consistency import central_crop, crop_of
+
+    crop = central_crop(tuple(int(v) for v in samples.shape[1:]))
+    view = _CropView(samples, crop)
+    _, spread, _ = family_shell_spread(view, geometry)
+    halves = (crop_of(even, crop), crop_of(odd, crop)) if mode == "halves" else (None, None)
+    error, source = shell_error_estimate(crop_of(data, crop), geometry, *halves)
+    factors = factors_from_data(spread["measured"], error, _shell_frequencies(view.shape[1:]),
+                                f"{mode}: {source}")
+    return factors, {"crop": [[c.start, c.stop] for c in crop],
+                     "error_measured": [float(v) for v in np.nan_to_num(error)],
+                     "spread_measured": [float(v) for v in np.nan_to_num(spread["measured"])]}
+
+
+def calibrate_store(samples: Any, data: Any, geometry: TiltGeometry, mode: str,
+                    state: dict[str, Any], save: Callable[[], None], workdir: Path,
+                    even: Any = None, odd: Any = None, tile: int = 64,
+                    overlap: int = 32) -> dict[str, Any]:
+    """Recalibrate the spread of a family in a writable (S, Z, Y, X) store (a zarr
+    array) in place, resumably; returns what ``family.json`` records.
+
+    `mode`: one of `SPREAD_CALIBRATIONS`. Steps, each recorded in `state` and `save`d:
+    the factors (`estimate_factors`); the per-voxel mean (``workdir/calib_mean.npy``,
+    computed slab by slab; the recalibration leaves it unchanged); then per sample the
+    filtered difference ``F^-1[a F(X_s - mean)]`` by the tile engine (`tile`-voxel
+    tiles, `overlap` blended, each filtered with its own grid's factor map) into
+    ``workdir/calib_sample.npy``, and its copy plus the mean into the store. A rerun
+    continues where the last stopped and never filters a sample twice. Memory: the
+    crops of the estimate and the engine's slabs; the volumes stay on disk."""
+    from cryowae.tiling.engine import array_sink, run_tiles
+    from cryowae.tiling.pages import page_releasing, release_pages
+    from cryowae.tiling.settings import TileSettings
+
+    mode = resolve_mode(mode, even is not None and odd is not None)
+    if mode == "none":
+        return {"mode": "none"}
+    n, shape = int(samples.shape[0]), tuple(int(v) for v in samples.shape[1:])
+    if "factors" not in state:
+        factors, info = estimate_factors(samples, data, geometry, mode, even, odd)
+        state.update(factors=factors.to_dict(), estimate=info, rewritten=[])
+        save()
+    factors = ShellFactors.from_dict(state["factors"])
+    mean_path, tmp_path = workdir / "calib_mean.npy", workdir / "calib_sample.npy"
+    if not state.get("mean_ready"):
+        mean = np.lib.format.open_memmap(mean_path, "w+", np.float32, shape)
+        step = max(1, (4 << 20) // max(1, 8 * shape[1] * shape[2]))
+        for z in range(0, shape[0], step):
+            acc = np.zeros((min(step, shape[0] - z), *shape[1:]), np.float64)
+            for i in range(n):
+                acc += np.asarray(samples[i, z:z + step], np.float64)
+            mean[z:z + step] = acc / n
+            release_pages(mean, flush=True)
+        del mean
+        state["mean_ready"] = True
+        save()
+    mean = page_releasing(np.load(mean_path, mmap_mode="r"))
+    settings = TileSettings(tile, overlap, 1)
+    plan = settings.plan(shape, 1)
+    fn = _filter_fn(factors, geometry)
+    for i in range(n):
+        if i in set(state["rewritten"]):
+            continue
+        if state.get("filtered") != i:
+            out = np.lib.format.open_memmap(tmp_path, "w+", np.float32, shape)
+            run_tiles(fn, _Difference(samples, i, mean), plan, array_sink(out),
+                      norm=(0.0, 1.0), device="cpu", batch_size=1, task="spread calibration")
+            release_pages(out, flush=True)
+            del out
+            state["filtered"] = i
+            save()
+        filt = page_releasing(np.load(tmp_path, mmap_mode="r"))
+        step = max(1, (4 << 20) // max(1, 4 * shape[1] * shape[2]))
+        for z in range(0, shape[0], step):
+            samples[i, z:z + step] = filt[z:z + step] + mean[z:z + step]
+        state["rewritten"].append(i)
+        save()
+    for p in (mean_path, tmp_path):
+        p.unlink(missing_ok=True)
+    return {"mode": mode, "factors": factors.to_dict(), "estimate": state["estimate"],
+            "tile": list(plan.tile), "overlap": overlap,
+            "columns": "factors per shell of factors.frequency (cycles per voxel, crop "
+                       "grid); estimate: error and spread per coefficient, data units^2"}
+
+
+__all__ = ["MAX_FACTOR", "SPREAD_CALIBRATIONS", "ShellFactors", "calibrate_store",
+           "estimate_factors",
+           "factors_from_data", "factors_from_errors", "factors_from_truth",
+           "family_shell_spread", "halves_error", "recalibrate_family", "recalibrate_sample",
+           "resolve_mode", "shell_error_estimate", "wiener_error"]

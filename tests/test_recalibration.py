@@ -1,0 +1,176 @@
+"""Spread recalibration (cryowae/sampling/recalibrate.py): on a linear-Gaussian family
+with a known under-dispersion the estimated factors recover it and the recalibrated
+family has spread/skill about 1; the in-place store pass resumes exactly; sample_file
+and the CLI record and validate the option."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import numpy as np
+import pytest
+import torch
+import zarr
+
+from cryowae.io import read_mrc, read_ome_zarr, write_mrc
+from cryowae.metrics.calibration import spread_skill
+from cryowae.physics.fourier import radial_frequency
+from cryowae.physics.geometry import TiltGeometry
+from cryowae.sampling import sample_file
+from cryowae.sampling.recalibrate import (
+    calibrate_store,
+    estimate_factors,
+    factors_from_truth,
+    recalibrate_family,
+)
+
+from .conftest import invoke_cli
+from .test_sampling import _tomogram, stochastic_restorer
+
+GEO = TiltGeometry(-60.0, 60.0, "y", "model")
+SHAPE = (32, 32, 32)
+#: the family's spread is C times the posterior's
+C = 0.4
+
+
+def _field(power: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """A real Gaussian field with `power` per rfft coefficient (ortho)."""
+    white = torch.fft.rfftn(torch.randn(SHAPE, generator=gen), norm="ortho")
+    return torch.fft.irfftn(white * power.sqrt(), s=SHAPE, norm="ortho")
+
+
+def gaussian_case(n_samples: int = 8, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Truth t (power P), halves M(t + n) with noise power 8 |k| per half (the ramp of
+    weighted back-projection), the full tomogram their mean (noise power N = 4 |k|), and
+    S draws of the exact posterior with the spread scaled by C: measured mean W d,
+    variance W N (W = P / (P + N)); wedge mean 0, variance P."""
+    gen = torch.Generator().manual_seed(seed)
+    k = radial_frequency(SHAPE, rfft=True)
+    p = 6.0 / (1.0 + (k / 0.08) ** 4)
+    meas = GEO.wedge_mask(SHAPE, rfft=True) > 0.5
+    t = _field(p, gen)
+
+    def measured(v: torch.Tensor) -> torch.Tensor:
+        return torch.fft.irfftn(torch.fft.rfftn(v) * meas, s=SHAPE)
+
+    noise = 4.0 * k
+    even = measured(t + _field(2 * noise, gen))
+    odd = measured(t + _field(2 * noise, gen))
+    data = 0.5 * (even + odd)
+    w = p / (p + noise)
+    fd = torch.fft.rfftn(data, norm="ortho")
+    mean = torch.where(meas, w * fd, torch.zeros_like(fd))
+    sd = torch.where(meas, (w * noise).sqrt(), p.sqrt())
+    samples = torch.stack([torch.fft.irfftn(
+        mean + C * sd * torch.fft.rfftn(torch.randn(SHAPE, generator=gen), norm="ortho"),
+        s=SHAPE, norm="ortho") for _ in range(n_samples)])
+    return {"truth": t, "data": data, "even": even, "odd": odd, "samples": samples}
+
+
+@pytest.mark.parametrize("mode", ["halves", "data"])
+def test_estimated_factors_recover_a_known_underdispersion(mode):
+    c = gaussian_case()
+    before = spread_skill(c["samples"], c["truth"], GEO)
+    assert before.ratio_measured == pytest.approx(C, rel=0.15)
+    assert before.ratio_wedge == pytest.approx(C, rel=0.15)
+    factors, info = estimate_factors(c["samples"], c["data"], GEO, mode,
+                                     c["even"], c["odd"])
+    # spread/skill 1 needs (S + 1) / S a^2 C^2 sigma^2 = sigma^2 (1 + C^2 / S), the
+    # family mean's error (sigma^2 the posterior variance)
+    s = c["samples"].shape[0]
+    want = np.sqrt(s / (s + 1) * (1 + C**2 / s)) / C
+    mid = (factors.frequency > 0.05) & (factors.frequency < 0.3)
+    assert np.median(factors.measured[mid]) == pytest.approx(want, rel=0.1)
+    np.testing.assert_array_equal(factors.measured, factors.wedge)
+    assert info["crop"] == [[0, 32]] * 3
+    after = spread_skill(recalibrate_family(c["samples"], factors, GEO), c["truth"], GEO)
+    assert after.ratio_measured == pytest.approx(1.0, abs=0.15)
+    assert after.ratio_wedge == pytest.approx(1.0, abs=0.15)
+
+
+def test_oracle_factors_calibrate_each_region_and_keep_the_mean():
+    c = gaussian_case()
+    rec = recalibrate_family(c["samples"], factors_from_truth(c["samples"], c["truth"], GEO),
+                             GEO)
+    ss = spread_skill(rec, c["truth"], GEO)
+    assert ss.ratio_measured == pytest.approx(1.0, abs=0.02)
+    assert ss.ratio_wedge == pytest.approx(1.0, abs=0.02)
+    torch.testing.assert_close(rec.mean(0), c["samples"].mean(0), atol=1e-5, rtol=0)
+
+
+class _Stop(Exception):
+    pass
+
+
+def _store(tmp_path, samples: torch.Tensor, name: str):
+    z = zarr.open_array(str(tmp_path / name), mode="w", shape=tuple(samples.shape),
+                        chunks=(1, 16, 16, 16), dtype="f4")
+    z[:] = samples.numpy()
+    return z
+
+
+@pytest.mark.parametrize("stop_at", [3, 5])  # after sample 0 is rewritten / 1 filtered
+def test_calibrate_store_in_place_resumes_exactly(tmp_path, stop_at):
+    c = gaussian_case(n_samples=4)
+    whole = _store(tmp_path, c["samples"], "whole.zarr")
+    (tmp_path / "w1").mkdir()
+    rec = calibrate_store(whole, c["data"].numpy(), GEO, "auto", {}, lambda: None,
+                          tmp_path / "w1", c["even"].numpy(), c["odd"].numpy(), tile=16,
+                          overlap=8)
+    assert rec["mode"] == "halves" and rec["factors"]["source"].startswith("halves")
+    assert list((tmp_path / "w1").iterdir()) == []  # its work files are gone
+    done = np.asarray(whole[:])
+    np.testing.assert_allclose(done.mean(0), c["samples"].numpy().mean(0), atol=1e-5)
+    ss = spread_skill(torch.from_numpy(done), c["truth"], GEO)
+    assert ss.ratio_measured == pytest.approx(1.0, abs=0.2)
+    assert ss.ratio_wedge == pytest.approx(1.0, abs=0.2)
+
+    part = _store(tmp_path, c["samples"], "part.zarr")
+    (tmp_path / "w2").mkdir()
+    state: dict = {}
+    saved: list[dict] = []
+
+    def save() -> None:
+        saved.append(copy.deepcopy(state))
+        if len(saved) == stop_at:
+            raise _Stop
+
+    with pytest.raises(_Stop):
+        calibrate_store(part, c["data"].numpy(), GEO, "auto", state, save, tmp_path / "w2",
+                        c["even"].numpy(), c["odd"].numpy(), tile=16, overlap=8)
+    state = saved[-1]
+    calibrate_store(part, c["data"].numpy(), GEO, "auto", state, lambda: None,
+                    tmp_path / "w2", c["even"].numpy(), c["odd"].numpy(), tile=16, overlap=8)
+    np.testing.assert_array_equal(np.asarray(part[:]), done)
+
+
+def test_sample_file_records_the_calibration_and_keeps_the_mean(tmp_path):
+    r = stochastic_restorer()
+    tomo = tmp_path / "tomo.mrc"
+    write_mrc(tomo, _tomogram(), voxel_size=10.0)
+    kw = dict(n_samples=3, tile=16, overlap=8)
+    raw = sample_file(r, tomo, tmp_path / "raw", spread_calibration="none", **kw)
+    cal = sample_file(r, tomo, tmp_path / "cal", **kw)
+    m_raw, m_cal = (json.loads((d / "family.json").read_text()) for d in (raw, cal))
+    assert m_raw["spread_calibration"] == {"mode": "none"}
+    assert m_raw["parameters"]["spread_calibration"] == "none"
+    info = m_cal["spread_calibration"]
+    assert info["mode"] == "data" and len(info["factors"]["measured"]) > 5
+    a = np.asarray(read_ome_zarr(raw / "samples.zarr").data)
+    b = np.asarray(read_ome_zarr(cal / "samples.zarr").data)
+    np.testing.assert_allclose(b.mean(0), a.mean(0), atol=1e-4)
+    assert not np.allclose(a, b)
+    np.testing.assert_allclose(read_mrc(cal / "std.mrc").numpy(), b.std(0), atol=1e-4)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--spread-calibration", "wide"], "unknown spread calibration"),
+    (["--spread-calibration", "halves"], "needs --even and --odd"),
+])
+def test_cli_sample_spread_calibration_errors(tiny_model_path, tmp_path, args, message):
+    write_mrc(tmp_path / "tomo.mrc", _tomogram((16, 16, 16)), voxel_size=10.0)
+    res = invoke_cli("sample", tiny_model_path, tmp_path / "tomo.mrc", "--out",
+                     tmp_path / "fam", *args)
+    assert res.returncode == 2 and message in res.stderr, res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1
