@@ -57,7 +57,12 @@ def load_case(root: Path, seed: int, family: str) -> dict[str, Any]:
 
 def score(samples: torch.Tensor, truth: torch.Tensor, geo: Any, vs: float) -> dict[str, float]:
     """The calibration figures of `cryowae evaluate` on an in-memory family."""
-    from cryowae.metrics.calibration import interval_coverage, spread_skill, wedge_coverage
+    from cryowae.metrics.calibration import (
+        crps_ensemble,
+        interval_coverage,
+        spread_skill,
+        wedge_coverage,
+    )
     from cryowae.sampling.evaluate import LOWPASS_A, _lowpass
 
     ss = spread_skill(samples, truth, geo)
@@ -65,7 +70,8 @@ def score(samples: torch.Tensor, truth: torch.Tensor, geo: Any, vs: float) -> di
     cov = interval_coverage(_lowpass(samples, cut), _lowpass(truth, cut), (0.9,))
     wcov = wedge_coverage(samples, truth, geo, (0.9,))
     return {"ss_measured": ss.ratio_measured, "ss_wedge": ss.ratio_wedge,
-            "cov_all_90": cov[0.9], "cov_wedge_90": wcov[0.9]}
+            "cov_all_90": cov[0.9], "cov_wedge_90": wcov[0.9],
+            "crps": crps_ensemble(samples, truth)}
 
 
 def shared_factors(f: Any) -> Any:
@@ -185,7 +191,9 @@ def main() -> None:
     ap.add_argument("--root", type=Path, default=Path("/tmp/bfam"))
     ap.add_argument("--seeds", type=int, nargs="+", default=[3, 4, 5])
     ap.add_argument("--family", default="family_nohalves")
-    ap.add_argument("--methods", nargs="+", default=["oracle", "oracle_shared"])
+    ap.add_argument("--methods", nargs="+",
+                    default=["oracle", "oracle_shared", "halves", "wiener_halves", "wiener_est",
+                             "store_halves", "store_data"])
     ap.add_argument("--samples", type=int, default=16)
     ap.add_argument("--out", type=Path, default=Path("/tmp/brecal/results.json"))
     a = ap.parse_args()
@@ -200,6 +208,20 @@ def main() -> None:
         print(f"seed {seed}: {line}", flush=True)
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(results, indent=1) + "\n")
+    print(markdown_table(results, ["before", *a.methods]))
+
+
+def markdown_table(results: list[dict[str, Any]], rows: list[str]) -> str:
+    """One row per seed and variant: spread/skill, 90% coverage, CRPS."""
+    lines = ["| seed | variant | spread/skill measured / wedge | 90% cover wedge / all (30 A)"
+             " | CRPS |", "|---|---|---|---|---|"]
+    for r in results:
+        for k in rows:
+            v = r[k]
+            lines.append(f"| {r['seed']} | {k} | {v['ss_measured']:.2f} / {v['ss_wedge']:.2f}"
+                         f" | {v['cov_wedge_90']:.2f} / {v['cov_all_90']:.2f} | "
+                         f"{v['crps']:.4f} |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -110,7 +110,8 @@ def _store(tmp_path, samples: torch.Tensor, name: str):
     return z
 
 
-@pytest.mark.parametrize("stop_at", [3, 5])  # after sample 0 is rewritten / 1 filtered
+# stopped after sample 0 is rewritten / sample 1 filtered / the last save
+@pytest.mark.parametrize("stop_at", [4, 5, 10])
 def test_calibrate_store_in_place_resumes_exactly(tmp_path, stop_at):
     c = gaussian_case(n_samples=4)
     whole = _store(tmp_path, c["samples"], "whole.zarr")

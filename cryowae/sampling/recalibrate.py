@@ -327,7 +327,8 @@ def calibrate_store(samples: Any, data: Any, geometry: TiltGeometry, mode: str,
         save()
     factors = ShellFactors.from_dict(state["factors"])
     mean_path, tmp_path = workdir / "calib_mean.npy", workdir / "calib_sample.npy"
-    if not state.get("mean_ready"):
+    todo = [i for i in range(n) if i not in set(state["rewritten"])]
+    if todo and not state.get("mean_ready"):
         mean = np.lib.format.open_memmap(mean_path, "w+", np.float32, shape)
         step = max(1, (4 << 20) // max(1, 8 * shape[1] * shape[2]))
         for z in range(0, shape[0], step):
@@ -339,13 +340,10 @@ def calibrate_store(samples: Any, data: Any, geometry: TiltGeometry, mode: str,
         del mean
         state["mean_ready"] = True
         save()
-    mean = page_releasing(np.load(mean_path, mmap_mode="r"))
-    settings = TileSettings(tile, overlap, 1)
-    plan = settings.plan(shape, 1)
+    plan = TileSettings(tile, overlap, 1).plan(shape, 1)
     fn = _filter_fn(factors, geometry)
-    for i in range(n):
-        if i in set(state["rewritten"]):
-            continue
+    mean = page_releasing(np.load(mean_path, mmap_mode="r")) if todo else None
+    for i in todo:
         if state.get("filtered") != i:
             out = np.lib.format.open_memmap(tmp_path, "w+", np.float32, shape)
             run_tiles(fn, _Difference(samples, i, mean), plan, array_sink(out),
