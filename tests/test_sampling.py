@@ -278,6 +278,7 @@ def test_sample_file_memory_bounded_on_memory_mapped_volume(tmp_path):
     assert proc.returncode == 0, proc.stderr
     m = json.loads(proc.stdout.strip().splitlines()[-1])
     growth = m["during"] - m["base"]
+    print(f"peak RSS growth {growth / 1e6:.1f} MB")
     assert growth < MEMORY_BOUND, f"peak RSS grew by {growth / 1e6:.1f} MB"
 
 
