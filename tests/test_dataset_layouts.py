@@ -17,7 +17,7 @@ import zarr
 
 from cryowae.data.inputs import expand_inputs, output_names
 from cryowae.errors import CryowaeInputError
-from cryowae.inference.batch import DONE_DIR, restore_batch
+from cryowae.inference.batch import DONE_DIR
 from cryowae.io import read_volume, write_mrc, write_ome_zarr
 from cryowae.io.portal import find_portal_tomograms, portal_tomogram
 
@@ -193,18 +193,6 @@ def _markers(out: Path) -> int:
     return sum(len(os.listdir(p / DONE_DIR)) for p in out.glob("TS_*/tomo.zarr.partial"))
 
 
-def _settled_markers(out: Path, quiet_s: float = 1.5) -> int:
-    """Finished blocks once no more appear for `quiet_s` (a cancelled run's blocks that
-    were already running on a worker still finish and record themselves)."""
-    count, since = _markers(out), time.monotonic()
-    while time.monotonic() - since < quiet_s:
-        time.sleep(0.1)
-        now = _markers(out)
-        if now != count:
-            count, since = now, time.monotonic()
-    return count
-
-
 def _check_outputs(out: Path, series: list[Path]) -> None:
     """Identity model: every output equals its input; names keep the series folders."""
     for src in series:
@@ -264,28 +252,6 @@ def test_repeated_names_plan_resumes_in_process(tiny_model_path, tmp_path):
 
 
 @pytest.mark.slow
-def test_repeated_names_batch_resumes_after_cancel(client, tiny_model_path, tmp_path):
-    """The issue's batch (TS_0i/tomo.mrc, one output folder) restores all three; a run
-    stopped after some blocks resumes with only the missing ones."""
-    from tests.conftest import cancel_after
-
-    series = _series(tmp_path / "data")
-    out = tmp_path / "restored"
-    from cryowae.progress import Cancelled
-
-    with pytest.raises(Cancelled):
-        restore_batch(series, tiny_model_path, out, client=client,
-                      progress=cancel_after(3), **KW)
-    done = _settled_markers(out)
-    assert 3 <= done < 3 * BLOCKS
-    res = restore_batch([str(tmp_path / "data" / "TS_*" / "tomo.mrc")], tiny_model_path,
-                        out, client=client, **KW)
-    assert not res.failed and len(res.outputs) == 3
-    assert res.blocks_total == 3 * BLOCKS
-    assert (res.blocks_run, res.blocks_already_done) == (3 * BLOCKS - done, done)
-    _check_outputs(out, series)
-
-
 @pytest.mark.slow
 def test_repeated_names_batch_resumes_after_kill(client, tiny_model_path, tmp_path):
     """SIGKILL a real `cryowae restore-batch 'TS_*/tomo.mrc'` (and its worker) once a
