@@ -55,6 +55,32 @@ def cancel_after(units: int):
     return _CancelAfter()
 
 
+def kill_when(args: list[str], ready, log: Path, cwd: Path | None = None,
+              timeout: float = 300) -> int:
+    """Start `args` in a new process group (output to the file `log`, not a pipe nobody
+    drains), SIGKILL the whole group (the command and the workers it started) as soon as
+    ``ready()`` is true, like a node losing power, and return the exit code."""
+    import signal
+    import time
+
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    with open(log, "w") as sink:
+        proc = subprocess.Popen(args, cwd=cwd, stdout=sink, stderr=subprocess.STDOUT,
+                                env=env, start_new_session=True)
+        deadline = time.monotonic() + timeout
+        try:
+            while proc.poll() is None and time.monotonic() < deadline:
+                if ready():
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    break
+                time.sleep(0.02)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=60)
+    return proc.returncode
+
+
 class CliResult:
     """What an in-process `cryowae` call returned: exit code and captured text."""
 

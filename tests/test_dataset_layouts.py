@@ -8,7 +8,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +19,7 @@ from cryowae.errors import CryowaeInputError
 from cryowae.inference.batch import DONE_DIR
 from cryowae.io import read_volume, write_mrc, write_ome_zarr
 from cryowae.io.portal import find_portal_tomograms, portal_tomogram
+from tests.conftest import kill_when
 
 SHAPE = (16, 32, 32)
 #: 1 x 2 x 2 = 4 blocks of 16 voxels per tomogram
@@ -252,7 +252,6 @@ def test_repeated_names_plan_resumes_in_process(tiny_model_path, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.slow
 def test_repeated_names_batch_resumes_after_kill(client, tiny_model_path, tmp_path):
     """SIGKILL a real `cryowae restore-batch 'TS_*/tomo.mrc'` (and its worker) once a
     block is done; the same command again restores all three tomograms."""
@@ -262,22 +261,10 @@ def test_repeated_names_batch_resumes_after_kill(client, tiny_model_path, tmp_pa
             str(tiny_model_path), "--out", str(out), "--workers", "1", *CLI_KW]
     env = os.environ | {"OMP_NUM_THREADS": "1"}
     log = tmp_path / "killed.log"
-    with open(log, "w") as sink:
-        proc = subprocess.Popen(args, cwd=tmp_path / "data", stdout=sink,
-                                stderr=subprocess.STDOUT, env=env, start_new_session=True)
-        deadline = time.monotonic() + 300
-        try:
-            while proc.poll() is None and time.monotonic() < deadline:
-                if any(p.is_dir() and os.listdir(p)
-                       for p in out.glob(f"TS_*/tomo.zarr.partial/{DONE_DIR}")):
-                    os.killpg(proc.pid, signal.SIGKILL)
-                    break
-                time.sleep(0.02)
-        finally:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=60)
-    assert proc.returncode == -signal.SIGKILL, log.read_text()[-2000:]
+    code = kill_when(args, lambda: any(p.is_dir() and os.listdir(p) for p in
+                                       out.glob(f"TS_*/tomo.zarr.partial/{DONE_DIR}")),
+                     log, cwd=tmp_path / "data")
+    assert code == -signal.SIGKILL, log.read_text()[-2000:]
     done = _markers(out)
     assert 1 <= done < 3 * BLOCKS
 

@@ -25,7 +25,6 @@ from cryowae.sampling.recalibrate import (
     recalibrate_family,
 )
 
-from .conftest import invoke_cli
 from .test_sampling import _tomogram, stochastic_restorer
 
 GEO = TiltGeometry(-60.0, 60.0, "y", "model")
@@ -163,15 +162,3 @@ def test_sample_file_records_the_calibration_and_keeps_the_mean(tmp_path):
     np.testing.assert_allclose(b.mean(0), a.mean(0), atol=1e-4)
     assert not np.allclose(a, b)
     np.testing.assert_allclose(read_mrc(cal / "std.mrc").numpy(), b.std(0), atol=1e-4)
-
-
-@pytest.mark.parametrize("args, message", [
-    (["--spread-calibration", "wide"], "unknown spread calibration"),
-    (["--spread-calibration", "halves"], "needs --even and --odd"),
-])
-def test_cli_sample_spread_calibration_errors(tiny_model_path, tmp_path, args, message):
-    write_mrc(tmp_path / "tomo.mrc", _tomogram((16, 16, 16)), voxel_size=10.0)
-    res = invoke_cli("sample", tiny_model_path, tmp_path / "tomo.mrc", "--out",
-                     tmp_path / "fam", *args)
-    assert res.returncode == 2 and message in res.stderr, res.stderr
-    assert len(res.stderr.strip().splitlines()) == 1

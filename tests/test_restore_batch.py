@@ -7,7 +7,6 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +29,7 @@ from cryowae.inference.restore import restore_array
 from cryowae.io import read_volume, write_mrc
 from cryowae.models.checkpoint import load_restorer
 from cryowae.tiling import TileSettings
-from tests.conftest import invoke_cli
+from tests.conftest import invoke_cli, kill_when
 
 SHAPE = (40, 70, 60)
 #: small blocks and tiles keep the cluster busy for seconds, not minutes
@@ -178,26 +177,16 @@ def test_killed_run_resumes_with_only_missing_blocks(client, real_run, tomos,
     blocks and gives the uninterrupted run's output."""
     out = tmp_path / "out"
     partial = out / "tomo0.zarr.partial"
-    env = os.environ | {"OMP_NUM_THREADS": "1"}
     log = tmp_path / "killed.log"
-    with open(log, "w") as sink:  # a file, not a pipe that nobody drains
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "cryowae", "restore-batch", str(tomos[0]), "--model",
-             str(real_model_path), "--out", str(out), "--workers", "1", *CLI_KW],
-            stdout=sink, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-        deadline = time.monotonic() + 300
-        try:
-            while proc.poll() is None and time.monotonic() < deadline:
-                d = partial / DONE_DIR
-                if d.is_dir() and len(os.listdir(d)) >= 1:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                    break
-                time.sleep(0.02)
-        finally:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=60)
-    assert proc.returncode == -signal.SIGKILL, log.read_text()[-2000:]
+
+    def some_block_done() -> bool:
+        d = partial / DONE_DIR
+        return d.is_dir() and len(os.listdir(d)) >= 1
+
+    code = kill_when([sys.executable, "-m", "cryowae", "restore-batch", str(tomos[0]),
+                      "--model", str(real_model_path), "--out", str(out), "--workers", "1",
+                      *CLI_KW], some_block_done, log)
+    assert code == -signal.SIGKILL, log.read_text()[-2000:]
     assert partial.is_dir() and not (out / "tomo0.zarr").exists()
     with pytest.raises(CryowaeInputError):  # a partial store is never mistaken for output
         read_volume(partial)

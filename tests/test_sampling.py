@@ -317,6 +317,8 @@ def test_cli_sample_and_evaluate_with_tlt(tiny_model_path, tmp_path):
     (["--consistency", "hard"], "unknown --consistency"),
     (["--even", "x.mrc"], "both --even and --odd"),
     ([], "no stochastic branch"),
+    (["--spread-calibration", "wide"], "unknown spread calibration"),
+    (["--spread-calibration", "halves"], "needs --even and --odd"),
 ])
 def test_cli_sample_errors(tiny_model_path, tmp_path, args, message):
     write_mrc(tmp_path / "tomo.mrc", _tomogram((16, 16, 16)), voxel_size=10.0)
