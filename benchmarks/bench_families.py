@@ -84,7 +84,8 @@ def wedge_over_measured(report: dict[str, Any], good: np.ndarray) -> dict[str, A
 
 
 def run_one(out: Path, seed: int, variant: str, minutes: float, n: int,
-            tile: int, with_halves: bool = True) -> dict[str, Any]:
+            tile: int, with_halves: bool = True,
+            spread_calibration: str = "auto") -> dict[str, Any]:
     """Train one variant on one seed, restore, sample, evaluate (result.json)."""
     from cryowae.inference.restore import restore_array
     from cryowae.io import read_volume, write_mrc
@@ -139,7 +140,8 @@ def run_one(out: Path, seed: int, variant: str, minutes: float, n: int,
             t0 = time.time()
             if not (fam / "family.json").exists():
                 sample_file(train_dir / "model.pt", sim / "tomo.mrc", fam, n_samples=n,
-                            seed=0, tile=tile, overlap=tile // 3, overwrite=True, **halves)
+                            seed=0, tile=tile, overlap=tile // 3, overwrite=True,
+                            spread_calibration=spread_calibration, **halves)
             t_sample = time.time() - t0
             rep = evaluate_family(fam, sim / "gt.mrc", restored=run / "restored.mrc",
                                   geometry=geo, tomogram=sim / "tomo.mrc",
@@ -226,6 +228,9 @@ def main() -> None:
     ap.add_argument("--halves-seeds", type=int, nargs="*", default=None,
                     help="seeds whose default run also samples with --even/--odd "
                          "(default: all); the halves change only the consistency check")
+    ap.add_argument("--spread-calibration", default="auto",
+                    help="as `cryowae sample` (none: raw families, e.g. for "
+                         "benchmarks/bench_recalibration.py)")
     ap.add_argument("--out", type=Path, default=Path("bench_families_out"))
     ap.add_argument("--single", nargs=2, metavar=("SEED", "VARIANT"), help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -234,7 +239,8 @@ def main() -> None:
     if a.single:
         halves_seeds = a.seeds if a.halves_seeds is None else a.halves_seeds
         row = run_one(a.out, int(a.single[0]), a.single[1], a.minutes, a.n, a.tile,
-                      with_halves=int(a.single[0]) in halves_seeds)
+                      with_halves=int(a.single[0]) in halves_seeds,
+                      spread_calibration=a.spread_calibration)
         print(json.dumps(row, default=float), flush=True)
         return
     from cryowae.data.structures import fetch_example_structures
@@ -252,7 +258,8 @@ def main() -> None:
                             "CRYOWAE_NO_TENSORBOARD": "1"}
         cmd = [sys.executable, __file__, "--single", str(job[0]), job[1], "--out",
                str(a.out), "--minutes", str(a.minutes), "--n", str(a.n),
-               "--tile", str(a.tile), "--seeds", *map(str, a.seeds)]
+               "--tile", str(a.tile), "--seeds", *map(str, a.seeds),
+               "--spread-calibration", a.spread_calibration]
         if a.halves_seeds is not None:
             cmd += ["--halves-seeds", *map(str, a.halves_seeds)]
         subprocess.run(cmd, check=True, env=env)

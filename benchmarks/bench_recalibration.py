@@ -52,11 +52,15 @@ def load_case(root: Path, seed: int, family: str) -> dict[str, Any]:
     truth, _, _ = truth_on_data_scale(truth_seen_by_data(g, vs, params, "abs_ctf"), d, geo)
     return {"samples": samples, "truth": truth, "data": d, "even": e, "odd": o,
             "geometry": geo, "voxel_size": vs, "model": run / "train" / "model.pt",
-            "restored": run / "restored.mrc"}
+            "restored": run / "restored.mrc", "gt": g, "sim": sim}
 
 
-def score(samples: torch.Tensor, truth: torch.Tensor, geo: Any, vs: float) -> dict[str, float]:
-    """The calibration figures of `cryowae evaluate` on an in-memory family."""
+def score(samples: torch.Tensor, truth: torch.Tensor, geo: Any, vs: float,
+          case: dict[str, Any] | None = None) -> dict[str, float]:
+    """The calibration figures of `cryowae evaluate` on an in-memory family; with the
+    `case`: the family mean's Pearson and wedge CC against the ground truth (as
+    bench_families scores the single restoration) and, per shell where the half-map FSC
+    is above 0.5, whether the spread per coefficient is larger in the wedge."""
     from cryowae.metrics.calibration import (
         crps_ensemble,
         interval_coverage,
@@ -69,9 +73,25 @@ def score(samples: torch.Tensor, truth: torch.Tensor, geo: Any, vs: float) -> di
     cut = vs / LOWPASS_A
     cov = interval_coverage(_lowpass(samples, cut), _lowpass(truth, cut), (0.9,))
     wcov = wedge_coverage(samples, truth, geo, (0.9,))
-    return {"ss_measured": ss.ratio_measured, "ss_wedge": ss.ratio_wedge,
-            "cov_all_90": cov[0.9], "cov_wedge_90": wcov[0.9],
-            "crps": crps_ensemble(samples, truth)}
+    out = {"ss_measured": ss.ratio_measured, "ss_wedge": ss.ratio_wedge,
+           "cov_all_90": cov[0.9], "cov_wedge_90": wcov[0.9],
+           "crps": crps_ensemble(samples, truth)}
+    if case is not None:
+        from bench_families import half_map_fsc
+
+        from cryowae.metrics.report import evaluate_volumes
+
+        fam = evaluate_volumes(samples.mean(0), case["gt"], vs, geo)
+        fsc, _ = half_map_fsc(case["sim"])
+        good = np.zeros(len(ss.spread_wedge), bool)
+        good[:len(fsc)] = fsc[:len(good)] > 0.5
+        with np.errstate(invalid="ignore", divide="ignore"):
+            ratio = ss.spread_wedge / ss.spread_measured
+        ratio = ratio[good & np.isfinite(ratio)]
+        out |= {"family_pearson": fam["pearson"], "family_cc_wedge": fam["cc_wedge"],
+                "wedge_gt_measured": int((ratio > 1).sum()), "shells": int(ratio.size),
+                "min_wedge_over_measured": float(ratio.min()) if ratio.size else None}
+    return out
 
 
 def shared_factors(f: Any) -> Any:
@@ -126,13 +146,17 @@ def data_factors(c: dict[str, Any], samples: torch.Tensor, method: str) -> Any:
 
 
 def store_family(c: dict[str, Any], samples: torch.Tensor, mode: str,
-                 work: Path) -> tuple[torch.Tensor, dict[str, Any]]:
+                 work: Path, library: bool = True) -> tuple[torch.Tensor, dict[str, Any]]:
     """The library path of ``cryowae sample``: `calibrate_store` on a zarr copy of the
-    family (central-crop estimate, tiled filtering)."""
+    family (central-crop estimate, tiled filtering). `library`: as `sample_file` calls
+    it (the stochastic restorer for the wedge ratio, centred on the single restoration);
+    False: the factors alone about the family mean (the previous default)."""
     import shutil
 
     import zarr
 
+    from cryowae.io import read_volume
+    from cryowae.models.checkpoint import load_restorer
     from cryowae.sampling.recalibrate import calibrate_store
 
     shutil.rmtree(work, ignore_errors=True)
@@ -141,8 +165,13 @@ def store_family(c: dict[str, Any], samples: torch.Tensor, mode: str,
                         chunks=(1, *(min(64, v) for v in samples.shape[1:])), dtype="f4")
     z[:] = samples.numpy()
     halves = (c["even"].numpy(), c["odd"].numpy()) if mode == "halves" else (None, None)
+    kw: dict[str, Any] = {}
+    if library:
+        with read_volume(c["restored"]) as v:
+            kw = {"model": load_restorer(c["model"], "cpu").stochastic,
+                  "centre": np.array(v.numpy(), dtype=np.float32)}
     rec = calibrate_store(z, c["data"].numpy(), c["geometry"], mode, {}, lambda: None, work,
-                          *halves)
+                          *halves, **kw)
     out = torch.from_numpy(np.asarray(z[:]))
     shutil.rmtree(work, ignore_errors=True)
     return out, rec
@@ -218,8 +247,15 @@ def run_seed(root: Path, seed: int, family: str, methods: list[str],
     c = load_case(root, seed, family)
     samples = c["samples"][:n_samples]
     truth, geo, vs = c["truth"], c["geometry"], c["voxel_size"]
+    from cryowae.io import read_volume
+    from cryowae.metrics.report import evaluate_volumes
+
+    with read_volume(c["restored"]) as v:
+        single = evaluate_volumes(v.numpy(), c["gt"], vs, geo)
     out: dict[str, Any] = {"seed": seed, "n_samples": int(samples.shape[0]),
-                           "before": score(samples, truth, geo, vs)}
+                           "single": {"pearson": single["pearson"],
+                                      "cc_wedge": single["cc_wedge"]},
+                           "before": score(samples, truth, geo, vs, c)}
     oracle = factors_from_truth(samples, truth, geo)
     out["oracle_factors"] = oracle.to_dict()
     from cryowae.metrics.calibration import spread_skill
@@ -245,11 +281,12 @@ def run_seed(root: Path, seed: int, family: str, methods: list[str],
             gamma = np.clip(np.nan_to_num(c["gamma"][1], nan=1.0, posinf=1.0), 0.0, 20.0)
             g = np.interp(base.frequency, freq, gamma)
             f = ShellFactors(base.frequency, base.measured, base.wedge * g, m)
-        elif m in ("store_halves", "store_data"):
+        elif m in ("store_halves", "store_data", "previous_halves", "previous_data"):
             rec, info = store_family(c, samples, m.split("_")[1],
-                                     Path(f"/tmp/brecal/work_{seed}"))
-            out[m] = score(rec, truth, geo, vs) | {"calibration": info,
-                                                   "seconds": time.perf_counter() - t0}
+                                     Path(f"/tmp/brecal/work_{seed}"),
+                                     library=m.startswith("store"))
+            out[m] = score(rec, truth, geo, vs, c) | {"calibration": info,
+                                                      "seconds": time.perf_counter() - t0}
             continue
         else:
             raise SystemExit(f"unknown method {m}")
@@ -265,8 +302,8 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[3, 4, 5])
     ap.add_argument("--family", default="family_nohalves")
     ap.add_argument("--methods", nargs="+",
-                    default=["oracle", "oracle_shared", "halves", "wiener_halves", "wiener_est",
-                             "store_halves", "store_data"])
+                    default=["oracle", "store_halves", "store_data", "previous_halves",
+                             "previous_data"])
     ap.add_argument("--samples", type=int, default=16)
     ap.add_argument("--out", type=Path, default=Path("/tmp/brecal/results.json"))
     a = ap.parse_args()
@@ -285,15 +322,24 @@ def main() -> None:
 
 
 def markdown_table(results: list[dict[str, Any]], rows: list[str]) -> str:
-    """One row per seed and variant: spread/skill, 90% coverage, CRPS."""
+    """One row per seed and variant: spread/skill, 90% coverage, CRPS and, where
+    scored, the family mean beside the single restoration and the wedge > measured
+    shells."""
     lines = ["| seed | variant | spread/skill measured / wedge | 90% cover wedge / all (30 A)"
-             " | CRPS |", "|---|---|---|---|---|"]
+             " | CRPS | family mean Pearson / wedge CC (single) | wedge > measured (shells) |",
+             "|---|---|---|---|---|---|---|"]
     for r in results:
+        sg = r.get("single") or {}
         for k in rows:
             v = r[k]
+            fam = (f"{v['family_pearson']:.3f} / {v['family_cc_wedge']:.3f} "
+                   f"({sg.get('pearson', float('nan')):.3f} / "
+                   f"{sg.get('cc_wedge', float('nan')):.3f})"
+                   if "family_pearson" in v else "")
+            wm = f"{v['wedge_gt_measured']}/{v['shells']}" if "shells" in v else ""
             lines.append(f"| {r['seed']} | {k} | {v['ss_measured']:.2f} / {v['ss_wedge']:.2f}"
                          f" | {v['cov_wedge_90']:.2f} / {v['cov_all_90']:.2f} | "
-                         f"{v['crps']:.4f} |")
+                         f"{v['crps']:.4f} | {fam} | {wm} |")
     return "\n".join(lines)
 
 

@@ -145,7 +145,12 @@ def test_calibrate_store_in_place_resumes_exactly(tmp_path, stop_at):
     np.testing.assert_array_equal(np.asarray(part[:]), done)
 
 
-def test_sample_file_records_the_calibration_and_keeps_the_mean(tmp_path):
+def test_sample_file_records_the_calibration_and_centres_on_the_restoration(tmp_path):
+    """A calibrated family is centred on the mean path's restoration (what `cryowae
+    restore` writes), its deviations filtered from the raw family's."""
+    from cryowae.inference.restore import restore_array
+    from cryowae.sampling.recalibrate import ShellFactors, recalibrate_sample
+
     r = stochastic_restorer()
     tomo = tmp_path / "tomo.mrc"
     write_mrc(tomo, _tomogram(), voxel_size=10.0)
@@ -157,8 +162,57 @@ def test_sample_file_records_the_calibration_and_keeps_the_mean(tmp_path):
     assert m_raw["parameters"]["spread_calibration"] == "none"
     info = m_cal["spread_calibration"]
     assert info["mode"] == "data" and len(info["factors"]["measured"]) > 5
+    assert info["centre"] == "restoration" and "wedge_ratio" not in info["estimate"]
     a = np.asarray(read_ome_zarr(raw / "samples.zarr").data)
     b = np.asarray(read_ome_zarr(cal / "samples.zarr").data)
-    np.testing.assert_allclose(b.mean(0), a.mean(0), atol=1e-4)
-    assert not np.allclose(a, b)
+    restored = restore_array(r, _tomogram(), tile=16, overlap=8)
+    np.testing.assert_allclose(b.mean(0), restored, atol=1e-4)
+    assert np.abs(a.mean(0) - restored).max() > 1e-3  # the raw family's mean is not it
+    fmap = ShellFactors.from_dict(info["factors"]).coefficient_map(a.shape[1:], GEO)
+    # deviations: the raw ones, filtered (tiles with reflected borders here against one
+    # whole-volume FFT there: alike, not equal)
+    want = recalibrate_sample(a[0], a.mean(0), fmap).numpy() - a.mean(0)
+    print("deviation correlation", np.corrcoef((b[0] - restored).ravel(), want.ravel())[0, 1])
+    assert np.corrcoef((b[0] - restored).ravel(), want.ravel())[0, 1] > 0.8
     np.testing.assert_allclose(read_mrc(cal / "std.mrc").numpy(), b.std(0), atol=1e-4)
+
+
+def test_wedge_ratio_is_reproducible_and_bounded():
+    """gamma(k) from self-supervised patches of the halves: the same seed gives the same
+    figures; values in [0, MAX_GAMMA]; a volume too small for a rotated patch of the
+    model's multiple (4) uses no patch and gives 1."""
+    from cryowae.sampling.wedge_ratio import MAX_GAMMA, wedge_ratio
+
+    c = gaussian_case()
+    m = stochastic_restorer().stochastic
+    args = (m, c["data"].numpy(), c["even"].numpy(), c["odd"].numpy(), GEO)
+    w1 = wedge_ratio(*args, patch=16, n_patches=8, n_samples=4, seed=3)
+    w2 = wedge_ratio(*args, patch=16, n_patches=8, n_samples=4, seed=3)
+    assert w1.patches == 8
+    np.testing.assert_array_equal(w1.gamma, w2.gamma)
+    assert np.all((w1.gamma >= 0) & (w1.gamma <= MAX_GAMMA))
+    assert np.any(w1.gamma != 1.0)  # measured, not the fallback
+    assert np.all(np.isfinite(w1.a_measured[1:3])) and np.all(w1.a_measured[1:3] > 0)
+    small = [v[:8, :8, :8] for v in (c["data"], c["even"], c["odd"])]
+    w3 = wedge_ratio(m, *(v.numpy() for v in small), GEO, patch=16, n_patches=4,
+                     n_samples=2)
+    assert w3.patches == 0 and np.all(w3.gamma == 1.0)
+
+
+def test_halves_calibration_applies_the_wedge_ratio(tmp_path):
+    """With the halves and the model, the wedge factors are the measured-region
+    estimate times gamma(k), recorded in the estimate."""
+    from cryowae.sampling.recalibrate import estimate_factors
+    from cryowae.sampling.wedge_ratio import WedgeRatio
+
+    c = gaussian_case()
+    m = stochastic_restorer().stochastic
+    z = _store(tmp_path, c["samples"], "s.zarr")
+    args = (z, c["data"].numpy(), GEO, "halves", c["even"].numpy(), c["odd"].numpy())
+    plain, _ = estimate_factors(*args)
+    with_ratio, info = estimate_factors(*args, model=m)
+    ratio = WedgeRatio(np.asarray(info["wedge_ratio"]["frequency"]),
+                       np.asarray(info["wedge_ratio"]["gamma"]), np.zeros(1), np.zeros(1), 0)
+    np.testing.assert_allclose(with_ratio.measured, plain.measured)
+    np.testing.assert_allclose(with_ratio.wedge, plain.wedge * ratio.at(plain.frequency))
+    assert info["wedge_ratio"]["patches"] > 0

@@ -110,6 +110,26 @@ def _load(model: Any, device: str) -> Any:
     return load_restorer(model, resolve_device(device))
 
 
+def _centre(restorer: Any, data: Any, norm: tuple[float, float], settings: TileSettings,
+            partial: Path, state: dict[str, Any], save: Any, prog: ProgressReporter) -> Any:
+    """The mean path's restoration of the tomogram (as ``cryowae restore``), memory-mapped
+    in ``partial/centre.npy``: the centre of a calibrated family (`calibrate_store`).
+    Restored once; a resumed run reuses it."""
+    from cryowae.inference.restore import restore_array
+
+    path = partial / "centre.npy"
+    if not (state.get("centre_ready") and path.is_file()):
+        prog.log("family centre: the mean path's restoration")
+        out = np.lib.format.open_memmap(path, "w+", np.float32, tuple(data.shape))
+        restore_array(restorer, data, settings.tile, settings.overlap, settings.batch_size,
+                      out=out, norm=norm)
+        release_pages(out, flush=True)
+        del out
+        state["centre_ready"] = True
+        save()
+    return page_releasing(np.load(path, mmap_mode="r"))
+
+
 def sample_file(model: Any, tomogram: str | os.PathLike, out_dir: str | os.PathLike,
                 n_samples: int = 16, sampler: str = DEFAULT_SAMPLER, tile: int = 96,
                 overlap: int = 32, batch_size: int = 4, seed: int = 0,
@@ -216,8 +236,16 @@ def sample_file(model: Any, tomogram: str | os.PathLike, out_dir: str | os.PathL
         if spread_calibration != "none":
             prog.log(f"spread calibration ({resolve_mode(spread_calibration, even is not None)})"
                      f": per-shell factors, then {fp.n_samples} samples filtered")
+        stochastic = getattr(restorers[0], "stochastic", None) if fp.sampler == "prior" \
+            else None
+        centre = None
+        if stochastic is not None and spread_calibration != "none":
+            centre = _centre(restorers[0], vol.data, norm, settings, partial, calib_state,
+                             save_state, prog)
         calibration = calibrate_store(level0, vol.data, fp.geometry, spread_calibration,
-                                      calib_state, save_state, partial, *halves)
+                                      calib_state, save_state, partial, *halves,
+                                      model=stochastic, centre=centre)
+        del centre
         per_slice = 2 * fp.n_samples * shape[1] * shape[2] * 4  # pyramid: ~8 MiB slabs
         writer.finish(slab=max(1, min(32, (8 << 20) // max(1, per_slice))))
         for name in ("mean.mrc", "std.mrc"):

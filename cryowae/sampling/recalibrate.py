@@ -280,10 +280,13 @@ def _filter_fn(factors: ShellFactors, geometry: TiltGeometry) -> Any:
 
 
 def estimate_factors(samples: Any, data: Any, geometry: TiltGeometry, mode: str,
-                     even: Any = None, odd: Any = None) -> tuple[ShellFactors, dict[str, Any]]:
+                     even: Any = None, odd: Any = None,
+                     model: Any = None) -> tuple[ShellFactors, dict[str, Any]]:
     """`factors_from_data` on the central crop (`central_crop`, at most 96 voxels per
     axis) of the family, the data and (``mode == "halves"``) the halves; with the
-    per-shell error estimate and spread it used."""
+    per-shell error estimate and spread it used. With the halves and the stochastic
+    restorer `model`, the wedge factors are multiplied by the self-supervised wedge
+    ratio gamma(k) of the whole tomogram (`cryowae.sampling.wedge_ratio`)."""
     from cryowae.sampling.consistency import central_crop, crop_of
 
     crop = central_crop(tuple(int(v) for v in samples.shape[1:]))
@@ -291,26 +294,40 @@ def estimate_factors(samples: Any, data: Any, geometry: TiltGeometry, mode: str,
     _, spread, _ = family_shell_spread(view, geometry)
     halves = (crop_of(even, crop), crop_of(odd, crop)) if mode == "halves" else (None, None)
     error, source = shell_error_estimate(crop_of(data, crop), geometry, *halves)
-    factors = factors_from_data(spread["measured"], error, _shell_frequencies(view.shape[1:]),
-                                f"{mode}: {source}")
-    return factors, {"crop": [[c.start, c.stop] for c in crop],
-                     "error_measured": [float(v) for v in np.nan_to_num(error)],
-                     "spread_measured": [float(v) for v in np.nan_to_num(spread["measured"])]}
+    freq = _shell_frequencies(view.shape[1:])
+    factors = factors_from_data(spread["measured"], error, freq, f"{mode}: {source}")
+    info: dict[str, Any] = {"crop": [[c.start, c.stop] for c in crop],
+                            "error_measured": [float(v) for v in np.nan_to_num(error)],
+                            "spread_measured": [float(v) for v in
+                                                np.nan_to_num(spread["measured"])]}
+    if mode == "halves" and model is not None:
+        from cryowae.sampling.wedge_ratio import wedge_ratio
+
+        ratio = wedge_ratio(model, data, even, odd, geometry)
+        factors = ShellFactors(freq, factors.measured, factors.wedge * ratio.at(freq),
+                               factors.source + "; wedge x self-supervised wedge ratio")
+        info["wedge_ratio"] = ratio.to_dict()
+    return factors, info
 
 
 def calibrate_store(samples: Any, data: Any, geometry: TiltGeometry, mode: str,
                     state: dict[str, Any], save: Callable[[], None], workdir: Path,
                     even: Any = None, odd: Any = None, tile: int = 64,
-                    overlap: int = 32) -> dict[str, Any]:
+                    overlap: int = 32, model: Any = None,
+                    centre: Any = None) -> dict[str, Any]:
     """Recalibrate the spread of a family in a writable (S, Z, Y, X) store (a zarr
     array) in place, resumably; returns what ``family.json`` records.
 
     `mode`: one of `SPREAD_CALIBRATIONS`. Steps, each recorded in `state` and `save`d:
-    the factors (`estimate_factors`); the per-voxel mean (``workdir/calib_mean.npy``,
+    the factors (`estimate_factors`, with the stochastic restorer `model` for the wedge
+    ratio); the per-voxel mean (``workdir/calib_mean.npy``,
     computed slab by slab; the recalibration leaves it unchanged); then per sample the
     filtered difference ``F^-1[a F(X_s - mean)]`` by the tile engine (`tile`-voxel
     tiles, `overlap` blended, each filtered with its own grid's factor map) into
-    ``workdir/calib_sample.npy``, and its copy plus the mean into the store. A rerun
+    ``workdir/calib_sample.npy``, and its copy plus the centre into the store: `centre`
+    (Z, Y, X), e.g. the mean path's restoration, so that the family mean is the
+    restorer's own estimate and not that plus the average of S branch draws; default the
+    family mean (unchanged). A rerun
     continues where the last stopped and never filters a sample twice. Memory: the
     crops of the estimate and the engine's slabs; the volumes stay on disk."""
     from cryowae.tiling.engine import array_sink, run_tiles
@@ -322,7 +339,7 @@ def calibrate_store(samples: Any, data: Any, geometry: TiltGeometry, mode: str,
         return {"mode": "none"}
     n, shape = int(samples.shape[0]), tuple(int(v) for v in samples.shape[1:])
     if "factors" not in state:
-        factors, info = estimate_factors(samples, data, geometry, mode, even, odd)
+        factors, info = estimate_factors(samples, data, geometry, mode, even, odd, model)
         state.update(factors=factors.to_dict(), estimate=info, rewritten=[])
         save()
     factors = ShellFactors.from_dict(state["factors"])
@@ -354,13 +371,16 @@ def calibrate_store(samples: Any, data: Any, geometry: TiltGeometry, mode: str,
             save()
         filt = page_releasing(np.load(tmp_path, mmap_mode="r"))
         step = max(1, (4 << 20) // max(1, 4 * shape[1] * shape[2]))
+        base = mean if centre is None else centre
         for z in range(0, shape[0], step):
-            samples[i, z:z + step] = filt[z:z + step] + mean[z:z + step]
+            samples[i, z:z + step] = filt[z:z + step] + np.asarray(base[z:z + step],
+                                                                   np.float32)
         state["rewritten"].append(i)
         save()
     for p in (mean_path, tmp_path):
         p.unlink(missing_ok=True)
     return {"mode": mode, "factors": factors.to_dict(), "estimate": state["estimate"],
+            "centre": "family mean" if centre is None else "restoration",
             "tile": list(plan.tile), "overlap": overlap,
             "columns": "factors per shell of factors.frequency (cycles per voxel, crop "
                        "grid); estimate: error and spread per coefficient, data units^2"}

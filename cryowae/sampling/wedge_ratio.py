@@ -1,0 +1,169 @@
+"""How much wider, relative to the measured region, a family must be in the wedge:
+the self-supervised wedge ratio gamma(k) of the spread recalibration (issue 11).
+
+The data cannot show the error of a restoration inside the missing wedge, but they can
+show how well the model restores a wedge it was *made* to miss: the training task
+itself. Patches of the even/odd halves are rotated and given an extra wedge exactly as
+in training (`cryowae.training.augment.make_batch`: input = one half, rotated, with the
+tomogram's wedge removed; target = the other half, rotated). For every rfft coefficient
+of a patch, in two regions:
+
+- ``extra``: measured in the target, removed from the input (a wedge the model fills);
+- ``measured``: measured in both,
+
+the mean's squared error against the target, minus the target half's noise power (its
+noise is independent of the input's: the other half), is summed per resolution shell,
+beside the family's predictive spread ``(m + 1) / m`` x the unbiased variance of `m`
+samples. ``a_region(k)^2 = error / spread`` and ``gamma(k) = a_extra / a_measured``: the
+factor by which the wedge's spread factor must exceed the measured region's. Only the
+halves make the measured-region error visible (without them input and target share the
+noise), so this ratio needs them.
+
+Measured on the bench_families models of seeds 3-6 (docs/benchmarks.md, "Spread
+recalibration"): with gamma, the wedge's spread/skill went from 0.98, 0.83, 1.02, 0.75
+to 1.14, 0.95, 1.17, 0.94, the measured region's unchanged.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from cryowae.physics.geometry import TiltGeometry
+
+#: largest gamma applied (the measured values of the benchmark models were below 3.7)
+MAX_GAMMA = 4.0
+
+
+@dataclass
+class WedgeRatio:
+    """gamma per shell: ``frequency`` (n,) cycles per voxel of the patch grid,
+    ``gamma`` (n,), the two regions' factors it came from and the patches used (0:
+    gamma 1 everywhere, e.g. a volume too small for a rotated patch)."""
+
+    frequency: np.ndarray
+    gamma: np.ndarray
+    a_measured: np.ndarray
+    a_extra: np.ndarray
+    patches: int
+
+    def at(self, frequency: np.ndarray) -> np.ndarray:
+        """gamma at other shell frequencies (linear interpolation, end values beyond)."""
+        return np.interp(np.asarray(frequency, dtype=np.float64), self.frequency, self.gamma)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"frequency": [float(v) for v in self.frequency],
+                "gamma": [float(v) for v in self.gamma],
+                "a_measured": [float(v) for v in np.nan_to_num(self.a_measured)],
+                "a_extra": [float(v) for v in np.nan_to_num(self.a_extra)],
+                "patches": int(self.patches)}
+
+
+def _shell_sums(values: torch.Tensor, region: torch.Tensor, labels: torch.Tensor,
+                weights: torch.Tensor, n_shells: int) -> np.ndarray:
+    """Per shell, the Hermitian-weighted sum of `values` (P, P, P//2+1) over `region`."""
+    sel = region.flatten()
+    return torch.bincount(labels.flatten()[sel], values.flatten()[sel] * weights.flatten()[sel],
+                          minlength=n_shells).numpy()
+
+
+@torch.no_grad()
+def wedge_ratio(model: Any, data: Any, even: Any, odd: Any, geometry: TiltGeometry,
+                patch: int = 32, n_patches: int = 64, n_samples: int = 8,
+                seed: int = 0, voxel_size: float = 1.0) -> WedgeRatio:
+    """gamma(k) of a stochastic restorer on one tomogram (module docstring).
+
+    Parameters
+    ----------
+    model
+        A `cryowae.models.stochastic.StochasticRestorer` (on the CPU or a device).
+    data, even, odd
+        (Z, Y, X) tomogram and its halves (arrays or memmaps; patches are read).
+    geometry
+        The tomogram's tilt geometry.
+    patch, n_patches, n_samples
+        Patch edge (voxels; lowered, in multiples of the model's, until a rotated patch
+        fits the volume), patches drawn (4 per batch) and samples per patch.
+    seed
+        Seeds the patch positions, rotations and latent draws: the result is
+        reproducible.
+    """
+    from cryowae.io.stats import volume_stats
+    from cryowae.physics.fourier import hermitian_weights, radial_frequency, shell_index
+    from cryowae.sampling.consistency import central_crop, crop_of
+    from cryowae.training.augment import make_batch
+    from cryowae.training.data import (
+        SubtomogramSampler,
+        TomogramSource,
+        rotation_crop_size,
+        structure_map,
+    )
+    from cryowae.training.noise import noise_from_halves
+
+    multiple = int(getattr(model, "multiple", 1))
+    # the largest patch (a multiple of the model's) whose rotated crop fits the volume
+    patch = int(patch) - int(patch) % multiple
+    while patch > multiple and rotation_crop_size(patch) > min(np.shape(data)):
+        patch -= multiple
+    if rotation_crop_size(patch) > min(np.shape(data)) or patch < 2 * multiple:
+        one = np.ones(2)
+        return WedgeRatio(np.array([0.0, 0.5]), one, one * np.nan, one * np.nan, 0)
+    src = TomogramSource(name="tomogram", full=data, even=even, odd=odd)
+    for which in ("full", "even", "odd"):
+        src.stats[which] = volume_stats(getattr(src, which))
+    src.structure = structure_map(data)
+    sampler = SubtomogramSampler([src], patch, seed=seed)
+    std = 0.5 * (src.stats["even"][1] + src.stats["odd"][1])
+    # the halves' noise power from their central crop (at most 96^3: bounded memory)
+    crop = central_crop(tuple(int(v) for v in np.shape(even)))
+    noise = noise_from_halves(crop_of(even, crop), crop_of(odd, crop),
+                              geometry).half.scaled(1.0 / std**2)
+    shape = (patch, patch, patch)
+    labels, n_shells = shell_index(shape)
+    n_target = noise.at(radial_frequency(shape, rfft=True)).double()
+    weights = hermitian_weights(patch).expand(labels.shape).double()
+    sums = {k: np.zeros((2, n_shells)) for k in ("measured", "extra")}
+    gen = torch.Generator().manual_seed(seed)
+    device = next(model.parameters()).device
+    dims = (-3, -2, -1)
+    done = used = 0
+    while done < n_patches:
+        inputs, targets = sampler.sample(4)
+        b = make_batch(inputs, targets, patch, geometry, device, generator=gen)
+        mean, samples, _ = model(b.inputs, n_samples=n_samples, generator=gen)
+        fm = torch.fft.rfftn(mean[:, 0].double().cpu(), dim=dims, norm="ortho")
+        ft = torch.fft.rfftn(b.targets[:, 0].double().cpu(), dim=dims, norm="ortho")
+        fs = torch.fft.rfftn(samples.double().cpu(), dim=dims, norm="ortho")
+        var = (fs - fs.mean(1, keepdim=True)).abs().square().sum(1) / (n_samples - 1)
+        spread = var * (n_samples + 1) / n_samples
+        err = (fm - ft).abs().square() - n_target
+        m_in = b.input_measured.bool().cpu()
+        m_tg = b.target_measured.bool().cpu()
+        # patches (nearly) inside the data: a rotated patch larger than the volume's
+        # crop has empty corners, where the target is no measurement
+        inside = b.valid.cpu().flatten(1).mean(dim=1) > 0.95
+        for i in range(err.shape[0]):
+            if not bool(inside[i]):
+                continue
+            used += 1
+            for name, region in (("measured", m_in & m_tg[i]), ("extra", ~m_in & m_tg[i])):
+                sums[name][0] += _shell_sums(err[i], region, labels, weights, n_shells)
+                sums[name][1] += _shell_sums(spread[i], region, labels, weights, n_shells)
+        done += 4
+    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+        a = {k: np.sqrt(np.clip(v[0], 0.0, None) / v[1]) for k, v in sums.items()}
+        gamma = a["extra"] / a["measured"]
+    # a shell whose measured-region error is not above the noise (or that holds no
+    # coefficient) says nothing: gamma 1; one whose wedge error is not above the noise
+    # while the measured region's is gets gamma 0 (the model restores that wedge shell
+    # better than the noise can show), as measured
+    gamma = np.clip(np.nan_to_num(gamma, nan=1.0, posinf=1.0), 0.0, MAX_GAMMA)
+    from cryowae.metrics.calibration import shell_frequencies
+
+    return WedgeRatio(shell_frequencies(shape), gamma, a["measured"], a["extra"], used)
+
+
+__all__ = ["MAX_GAMMA", "WedgeRatio", "wedge_ratio"]
