@@ -77,6 +77,9 @@ def fail(message: str, code: int = 2) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the `cryowae` script and of `python -m cryowae`."""
+    from cryowae.cpu_memory import keep_freed_memory
+
+    keep_freed_memory()  # long CPU runs: no page faults of re-mapped activations
     command = typer.main.get_command(app)
     try:
         rv = command.main(args=argv, prog_name="cryowae", standalone_mode=False)
