@@ -47,8 +47,12 @@ from cryowae.tiling.pages import release_pages
 from cryowae.tiling.plan import TilePlan
 from cryowae.tiling.settings import TileSettings
 
-#: bytes of slab buffer (G samples x tile x Y x X float32) that choose the group size
-GROUP_BUFFER_BYTES = 256 << 20
+#: bytes of slab buffer (G samples x tile x Y x X float32) that choose the group size:
+#: each group runs the mean path once, so larger groups restore fewer times (16 samples
+#: of 512 x 512 slices with 96-voxel tiles: 8 per pass here, 2 with 256 MiB). On the
+#: CPU the branch decodes one sample at a time (`samplers.CPU_BRANCH_SAMPLES`), so the
+#: group costs this buffer, not G times the activations.
+GROUP_BUFFER_BYTES = 1 << 30
 #: at most this many samples per engine pass
 MAX_GROUP = 8
 #: block edge (voxels) of `family_moments`: the chunk edge of samples.zarr
