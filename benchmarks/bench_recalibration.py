@@ -177,63 +177,21 @@ def store_family(c: dict[str, Any], samples: torch.Tensor, mode: str,
     return out, rec
 
 
-@torch.no_grad()
 def training_wedge_ratio(c: dict[str, Any], sim: Path, n_patches: int = 64,
                          patch: int = 32, n_samples: int = 8, seed: int = 0) -> Any:
-    """Method-B experiment: gamma(k) = a_wedge / a_measured per shell from
-    self-supervised patches of the training data (`SubtomogramSampler`, `make_batch`:
-    input = one half with the extra wedge removed, target = the other half, rotated).
-    Per region of each patch's rfft (``extra``: target measured, input not;
-    ``measured``: both), a^2 = (|mean - target|^2 - N_target) / spread, summed over
-    patches; N_target = the half's noise power (`noise_from_halves`) in normalised units.
-    Returns (frequency, gamma, a_measured, a_extra)."""
-    from cryowae.metrics.calibration import shell_frequencies
+    """gamma(k) = a_wedge / a_measured per shell from self-supervised patches of the
+    halves: the library's `cryowae.sampling.wedge_ratio.wedge_ratio` (the `halves_gamma`
+    rows of docs/benchmarks.md were measured with this script's first version of it,
+    which took the noise from the whole halves and clipped gamma at 20). Returns
+    (frequency, gamma, a_measured, a_extra)."""
     from cryowae.models.checkpoint import load_restorer
-    from cryowae.physics.fourier import hermitian_weights, radial_frequency, shell_index
-    from cryowae.training.augment import make_batch
-    from cryowae.training.data import SubtomogramSampler, load_sources
-    from cryowae.training.noise import noise_from_halves
+    from cryowae.sampling.wedge_ratio import wedge_ratio
 
     model = load_restorer(c["model"], "cpu").stochastic
-    geo = c["geometry"]
-    src = load_sources([sim / "tomo.mrc"], [sim / "tomo_even.mrc"], [sim / "tomo_odd.mrc"],
-                       geometry=geo)
-    sampler = SubtomogramSampler(src, patch, seed=seed)
-    std = float(src[0].stats["odd"][1])
-    noise = noise_from_halves(c["even"], c["odd"], geo).half.scaled(1.0 / std**2)
-    shape = (patch, patch, patch)
-    lab, n_sh = shell_index(shape)
-    n_t = noise.at(radial_frequency(shape, rfft=True)).double()
-    mult = hermitian_weights(patch).expand(lab.shape).double()
-    sums = {k: np.zeros((2, n_sh)) for k in ("measured", "extra")}
-    gen = torch.Generator().manual_seed(seed)
-    done = 0
-    while done < n_patches:
-        inputs, targets = sampler.sample(4)
-        b = make_batch(inputs, targets, patch, geo, torch.device("cpu"), generator=gen)
-        mean, samples, _ = model(b.inputs, n_samples=n_samples, generator=gen)
-        fm = torch.fft.rfftn(mean[:, 0].double(), dim=(-3, -2, -1), norm="ortho")
-        ft = torch.fft.rfftn(b.targets[:, 0].double(), dim=(-3, -2, -1), norm="ortho")
-        fs = torch.fft.rfftn(samples.double(), dim=(-3, -2, -1), norm="ortho")
-        var = (fs - fs.mean(1, keepdim=True)).abs().square().sum(1) / (n_samples - 1)
-        spread = var * (n_samples + 1) / n_samples
-        err = (fm - ft).abs().square() - n_t
-        m_in = b.input_measured.bool()
-        for k, region in (("measured", m_in & b.target_measured.bool()),
-                          ("extra", ~m_in & b.target_measured.bool())):
-            for i in range(region.shape[0]):
-                sel = region[i].flatten()
-                w = mult.flatten()[sel]
-                sums[k][0] += torch.bincount(lab.flatten()[sel], (err[i].flatten()[sel] * w),
-                                             minlength=n_sh).numpy()
-                sums[k][1] += torch.bincount(lab.flatten()[sel],
-                                             (spread[i].flatten()[sel] * w),
-                                             minlength=n_sh).numpy()
-        done += 4
-    with np.errstate(invalid="ignore", divide="ignore"):
-        a = {k: np.sqrt(np.clip(v[0], 0, None) / v[1]) for k, v in sums.items()}
-        gamma = a["extra"] / a["measured"]
-    return shell_frequencies(shape), gamma, a["measured"], a["extra"]
+    w = wedge_ratio(model, c["data"].numpy(), c["even"].numpy(), c["odd"].numpy(),
+                    c["geometry"], patch=patch, n_patches=n_patches, n_samples=n_samples,
+                    seed=seed)
+    return w.frequency, w.gamma, w.a_measured, w.a_extra
 
 
 def run_seed(root: Path, seed: int, family: str, methods: list[str],
