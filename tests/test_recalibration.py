@@ -216,3 +216,27 @@ def test_halves_calibration_applies_the_wedge_ratio(tmp_path):
     np.testing.assert_allclose(with_ratio.measured, plain.measured)
     np.testing.assert_allclose(with_ratio.wedge, plain.wedge * ratio.at(plain.frequency))
     assert info["wedge_ratio"]["patches"] > 0
+
+
+def test_sample_file_with_halves_uses_the_wedge_ratio(tmp_path):
+    """`cryowae sample --even --odd` (auto): the halves' calibration with gamma(k) from
+    the tomogram's own halves, recorded in family.json, and the restoration as centre."""
+    from cryowae.sampling.wedge_ratio import WedgeRatio
+
+    r = stochastic_restorer()
+    paths = {}
+    for name, seed in (("tomo", 0), ("even", 10), ("odd", 20)):
+        paths[name] = tmp_path / f"{name}.mrc"
+        write_mrc(paths[name], _tomogram(seed=0) + 0.2 * np.random.default_rng(seed).normal(
+            size=(24, 40, 36)).astype(np.float32), voxel_size=10.0)
+    fam = sample_file(r, paths["tomo"], tmp_path / "fam", n_samples=3, tile=16, overlap=8,
+                      even=paths["even"], odd=paths["odd"])
+    info = json.loads((fam / "family.json").read_text())["spread_calibration"]
+    assert info["mode"] == "halves" and info["centre"] == "restoration"
+    wr = info["estimate"]["wedge_ratio"]
+    assert wr["patches"] > 0
+    ratio = WedgeRatio(np.asarray(wr["frequency"]), np.asarray(wr["gamma"]), np.zeros(1),
+                       np.zeros(1), wr["patches"])
+    f = info["factors"]
+    np.testing.assert_allclose(f["wedge"], np.asarray(f["measured"])
+                               * ratio.at(np.asarray(f["frequency"])), rtol=1e-6)
