@@ -114,6 +114,30 @@ def restore_halves_separately(c: dict[str, Any]) -> tuple[torch.Tensor, torch.Te
                  for k in ("even", "odd"))  # type: ignore[return-value]
 
 
+def halves_error(restored_a: Any, half_b: Any, noise_half: np.ndarray,
+                 noise_full: np.ndarray, geometry: Any
+                 ) -> np.ndarray:
+    """Per-shell squared error (measured region) of a restoration of the FULL tomogram,
+    estimated from a restoration of half A against the independent half B (the
+    rejected `halves` variant: it widened the families too little).
+
+    ``E|r_A - b|^2 = E|r_A - t|^2 + N_half`` gives the half restoration's error
+    e_h; read as a Wiener error (`wiener_error`) it fixes the signal power
+    ``P = N_half e_h / (N_half - e_h)`` (inf when e_h >= N_half), and the full
+    tomogram's error is ``P N_full / (P + N_full)``. Arrays per shell of
+    `cryowae.physics.fourier.shell_index` of the volume's grid."""
+    from cryowae.metrics.calibration_checks import halves_check
+    from cryowae.sampling.recalibrate import wiener_error
+
+    ra = torch.as_tensor(np.asarray(restored_a, dtype=np.float32))
+    hc = halves_check(ra[None].expand(2, *ra.shape), half_b, noise_half, geometry)
+    e_h = np.clip(np.nan_to_num(hc["observed"] - noise_half), 0.0, None)
+    nh = np.asarray(noise_half, dtype=np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        p = np.where(e_h < nh, nh * e_h / (nh - e_h), np.inf)
+    return wiener_error(p, noise_full)
+
+
 def data_factors(c: dict[str, Any], samples: torch.Tensor, method: str) -> Any:
     """Factors from data only, on the whole volume in memory: the measured-region error
     of the full restoration estimated per shell, over the family's measured spread,
@@ -124,7 +148,6 @@ def data_factors(c: dict[str, Any], samples: torch.Tensor, method: str) -> Any:
     from cryowae.sampling.recalibrate import (
         factors_from_data,
         family_shell_spread,
-        halves_error,
         shell_error_estimate,
     )
     from cryowae.training.noise import noise_from_halves
@@ -146,7 +169,8 @@ def data_factors(c: dict[str, Any], samples: torch.Tensor, method: str) -> Any:
 
 
 def store_family(c: dict[str, Any], samples: torch.Tensor, mode: str,
-                 work: Path, library: bool = True) -> tuple[torch.Tensor, dict[str, Any]]:
+                 work: Path, library: bool = True,
+                 wedge_floor: bool = True) -> tuple[torch.Tensor, dict[str, Any]]:
     """The library path of ``cryowae sample``: `calibrate_store` on a zarr copy of the
     family (central-crop estimate, tiled filtering). `library`: as `sample_file` calls
     it (the stochastic restorer for the wedge ratio, centred on the single restoration);
@@ -171,7 +195,7 @@ def store_family(c: dict[str, Any], samples: torch.Tensor, mode: str,
             kw = {"model": load_restorer(c["model"], "cpu").stochastic,
                   "centre": np.array(v.numpy(), dtype=np.float32)}
     rec = calibrate_store(z, c["data"].numpy(), c["geometry"], mode, {}, lambda: None, work,
-                          *halves, **kw)
+                          *halves, wedge_floor=wedge_floor and library, **kw)
     out = torch.from_numpy(np.asarray(z[:]))
     shutil.rmtree(work, ignore_errors=True)
     return out, rec
@@ -239,10 +263,12 @@ def run_seed(root: Path, seed: int, family: str, methods: list[str],
             gamma = np.clip(np.nan_to_num(c["gamma"][1], nan=1.0, posinf=1.0), 0.0, 20.0)
             g = np.interp(base.frequency, freq, gamma)
             f = ShellFactors(base.frequency, base.measured, base.wedge * g, m)
-        elif m in ("store_halves", "store_data", "previous_halves", "previous_data"):
+        elif m in ("store_halves", "store_data", "previous_halves", "previous_data",
+                   "nofloor_halves", "nofloor_data"):
             rec, info = store_family(c, samples, m.split("_")[1],
                                      Path(f"/tmp/brecal/work_{seed}"),
-                                     library=m.startswith("store"))
+                                     library=not m.startswith("previous"),
+                                     wedge_floor=not m.startswith("nofloor"))
             out[m] = score(rec, truth, geo, vs, c) | {"calibration": info,
                                                       "seconds": time.perf_counter() - t0}
             continue

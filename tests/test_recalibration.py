@@ -81,7 +81,14 @@ def test_estimated_factors_recover_a_known_underdispersion(mode):
     want = np.sqrt(s / (s + 1) * (1 + C**2 / s)) / C
     mid = (factors.frequency > 0.05) & (factors.frequency < 0.3)
     assert np.median(factors.measured[mid]) == pytest.approx(want, rel=0.1)
-    np.testing.assert_array_equal(factors.measured, factors.wedge)
+    # the wedge's factors are the measured region's, raised only where the wedge would
+    # otherwise keep less spread per coefficient than the measured region (the floor)
+    raised = factors.wedge != factors.measured
+    assert np.all(factors.wedge >= factors.measured)
+    assert raised.sum() == info["wedge_floor_shells"] <= 3
+    plain, _ = estimate_factors(c["samples"], c["data"], GEO, mode, c["even"], c["odd"],
+                                wedge_floor=False)
+    np.testing.assert_array_equal(plain.measured, plain.wedge)
     assert info["crop"] == [[0, 32]] * 3
     after = spread_skill(recalibrate_family(c["samples"], factors, GEO), c["truth"], GEO)
     assert after.ratio_measured == pytest.approx(1.0, abs=0.15)

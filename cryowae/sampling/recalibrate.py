@@ -157,28 +157,6 @@ def wiener_error(signal_power: np.ndarray, noise_power: np.ndarray) -> np.ndarra
         return np.where(np.isinf(p), n, p * n / (p + n))
 
 
-def halves_error(restored_a: Any, half_b: Any, noise_half: np.ndarray,
-                 noise_full: np.ndarray, geometry: TiltGeometry | torch.Tensor
-                 ) -> np.ndarray:
-    """Per-shell squared error (measured region) of a restoration of the FULL tomogram,
-    estimated from a restoration of half A against the independent half B.
-
-    ``E|r_A - b|^2 = E|r_A - t|^2 + N_half`` gives the half restoration's error
-    e_h; read as a Wiener error (`wiener_error`) it fixes the signal power
-    ``P = N_half e_h / (N_half - e_h)`` (inf when e_h >= N_half), and the full
-    tomogram's error is ``P N_full / (P + N_full)``. Arrays per shell of
-    `cryowae.physics.fourier.shell_index` of the volume's grid."""
-    from cryowae.metrics.calibration_checks import halves_check
-
-    ra = torch.as_tensor(np.asarray(restored_a, dtype=np.float32))
-    hc = halves_check(ra[None].expand(2, *ra.shape), half_b, noise_half, geometry)
-    e_h = np.clip(np.nan_to_num(hc["observed"] - noise_half), 0.0, None)
-    nh = np.asarray(noise_half, dtype=np.float64)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        p = np.where(e_h < nh, nh * e_h / (nh - e_h), np.inf)
-    return wiener_error(p, noise_full)
-
-
 def shell_error_estimate(data: Any, geometry: TiltGeometry | torch.Tensor,
                          even: Any = None, odd: Any = None) -> tuple[np.ndarray, str]:
     """Per-shell squared error (measured region, per-coefficient mean, data units) of a
@@ -280,13 +258,15 @@ def _filter_fn(factors: ShellFactors, geometry: TiltGeometry) -> Any:
 
 
 def estimate_factors(samples: Any, data: Any, geometry: TiltGeometry, mode: str,
-                     even: Any = None, odd: Any = None,
-                     model: Any = None) -> tuple[ShellFactors, dict[str, Any]]:
+                     even: Any = None, odd: Any = None, model: Any = None,
+                     wedge_floor: bool = True) -> tuple[ShellFactors, dict[str, Any]]:
     """`factors_from_data` on the central crop (`central_crop`, at most 96 voxels per
     axis) of the family, the data and (``mode == "halves"``) the halves; with the
     per-shell error estimate and spread it used. With the halves and the stochastic
     restorer `model`, the wedge factors are multiplied by the self-supervised wedge
-    ratio gamma(k) of the whole tomogram (`cryowae.sampling.wedge_ratio`)."""
+    ratio gamma(k) of the whole tomogram (`cryowae.sampling.wedge_ratio`).
+    `wedge_floor`: no shell leaves the wedge, where nothing was measured, with less
+    spread per coefficient than the measured region (a_w^2 s_w >= a_m^2 s_m)."""
     from cryowae.sampling.consistency import central_crop, crop_of
 
     crop = central_crop(tuple(int(v) for v in samples.shape[1:]))
@@ -307,14 +287,23 @@ def estimate_factors(samples: Any, data: Any, geometry: TiltGeometry, mode: str,
         factors = ShellFactors(freq, factors.measured, factors.wedge * ratio.at(freq),
                                factors.source + "; wedge x self-supervised wedge ratio")
         info["wedge_ratio"] = ratio.to_dict()
+    if wedge_floor:
+        with np.errstate(invalid="ignore", divide="ignore"):
+            least = factors.measured * np.sqrt(spread["measured"] / spread["wedge"])
+        least = np.where(np.isfinite(least), least, 0.0)
+        raised = factors.wedge < least
+        factors = ShellFactors(freq, factors.measured,
+                               np.clip(np.maximum(factors.wedge, least), 0.0, MAX_FACTOR),
+                               factors.source + "; wedge spread >= measured")
+        info["wedge_floor_shells"] = int(raised.sum())
     return factors, info
 
 
 def calibrate_store(samples: Any, data: Any, geometry: TiltGeometry, mode: str,
                     state: dict[str, Any], save: Callable[[], None], workdir: Path,
                     even: Any = None, odd: Any = None, tile: int = 64,
-                    overlap: int = 32, model: Any = None,
-                    centre: Any = None) -> dict[str, Any]:
+                    overlap: int = 32, model: Any = None, centre: Any = None,
+                    wedge_floor: bool = True) -> dict[str, Any]:
     """Recalibrate the spread of a family in a writable (S, Z, Y, X) store (a zarr
     array) in place, resumably; returns what ``family.json`` records.
 
@@ -339,7 +328,8 @@ def calibrate_store(samples: Any, data: Any, geometry: TiltGeometry, mode: str,
         return {"mode": "none"}
     n, shape = int(samples.shape[0]), tuple(int(v) for v in samples.shape[1:])
     if "factors" not in state:
-        factors, info = estimate_factors(samples, data, geometry, mode, even, odd, model)
+        factors, info = estimate_factors(samples, data, geometry, mode, even, odd, model,
+                                         wedge_floor)
         state.update(factors=factors.to_dict(), estimate=info, rewritten=[])
         save()
     factors = ShellFactors.from_dict(state["factors"])
@@ -389,5 +379,5 @@ def calibrate_store(samples: Any, data: Any, geometry: TiltGeometry, mode: str,
 __all__ = ["MAX_FACTOR", "SPREAD_CALIBRATIONS", "ShellFactors", "calibrate_store",
            "estimate_factors",
            "factors_from_data", "factors_from_errors", "factors_from_truth",
-           "family_shell_spread", "halves_error", "recalibrate_family", "recalibrate_sample",
+           "family_shell_spread", "recalibrate_family", "recalibrate_sample",
            "resolve_mode", "shell_error_estimate", "wiener_error"]
