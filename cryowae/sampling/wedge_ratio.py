@@ -19,9 +19,11 @@ factor by which the wedge's spread factor must exceed the measured region's. Onl
 halves make the measured-region error visible (without them input and target share the
 noise), so this ratio needs them.
 
-Measured on the bench_families models of seeds 3-6 (docs/benchmarks.md, "Spread
-recalibration"): with gamma, the wedge's spread/skill went from 0.98, 0.83, 1.02, 0.75
-to 1.14, 0.95, 1.17, 0.94, the measured region's unchanged.
+Measured (docs/benchmarks.md, "Spread recalibration"): a first version of this
+(noise from the whole halves, gamma capped at 20) took the wedge's spread/skill of
+seeds 3-6 from 0.98, 0.83, 1.02, 0.75 to 1.14, 0.95, 1.17, 0.94; this one, with the
+centring and the wedge floor of `cryowae sample`, gave 0.89, 1.17, 0.94, 1.19 on seeds
+6-9 (0.75, 1.06, 0.84, 1.10 without it).
 """
 
 from __future__ import annotations
@@ -62,18 +64,10 @@ class WedgeRatio:
                 "patches": int(self.patches)}
 
 
-def _shell_sums(values: torch.Tensor, region: torch.Tensor, labels: torch.Tensor,
-                weights: torch.Tensor, n_shells: int) -> np.ndarray:
-    """Per shell, the Hermitian-weighted sum of `values` (P, P, P//2+1) over `region`."""
-    sel = region.flatten()
-    return torch.bincount(labels.flatten()[sel], values.flatten()[sel] * weights.flatten()[sel],
-                          minlength=n_shells).numpy()
-
-
 @torch.no_grad()
 def wedge_ratio(model: Any, data: Any, even: Any, odd: Any, geometry: TiltGeometry,
                 patch: int = 32, n_patches: int = 64, n_samples: int = 8,
-                seed: int = 0, voxel_size: float = 1.0) -> WedgeRatio:
+                seed: int = 0) -> WedgeRatio:
     """gamma(k) of a stochastic restorer on one tomogram (module docstring).
 
     Parameters
@@ -92,7 +86,8 @@ def wedge_ratio(model: Any, data: Any, even: Any, odd: Any, geometry: TiltGeomet
         reproducible.
     """
     from cryowae.io.stats import volume_stats
-    from cryowae.physics.fourier import hermitian_weights, radial_frequency, shell_index
+    from cryowae.metrics.calibration import SpectralGrid, shell_frequencies
+    from cryowae.physics.fourier import radial_frequency
     from cryowae.sampling.consistency import central_crop, crop_of
     from cryowae.training.augment import make_batch
     from cryowae.training.data import (
@@ -122,10 +117,9 @@ def wedge_ratio(model: Any, data: Any, even: Any, odd: Any, geometry: TiltGeomet
     noise = noise_from_halves(crop_of(even, crop), crop_of(odd, crop),
                               geometry).half.scaled(1.0 / std**2)
     shape = (patch, patch, patch)
-    labels, n_shells = shell_index(shape)
+    grid = SpectralGrid.of(shape, geometry)  # shells and Hermitian multiplicities
     n_target = noise.at(radial_frequency(shape, rfft=True)).double()
-    weights = hermitian_weights(patch).expand(labels.shape).double()
-    sums = {k: np.zeros((2, n_shells)) for k in ("measured", "extra")}
+    sums = {k: np.zeros((2, grid.n_shells)) for k in ("measured", "extra")}
     gen = torch.Generator().manual_seed(seed)
     device = next(model.parameters()).device
     dims = (-3, -2, -1)
@@ -150,8 +144,8 @@ def wedge_ratio(model: Any, data: Any, even: Any, odd: Any, geometry: TiltGeomet
                 continue
             used += 1
             for name, region in (("measured", m_in & m_tg[i]), ("extra", ~m_in & m_tg[i])):
-                sums[name][0] += _shell_sums(err[i], region, labels, weights, n_shells)
-                sums[name][1] += _shell_sums(spread[i], region, labels, weights, n_shells)
+                sums[name][0] += grid.shell_sums(err[i], region)
+                sums[name][1] += grid.shell_sums(spread[i], region)
         done += 4
     with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
         a = {k: np.sqrt(np.clip(v[0], 0.0, None) / v[1]) for k, v in sums.items()}
@@ -161,8 +155,6 @@ def wedge_ratio(model: Any, data: Any, even: Any, odd: Any, geometry: TiltGeomet
     # while the measured region's is gets gamma 0 (the model restores that wedge shell
     # better than the noise can show), as measured
     gamma = np.clip(np.nan_to_num(gamma, nan=1.0, posinf=1.0), 0.0, MAX_GAMMA)
-    from cryowae.metrics.calibration import shell_frequencies
-
     return WedgeRatio(shell_frequencies(shape), gamma, a["measured"], a["extra"], used)
 
 
