@@ -257,7 +257,7 @@ MEMORY_SCRIPT = textwrap.dedent("""
 #: (glibc returning every allocation over 4 MiB at once, so RSS follows what is live;
 #: 1 MiB measured the same with 25% more system time). The run keeps 2 slab buffers, a
 #: slab of input pages, a few batches of tiles and the fixed crops of the checks, all
-#: paid by the warm-ups: measured growth 0.0 MB. A full-size float64 accumulator held
+#: paid by the warm-ups: measured growth 0.0-0.4 MB. A full-size float64 accumulator held
 #: during sampling, as sampling kept before, measured 33.5 MB of growth.
 MEMORY_BOUND = 12 << 20
 
