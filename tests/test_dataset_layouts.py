@@ -303,6 +303,7 @@ def test_sample_several_repeated_names_one_family_each(tiny_model_path, tmp_path
     assert bad.returncode == 2 and "--even/--odd belong to one tomogram" in bad.stderr
 
 
+@pytest.mark.slow  # 4.1 s: two CLI training runs
 def test_train_on_a_list_file(tmp_path):
     from tests.conftest import invoke_cli
 

@@ -126,6 +126,7 @@ def test_amp_is_ignored_on_cpu_with_one_line(tomo, tmp_path, random_model_path):
     assert np.array_equal(*outs)
 
 
+@pytest.mark.slow  # 6.8 s: bf16 training and restore on CPU
 def test_bf16_paths_run_and_stay_close_to_float32(monkeypatch, tomo, tmp_path):
     """The bf16 training step (mean path, latent bank, family branch) and the bf16 tile
     function, exercised by turning on CPU bf16 autocast: dtypes must meet (the branch
@@ -201,6 +202,7 @@ def test_compile_keeps_out_of_memory_errors_for_the_engine():
     assert isinstance(m, CompileFallback) and not msgs
 
 
+@pytest.mark.slow  # 4.8 s: torch.compile of the restorer
 def test_cli_restore_compile_paths(tomo, tmp_path, random_model_path):
     base = ["restore", random_model_path, tomo, "--device", "cpu", "--tile", "16",
             "--overlap", "4"]
@@ -219,6 +221,7 @@ def test_cli_restore_compile_paths(tomo, tmp_path, random_model_path):
     assert np.abs(read_volume(tmp_path / "eager.mrc").numpy() - plain).max() < 1e-6
 
 
+@pytest.mark.slow  # 3.8 s: torch.compile of a training step
 def test_training_with_compile(tomo, tmp_path):
     from cryowae.training.config import TrainConfig
     from cryowae.training.data import load_sources

@@ -27,6 +27,8 @@ TRAIN = {"patch_size": 16, "channels": 4, "depth": 2, "latent_dim": 8, "batch_si
          "bank_size": 64, "log_every": 5, "checkpoint_every": 100, "lr": 5e-3,
          "check_prior_preference": False, "family": False}
 TILES = ("--tile", "32", "--overlap", "8", "--device", "cpu")
+# the module fixture trains a model (8 s measured): outside the fast lane
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")

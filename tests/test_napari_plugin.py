@@ -64,6 +64,7 @@ def family_dir(tmp_path) -> Path:
 
 
 # --------------------------------------------------------------------- manifest, imports
+@pytest.mark.slow  # 6.0 s: imports every contribution
 def test_manifest_validates_and_resolves():
     npe2 = pytest.importorskip("npe2", reason=NO_NAPARI)
     pm = npe2.PluginManifest.from_file(PLUGIN_DIR / "napari.yaml")

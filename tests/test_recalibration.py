@@ -225,6 +225,7 @@ def test_halves_calibration_applies_the_wedge_ratio(tmp_path):
     assert info["wedge_ratio"]["patches"] > 0
 
 
+@pytest.mark.slow  # 2.7 s: a calibrated family with halves
 def test_sample_file_with_halves_uses_the_wedge_ratio(tmp_path):
     """`cryowae sample --even --odd` (auto): the halves' calibration with gamma(k) from
     the tomogram's own halves, recorded in family.json, and the restoration as centre."""
