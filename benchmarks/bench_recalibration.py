@@ -169,8 +169,8 @@ def data_factors(c: dict[str, Any], samples: torch.Tensor, method: str) -> Any:
 
 
 def store_family(c: dict[str, Any], samples: torch.Tensor, mode: str,
-                 work: Path, library: bool = True,
-                 wedge_floor: bool = True) -> tuple[torch.Tensor, dict[str, Any]]:
+                 work: Path, library: bool = True, wedge_floor: bool = True,
+                 sure: bool = True) -> tuple[torch.Tensor, dict[str, Any]]:
     """The library path of ``cryowae sample``: `calibrate_store` on a zarr copy of the
     family (central-crop estimate, tiled filtering). `library`: as `sample_file` calls
     it (the stochastic restorer for the wedge ratio, centred on the single restoration);
@@ -191,9 +191,19 @@ def store_family(c: dict[str, Any], samples: torch.Tensor, mode: str,
     halves = (c["even"].numpy(), c["odd"].numpy()) if mode == "halves" else (None, None)
     kw: dict[str, Any] = {}
     if library:
+        from cryowae.inference.restore import restore_array
+        from cryowae.io.stats import volume_stats
+
+        restorer = load_restorer(c["model"], "cpu")
+        norm = volume_stats(c["data"].numpy())
+
+        def restore(a: np.ndarray) -> Any:  # the centre's function, as sample_file's
+            return restore_array(restorer, a, 64, 21, 4, norm=norm)
+
         with read_volume(c["restored"]) as v:
-            kw = {"model": load_restorer(c["model"], "cpu").stochastic,
-                  "centre": np.array(v.numpy(), dtype=np.float32)}
+            kw = {"model": restorer.stochastic, "centre": np.array(v.numpy(), np.float32)}
+        if sure:
+            kw["restore"] = restore
     rec = calibrate_store(z, c["data"].numpy(), c["geometry"], mode, {}, lambda: None, work,
                           *halves, wedge_floor=wedge_floor and library, **kw)
     out = torch.from_numpy(np.asarray(z[:]))
@@ -263,12 +273,16 @@ def run_seed(root: Path, seed: int, family: str, methods: list[str],
             gamma = np.clip(np.nan_to_num(c["gamma"][1], nan=1.0, posinf=1.0), 0.0, 20.0)
             g = np.interp(base.frequency, freq, gamma)
             f = ShellFactors(base.frequency, base.measured, base.wedge * g, m)
-        elif m in ("store_halves", "store_data", "previous_halves", "previous_data",
-                   "nofloor_halves", "nofloor_data"):
+        elif m.split("_")[0] in ("store", "previous", "nofloor", "wstore") and \
+                m.split("_")[-1] in ("halves", "data") and m.count("_") == 1:
+            # store: as cryowae sample; wstore: the same with the Wiener error in place
+            # of SURE; nofloor: without the wedge floor; previous: factors alone about
+            # the family mean
             rec, info = store_family(c, samples, m.split("_")[1],
                                      Path(f"/tmp/brecal/work_{seed}"),
                                      library=not m.startswith("previous"),
-                                     wedge_floor=not m.startswith("nofloor"))
+                                     wedge_floor=not m.startswith("nofloor"),
+                                     sure=not m.startswith("wstore"))
             out[m] = score(rec, truth, geo, vs, c) | {"calibration": info,
                                                       "seconds": time.perf_counter() - t0}
             continue

@@ -130,6 +130,18 @@ def _centre(restorer: Any, data: Any, norm: tuple[float, float], settings: TileS
     return page_releasing(np.load(path, mmap_mode="r"))
 
 
+def _restore_fn(restorer: Any, norm: tuple[float, float], settings: TileSettings) -> Any:
+    """The centre's restoration as a function of an array (same tiles and normalisation
+    as `_centre`): what the spread calibration's error estimate differentiates."""
+    from cryowae.inference.restore import restore_array
+
+    def restore(a: np.ndarray) -> Any:
+        return restore_array(restorer, a, settings.tile, settings.overlap,
+                             settings.batch_size, norm=norm)
+
+    return restore
+
+
 def sample_file(model: Any, tomogram: str | os.PathLike, out_dir: str | os.PathLike,
                 n_samples: int = 16, sampler: str = DEFAULT_SAMPLER, tile: int = 96,
                 overlap: int = 32, batch_size: int = 4, seed: int = 0,
@@ -238,13 +250,14 @@ def sample_file(model: Any, tomogram: str | os.PathLike, out_dir: str | os.PathL
                      f": per-shell factors, then {fp.n_samples} samples filtered")
         stochastic = getattr(restorers[0], "stochastic", None) if fp.sampler == "prior" \
             else None
-        centre = None
+        centre, restore = None, None
         if stochastic is not None and spread_calibration != "none":
             centre = _centre(restorers[0], vol.data, norm, settings, partial, calib_state,
                              save_state, prog)
+            restore = _restore_fn(restorers[0], norm, settings)
         calibration = calibrate_store(level0, vol.data, fp.geometry, spread_calibration,
                                       calib_state, save_state, partial, *halves,
-                                      model=stochastic, centre=centre)
+                                      model=stochastic, centre=centre, restore=restore)
         del centre
         per_slice = 2 * fp.n_samples * shape[1] * shape[2] * 4  # pyramid: ~8 MiB slabs
         writer.finish(slab=max(1, min(32, (8 << 20) // max(1, per_slice))))

@@ -259,10 +259,15 @@ def _filter_fn(factors: ShellFactors, geometry: TiltGeometry) -> Any:
 
 def estimate_factors(samples: Any, data: Any, geometry: TiltGeometry, mode: str,
                      even: Any = None, odd: Any = None, model: Any = None,
-                     wedge_floor: bool = True) -> tuple[ShellFactors, dict[str, Any]]:
+                     wedge_floor: bool = True,
+                     restore: Callable[[np.ndarray], Any] | None = None
+                     ) -> tuple[ShellFactors, dict[str, Any]]:
     """`factors_from_data` on the central crop (`central_crop`, at most 96 voxels per
     axis) of the family, the data and (``mode == "halves"``) the halves; with the
-    per-shell error estimate and spread it used. With the halves and the stochastic
+    per-shell error estimate and spread it used. The error estimate is the SURE of
+    `restore` (the family's centre, e.g. ``restore_array`` of the mean path) on the
+    crop (`cryowae.sampling.sure`); without it, the Wiener error
+    (`shell_error_estimate`). With the halves and the stochastic
     restorer `model`, the wedge factors are multiplied by the self-supervised wedge
     ratio gamma(k) of the whole tomogram (`cryowae.sampling.wedge_ratio`).
     `wedge_floor`: no shell leaves the wedge, where nothing was measured, with less
@@ -272,11 +277,21 @@ def estimate_factors(samples: Any, data: Any, geometry: TiltGeometry, mode: str,
     crop = central_crop(tuple(int(v) for v in samples.shape[1:]))
     view = _CropView(samples, crop)
     _, spread, _ = family_shell_spread(view, geometry)
-    halves = (crop_of(even, crop), crop_of(odd, crop)) if mode == "halves" else (None, None)
-    error, source = shell_error_estimate(crop_of(data, crop), geometry, *halves)
+    info: dict[str, Any] = {}
+    if restore is not None:
+        from cryowae.sampling.sure import sure_shell_error
+
+        sure = sure_shell_error(restore, crop_of(data, crop), geometry)
+        error = np.clip(np.nan_to_num(sure.error), 0.0, None)
+        source = f"SURE of the restoration, noise {sure.noise_source}"
+        info["sure"] = sure.to_dict()
+    else:
+        halves = (crop_of(even, crop), crop_of(odd, crop)) if mode == "halves" \
+            else (None, None)
+        error, source = shell_error_estimate(crop_of(data, crop), geometry, *halves)
     freq = _shell_frequencies(view.shape[1:])
     factors = factors_from_data(spread["measured"], error, freq, f"{mode}: {source}")
-    info: dict[str, Any] = {"crop": [[c.start, c.stop] for c in crop],
+    info |= {"crop": [[c.start, c.stop] for c in crop],
                             "error_measured": [float(v) for v in np.nan_to_num(error)],
                             "spread_measured": [float(v) for v in
                                                 np.nan_to_num(spread["measured"])]}
@@ -303,13 +318,14 @@ def calibrate_store(samples: Any, data: Any, geometry: TiltGeometry, mode: str,
                     state: dict[str, Any], save: Callable[[], None], workdir: Path,
                     even: Any = None, odd: Any = None, tile: int = 64,
                     overlap: int = 32, model: Any = None, centre: Any = None,
-                    wedge_floor: bool = True) -> dict[str, Any]:
+                    wedge_floor: bool = True,
+                    restore: Callable[[np.ndarray], Any] | None = None) -> dict[str, Any]:
     """Recalibrate the spread of a family in a writable (S, Z, Y, X) store (a zarr
     array) in place, resumably; returns what ``family.json`` records.
 
     `mode`: one of `SPREAD_CALIBRATIONS`. Steps, each recorded in `state` and `save`d:
     the factors (`estimate_factors`, with the stochastic restorer `model` for the wedge
-    ratio); the per-voxel mean (``workdir/calib_mean.npy``,
+    ratio and the centre's restoration `restore` for the error); the per-voxel mean (``workdir/calib_mean.npy``,
     computed slab by slab; the recalibration leaves it unchanged); then per sample the
     filtered difference ``F^-1[a F(X_s - mean)]`` by the tile engine (`tile`-voxel
     tiles, `overlap` blended, each filtered with its own grid's factor map) into
@@ -329,7 +345,7 @@ def calibrate_store(samples: Any, data: Any, geometry: TiltGeometry, mode: str,
     n, shape = int(samples.shape[0]), tuple(int(v) for v in samples.shape[1:])
     if "factors" not in state:
         factors, info = estimate_factors(samples, data, geometry, mode, even, odd, model,
-                                         wedge_floor)
+                                         wedge_floor, restore)
         state.update(factors=factors.to_dict(), estimate=info, rewritten=[])
         save()
     factors = ShellFactors.from_dict(state["factors"])
