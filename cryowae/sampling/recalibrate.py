@@ -326,8 +326,8 @@ def calibrate_store(samples: Any, data: Any, geometry: TiltGeometry, mode: str,
     `mode`: one of `SPREAD_CALIBRATIONS`. Steps, each recorded in `state` and `save`d:
     the factors (`estimate_factors`, with the stochastic restorer `model` for the wedge
     ratio and the centre's restoration `restore` for the error); the per-voxel mean
-    (``workdir/calib_mean.npy``, computed slab by slab; the recalibration leaves it unchanged); then per sample the
-    filtered difference ``F^-1[a F(X_s - mean)]`` by the tile engine (`tile`-voxel
+    (``workdir/calib_mean.npy``, computed slab by slab; the recalibration leaves it
+    unchanged); then per sample the filtered difference ``F^-1[a F(X_s - mean)]`` by the tile engine (`tile`-voxel
     tiles, `overlap` blended, each filtered with its own grid's factor map) into
     ``workdir/calib_sample.npy``, and its copy plus the centre into the store: `centre`
     (Z, Y, X), e.g. the mean path's restoration, so that the family mean is the
