@@ -327,13 +327,13 @@ def calibrate_store(samples: Any, data: Any, geometry: TiltGeometry, mode: str,
     the factors (`estimate_factors`, with the stochastic restorer `model` for the wedge
     ratio and the centre's restoration `restore` for the error); the per-voxel mean
     (``workdir/calib_mean.npy``, computed slab by slab; the recalibration leaves it
-    unchanged); then per sample the filtered difference ``F^-1[a F(X_s - mean)]`` by the tile engine (`tile`-voxel
-    tiles, `overlap` blended, each filtered with its own grid's factor map) into
-    ``workdir/calib_sample.npy``, and its copy plus the centre into the store: `centre`
-    (Z, Y, X), e.g. the mean path's restoration, so that the family mean is the
-    restorer's own estimate and not that plus the average of S branch draws; default the
-    family mean (unchanged). A rerun
-    continues where the last stopped and never filters a sample twice. Memory: the
+    unchanged); then per sample the filtered difference ``F^-1[a F(X_s - mean)]`` by
+    the tile engine (`tile`-voxel tiles, `overlap` blended, each filtered with its own
+    grid's factor map) into ``workdir/calib_sample.npy``, and its copy plus the centre
+    into the store: `centre` (Z, Y, X), e.g. the mean path's restoration, so that the
+    family mean is the restorer's own estimate and not that plus the average of S
+    branch draws; default the family mean (unchanged). A rerun continues where the
+    last stopped and never filters a sample twice. Memory: the
     crops of the estimate and the engine's slabs; the volumes stay on disk."""
     from cryowae.tiling.engine import array_sink, run_tiles
     from cryowae.tiling.pages import page_releasing, release_pages
