@@ -87,7 +87,13 @@ def score(samples: torch.Tensor, truth: torch.Tensor, geo: Any, vs: float,
         good[:len(fsc)] = fsc[:len(good)] > 0.5
         with np.errstate(invalid="ignore", divide="ignore"):
             ratio = ss.spread_wedge / ss.spread_measured
-        ratio = ratio[good & np.isfinite(ratio)]
+        from cryowae.metrics.calibration import shell_frequencies
+
+        keep = good & np.isfinite(ratio)
+        freq = shell_frequencies(tuple(samples.shape[1:]))[:len(ratio)]
+        out["wedge_over_measured_by_shell"] = [[float(f), float(r)] for f, r in
+                                               zip(freq[keep], ratio[keep], strict=True)]
+        ratio = ratio[keep]
         out |= {"family_pearson": fam["pearson"], "family_cc_wedge": fam["cc_wedge"],
                 "wedge_gt_measured": int((ratio > 1).sum()), "shells": int(ratio.size),
                 "min_wedge_over_measured": float(ratio.min()) if ratio.size else None}

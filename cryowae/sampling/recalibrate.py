@@ -267,16 +267,16 @@ def estimate_factors(samples: Any, data: Any, geometry: TiltGeometry, mode: str,
     per-shell error estimate and spread it used. The error estimate is the SURE of
     `restore` (the family's centre, e.g. ``restore_array`` of the mean path) on the
     crop (`cryowae.sampling.sure`); without it, the Wiener error
-    (`shell_error_estimate`). With the halves and the stochastic
-    restorer `model`, the wedge factors are multiplied by the self-supervised wedge
-    ratio gamma(k) of the whole tomogram (`cryowae.sampling.wedge_ratio`).
+    (`shell_error_estimate`). With the stochastic restorer `model`, the wedge factors
+    are multiplied by the self-supervised wedge ratio gamma(k) of the whole tomogram
+    (`cryowae.sampling.wedge_ratio`; from the halves in ``halves`` mode).
     `wedge_floor`: no shell leaves the wedge, where nothing was measured, with less
-    spread per coefficient than the measured region (a_w^2 s_w >= a_m^2 s_m)."""
+    spread per coefficient than the measured region (`cryowae.sampling.wedge_floor`)."""
     from cryowae.sampling.consistency import central_crop, crop_of
 
     crop = central_crop(tuple(int(v) for v in samples.shape[1:]))
     view = _CropView(samples, crop)
-    _, spread, _ = family_shell_spread(view, geometry)
+    _, spread, grid = family_shell_spread(view, geometry)
     info: dict[str, Any] = {}
     if restore is not None:
         from cryowae.sampling.sure import sure_shell_error
@@ -292,25 +292,24 @@ def estimate_factors(samples: Any, data: Any, geometry: TiltGeometry, mode: str,
     freq = _shell_frequencies(view.shape[1:])
     factors = factors_from_data(spread["measured"], error, freq, f"{mode}: {source}")
     info |= {"crop": [[c.start, c.stop] for c in crop],
-                            "error_measured": [float(v) for v in np.nan_to_num(error)],
-                            "spread_measured": [float(v) for v in
-                                                np.nan_to_num(spread["measured"])]}
-    if mode == "halves" and model is not None:
+             "error_measured": [float(v) for v in np.nan_to_num(error)],
+             "spread_measured": [float(v) for v in np.nan_to_num(spread["measured"])]}
+    if model is not None:
         from cryowae.sampling.wedge_ratio import wedge_ratio
 
-        ratio = wedge_ratio(model, data, even, odd, geometry)
+        ratio = wedge_ratio(model, data, *((even, odd) if mode == "halves" else (None, None)),
+                            geometry)
         factors = ShellFactors(freq, factors.measured, factors.wedge * ratio.at(freq),
                                factors.source + "; wedge x self-supervised wedge ratio")
         info["wedge_ratio"] = ratio.to_dict()
     if wedge_floor:
-        with np.errstate(invalid="ignore", divide="ignore"):
-            least = factors.measured * np.sqrt(spread["measured"] / spread["wedge"])
-        least = np.where(np.isfinite(least), least, 0.0)
-        raised = factors.wedge < least
-        factors = ShellFactors(freq, factors.measured,
-                               np.clip(np.maximum(factors.wedge, least), 0.0, MAX_FACTOR),
+        from cryowae.sampling.wedge_floor import floored_wedge_factors
+
+        wedge, raised = floored_wedge_factors(factors.measured, factors.wedge, spread,
+                                              view.shape[0], grid, MAX_FACTOR)
+        factors = ShellFactors(freq, factors.measured, wedge,
                                factors.source + "; wedge spread >= measured")
-        info["wedge_floor_shells"] = int(raised.sum())
+        info["wedge_floor_shells"] = raised
     return factors, info
 
 

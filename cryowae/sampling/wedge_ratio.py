@@ -3,27 +3,33 @@ the self-supervised wedge ratio gamma(k) of the spread recalibration (issue 11).
 
 The data cannot show the error of a restoration inside the missing wedge, but they can
 show how well the model restores a wedge it was *made* to miss: the training task
-itself. Patches of the even/odd halves are rotated and given an extra wedge exactly as
-in training (`cryowae.training.augment.make_batch`: input = one half, rotated, with the
-tomogram's wedge removed; target = the other half, rotated). For every rfft coefficient
+itself. Patches are rotated and given an extra wedge exactly as in training
+(`cryowae.training.augment.make_batch`): with the halves, input = one half, target =
+the other; without them, input and target = the tomogram. For every rfft coefficient
 of a patch, in two regions:
 
 - ``extra``: measured in the target, removed from the input (a wedge the model fills);
 - ``measured``: measured in both,
 
-the mean's squared error against the target, minus the target half's noise power (its
-noise is independent of the input's: the other half), is summed per resolution shell,
-beside the family's predictive spread ``(m + 1) / m`` x the unbiased variance of `m`
-samples. ``a_region(k)^2 = error / spread`` and ``gamma(k) = a_extra / a_measured``: the
-factor by which the wedge's spread factor must exceed the measured region's. Only the
-halves make the measured-region error visible (without them input and target share the
-noise), so this ratio needs them.
+the mean's squared error against the target, minus the target's noise power, is summed
+per resolution shell, beside the family's predictive spread ``(m + 1) / m`` x the
+unbiased variance of `m` samples. In the extra wedge the target's noise is independent
+of the input (the other half, or coefficients the input lacks). In the measured region
+without the halves, input and target share the noise, so the error there is SURE's
+(`cryowae.sampling.sure`: residual - noise + 2 x the divergence of the mean path,
+from one probe per patch). ``a_region(k)^2 = error / spread`` and ``gamma(k) = a_extra
+/ a_measured``: the factor by which the wedge's spread factor must exceed the measured
+region's. The target's noise is the ramp fit of `noise_without_halves` on its central
+crop: the even/odd difference also holds signal from 0.13 to 0.26 cycles per voxel
+(even and odd tilts see different directions beyond a half's Crowther limit; up to
+1.9x the exact noise of a simulation there), which made gamma undefined (1) in those
+shells.
 
 Measured (docs/benchmarks.md, "Spread recalibration"): a first version of this
 (noise from the whole halves, gamma capped at 20) took the wedge's spread/skill of
-seeds 3-6 from 0.98, 0.83, 1.02, 0.75 to 1.14, 0.95, 1.17, 0.94; this one, with the
-centring and the wedge floor of `cryowae sample`, gave 0.89, 1.17, 0.94, 1.19 on seeds
-6-9 (0.75, 1.06, 0.84, 1.10 without it).
+seeds 3-6 from 0.98, 0.83, 1.02, 0.75 to 1.14, 0.95, 1.17, 0.94; the version with the
+halves' difference as noise, with the centring and the wedge floor of `cryowae
+sample`, gave 0.89, 1.17, 0.94, 1.19 on seeds 6-9 (0.75, 1.06, 0.84, 1.10 without it).
 """
 
 from __future__ import annotations
@@ -38,6 +44,8 @@ from cryowae.physics.geometry import TiltGeometry
 
 #: largest gamma applied (the measured values of the benchmark models were below 3.7)
 MAX_GAMMA = 4.0
+#: probe size of the SURE divergence without the halves (`cryowae.sampling.sure`)
+SURE_EPSILON = 0.1
 
 
 @dataclass
@@ -75,7 +83,8 @@ def wedge_ratio(model: Any, data: Any, even: Any, odd: Any, geometry: TiltGeomet
     model
         A `cryowae.models.stochastic.StochasticRestorer` (on the CPU or a device).
     data, even, odd
-        (Z, Y, X) tomogram and its halves (arrays or memmaps; patches are read).
+        (Z, Y, X) tomogram and its halves (arrays or memmaps; patches are read); halves
+        None: the tomogram is input and target (module docstring).
     geometry
         The tomogram's tilt geometry.
     patch, n_patches, n_samples
@@ -96,8 +105,9 @@ def wedge_ratio(model: Any, data: Any, even: Any, odd: Any, geometry: TiltGeomet
         rotation_crop_size,
         structure_map,
     )
-    from cryowae.training.noise import noise_from_halves
+    from cryowae.training.noise import draw_noise, noise_without_halves
 
+    halves = even is not None and odd is not None
     multiple = int(getattr(model, "multiple", 1))
     # the largest patch (a multiple of the model's) whose rotated crop fits the volume
     patch = int(patch) - int(patch) % multiple
@@ -107,15 +117,20 @@ def wedge_ratio(model: Any, data: Any, even: Any, odd: Any, geometry: TiltGeomet
         one = np.ones(2)
         return WedgeRatio(np.array([0.0, 0.5]), one, one * np.nan, one * np.nan, 0)
     src = TomogramSource(name="tomogram", full=data, even=even, odd=odd)
-    for which in ("full", "even", "odd"):
+    for which in ("full", "even", "odd") if halves else ("full",):
         src.stats[which] = volume_stats(getattr(src, which))
     src.structure = structure_map(data)
     sampler = SubtomogramSampler([src], patch, seed=seed)
-    std = 0.5 * (src.stats["even"][1] + src.stats["odd"][1])
-    # the halves' noise power from their central crop (at most 96^3: bounded memory)
-    crop = central_crop(tuple(int(v) for v in np.shape(even)))
-    noise = noise_from_halves(crop_of(even, crop), crop_of(odd, crop),
-                              geometry).half.scaled(1.0 / std**2)
+    # the target's noise power (the other half, or the tomogram itself) from the ramp
+    # fit of its central crop (at most 96^3: bounded memory); not the even/odd
+    # difference, which also holds signal at 0.13-0.26 cycles per voxel (module docstring)
+    target = even if halves else data
+    std = 0.5 * (src.stats["even"][1] + src.stats["odd"][1]) if halves \
+        else src.stats["full"][1]
+    crop = central_crop(tuple(int(v) for v in np.shape(target)))
+    noise = noise_without_halves(torch.as_tensor(np.asarray(crop_of(target, crop),
+                                                            np.float32)),
+                                 geometry).scaled(1.0 / std**2)
     shape = (patch, patch, patch)
     grid = SpectralGrid.of(shape, geometry)  # shells and Hermitian multiplicities
     n_target = noise.at(radial_frequency(shape, rfft=True)).double()
@@ -125,7 +140,7 @@ def wedge_ratio(model: Any, data: Any, even: Any, odd: Any, geometry: TiltGeomet
     dims = (-3, -2, -1)
     done = used = 0
     while done < n_patches:
-        inputs, targets = sampler.sample(4)
+        inputs, targets = sampler.sample(4)  # halves: one half in, the other out
         b = make_batch(inputs, targets, patch, geometry, device, generator=gen)
         mean, samples, _ = model(b.inputs, n_samples=n_samples, generator=gen)
         fm = torch.fft.rfftn(mean[:, 0].double().cpu(), dim=dims, norm="ortho")
@@ -135,6 +150,17 @@ def wedge_ratio(model: Any, data: Any, even: Any, odd: Any, geometry: TiltGeomet
         spread = var * (n_samples + 1) / n_samples
         err = (fm - ft).abs().square() - n_target
         m_in = b.input_measured.bool().cpu()
+        if not halves:
+            # input and target share the noise where both are measured: the error there
+            # is SURE's (cryowae.sampling.sure), residual - N + 2 divergence, the
+            # divergence from one probe with the noise's spectrum
+            probe = draw_noise(noise, shape, batch=err.shape[0], generator=gen,
+                               measured=m_in)[:, 0]
+            moved = model.mean(b.inputs + SURE_EPSILON * probe[:, None].to(device))[0]
+            fmp = torch.fft.rfftn(moved[:, 0].double().cpu(), dim=dims, norm="ortho")
+            fp = torch.fft.rfftn(probe.double(), dim=dims, norm="ortho")
+            div = (fp.conj() * (fmp - fm)).real / SURE_EPSILON
+            err = torch.where(m_in, err + 2.0 * div, err)
         m_tg = b.target_measured.bool().cpu()
         # patches (nearly) inside the data: a rotated patch larger than the volume's
         # crop has empty corners, where the target is no measurement
