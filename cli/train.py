@@ -61,6 +61,8 @@ def train(
                                             "adversarial [default: mmd]."),
     branch_batch: int = typer.Option(None, "--branch-batch", help="Patches of each batch "
                                      "the family branch trains on (0: all) [default: 1]."),
+    branch_every: int = typer.Option(None, "--branch-every", help="The family branch "
+                                     "trains on every k-th step [default: 4]."),
     family_noise: str = typer.Option(None, "--family-noise", help="Target noise of the "
                                      "score: auto (halves when given, else estimated), "
                                      "halves or estimate."),
@@ -133,7 +135,7 @@ def train(
     if note:
         err_console.print(note, soft_wrap=True, highlight=False, markup=False)
     fam = {k: v for k, v in {"enabled": family, "samples": samples_per_input,
-                              "branch_batch": branch_batch,
+                              "branch_batch": branch_batch, "branch_every": branch_every,
                               "score": score, "posterior_matching": posterior_matching,
                               "matching_divergence": matching_divergence,
                               "noise": family_noise}.items() if v is not None}

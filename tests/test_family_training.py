@@ -25,7 +25,7 @@ TINY = {"patch_size": 16, "channels": 4, "depth": 2, "latent_dim": 8, "batch_siz
         "bank_size": 64, "log_every": 1, "checkpoint_every": 2, "steps": 6, "lr": 2e-3,
         "check_prior_preference": False}
 SMALL_FAMILY = {"latent_channels": 4, "branch_channels": 4, "report_subtomograms": 8,
-                "posterior_matching": True}
+                "posterior_matching": True, "branch_every": 1}
 
 
 def _volume(shape=(24, 32, 32), seed=0) -> np.ndarray:
@@ -104,6 +104,29 @@ def test_the_family_leaves_the_mean_path_unchanged(tomo, tmp_path):
     assert runs[True][0] == runs[False][0]
     assert all(torch.equal(a, b) for a, b in zip(runs[True][1], runs[False][1], strict=True))
     assert {"fam_score", "fam_spread_wedge", "fam_match"} <= set(outs[-1])
+
+
+def test_branch_every_k_steps(tomo, tmp_path):
+    """branch_every = 2: the branch trains on steps 0, 2, ... only; between them its
+    weights stay and the mean path's steps are those of a run without the family."""
+    tr = _trainer(tomo, tmp_path / "e2", SMALL_FAMILY | {"branch_every": 2,
+                                                         "posterior_matching": False})
+    off = _trainer(tomo, tmp_path / "off", SMALL_FAMILY | {"enabled": False})
+
+    def branch() -> list[torch.Tensor]:
+        return [p.detach().clone() for p in tr.family.branch_parameters()]
+
+    outs, weights = [], [branch()]
+    for _ in range(3):
+        outs.append(tr.train_step())
+        weights.append(branch())
+    assert ["fam_score" in o for o in outs] == [True, False, True]
+    changed = [any(not torch.equal(a, b) for a, b in zip(weights[i], weights[i + 1],
+                                                         strict=True)) for i in range(3)]
+    assert changed == [True, False, True]
+    assert [o["loss"] for o in outs] == [off.train_step()["loss"] for _ in range(3)]
+    with pytest.raises(CryowaeInputError, match="branch_every"):
+        TrainConfig.from_dict({"family": {"branch_every": 0}})
 
 
 def _spread_after(tomo: Path, run: Path, samples: int, steps: int) -> float:

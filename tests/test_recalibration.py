@@ -188,8 +188,8 @@ def test_sample_file_records_the_calibration_and_centres_on_the_restoration(tmp_
 
 def test_wedge_ratio_is_reproducible_and_bounded():
     """gamma(k) from self-supervised patches of the halves (or of the tomogram alone):
-    the same seed gives the same figures; values in [0, MAX_GAMMA]; a volume too small for a rotated patch of the
-    model's multiple (4) uses no patch and gives 1."""
+    the same seed gives the same figures; values in [0, MAX_GAMMA]; a volume too small
+    for a rotated patch of the model's multiple (4) uses no patch and gives 1."""
     from cryowae.sampling.wedge_ratio import MAX_GAMMA, wedge_ratio
 
     c = gaussian_case()

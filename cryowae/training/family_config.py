@@ -7,10 +7,11 @@ its architecture options (``latent_channels``, ``level_noise``, ``branch_channel
 input m (1 is the squared-error ablation), the energy-score ``score`` variant
 (`cryowae.training.scoring.VARIANTS`), its relative ``weight`` (scale-free: balanced
 against the mean path's loss like the latent term, `TermBalancer`), the posterior
-branch with WAE ``posterior_matching`` and its ``matching_divergence``, and the
-number of each batch's patches the branch trains on (``branch_batch``), and the
-``noise`` source of the simulated target noise (``auto``: even/odd halves when the run
-has them, else the single-tomogram estimate; ``halves``; ``estimate``).
+branch with WAE ``posterior_matching`` and its ``matching_divergence``, the number
+of each batch's patches the branch trains on (``branch_batch``) and how often (every
+``branch_every``-th step), and the ``noise`` source of the simulated target noise
+(``auto``: even/odd halves when the run has them, else the single-tomogram estimate;
+``halves``; ``estimate``).
 
 YAML (under ``train:``)::
 
@@ -49,6 +50,12 @@ class FamilySettings:
     # 10-minute run made 126 steps instead of 255 (docs/benchmarks.md), so the mean
     # path, and the single restoration, lost half its training
     branch_batch: int = 1
+    # the branch trains on every k-th step only (its own RNG stream and optimiser
+    # state: the mean path's steps are the same either way). On every step it cost the
+    # mean path a fifth of its steps in a fixed time (205 against 255 in 10 minutes)
+    # and the single restoration 0.005-0.053 Pearson on seeds 10-12
+    # (docs/benchmarks.md); the spread is calibrated after sampling anyway
+    branch_every: int = 4
     score: str = "shell_regions"
     weight: float = 1.0  # relative to the mean path's loss, after balancing
     # off by default: in the quick measurement (docs/architecture.md, Posterior
@@ -72,6 +79,7 @@ class FamilySettings:
                                     "or false")
         require_int(self.samples, "family samples", 1, 16)
         require_int(self.branch_batch, "family branch_batch", 0)
+        require_int(self.branch_every, "family branch_every", 1)
         if self.score not in VARIANTS:
             raise CryowaeInputError(f"unknown family score {self.score!r} (choose from "
                                     f"{', '.join(VARIANTS)})")

@@ -188,7 +188,11 @@ class Trainer:
         inputs, targets = self.sampler.sample(cfg.batch_size)
         batch = make_batch(inputs, targets, cfg.patch_size, cfg.geometry, self.device,
                            generator=self.gen)
-        capture = self.family.capture() if self.family else contextlib.nullcontext([])
+        # the branch's terms, every family.branch_every-th step: no gradient reaches the
+        # mean, whose steps are the same with the branch, without it, or between its steps
+        family = self.family if self.family is not None and \
+            self.step % cfg.family.branch_every == 0 else None
+        capture = family.capture() if family else contextlib.nullcontext([])
         # bf16 autocast (CUDA) around the network only: the losses and their FFTs run
         # in float32 on the outputs' .float()
         with capture as feats, autocast(self.device, cfg.amp):
@@ -216,9 +220,9 @@ class Trainer:
             loss = rec + weight * div
             out |= {"div": div.item(), "div_weight": weight}
         out["loss"] = loss.item()
-        if self.family is not None:  # the branch's terms: no gradient reaches the mean
-            fam_loss, fam_out = self.family.loss(batch, fwd.restored.float(), feats,
-                                                 out["rec"])
+        fam_loss = None
+        if family is not None:
+            fam_loss, fam_out = family.loss(batch, fwd.restored.float(), feats, out["rec"])
             out |= fam_out
         if not math.isfinite(out["loss"] + out.get("fam_loss", 0.0)):
             raise FloatingPointError(f"loss became {out['loss']} at step {self.step}; "
@@ -231,18 +235,18 @@ class Trainer:
         observe = g_div is not None and fwd.z_decoder.requires_grad
         if observe:
             fwd.z_decoder.retain_grad()
-        (loss if self.family is None else loss + fam_loss).backward()
+        (loss if fam_loss is None else loss + fam_loss).backward()
         if observe and fwd.z_decoder.grad is not None:
             self.balancer.observe_grads(float(fwd.z_decoder.grad.norm()),
                                         float(g_div.norm()))
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
-        if self.family is not None:
-            self.family.after_backward(cfg.grad_clip, self.dist.enabled)
+        if family is not None:
+            family.after_backward(cfg.grad_clip, self.dist.enabled)
         self.opt.step()
         out |= self.latent.after_step(z, fwd.pooled.float())
-        if self.family is not None:
-            out |= self.family.after_step()
+        if family is not None:
+            out |= family.after_step()
         self.recent.push(z.detach())
         out["lr"] = self.opt.param_groups[0]["lr"]
         self.step += 1
