@@ -13,9 +13,10 @@ Estimates (measured region only: the missing wedge holds neither signal nor nois
   noise of equal power, ``E|F(e - o)|^2 = 2 N_half``; the full tomogram
   ``c (e + o)`` (c = 1/2 for a mean, as `cryowae simulate` writes) has noise power
   ``2 c^2 N_half``. Assumes the halves share the signal: tilt series split into even and
-  odd tilts sample slightly different directions, so at frequencies beyond the Crowther
-  limit of a half the estimate includes some signal difference (a slight
-  over-estimate there).
+  odd tilts sample different directions, so at frequencies beyond the Crowther limit of
+  a half the estimate includes signal difference: against the exact noise of
+  `cryowae simulate` (80x128x128, 3 degree steps, halves 6 degrees apart) it was up to
+  1.9x too high from 0.13 to 0.26 cycles per voxel (benchmarks/bench_noise_estimates.py).
 - `noise_without_halves`: no second measurement, so the signal must be told apart by
   frequency: above `signal_free_from` cycles per voxel the measured power is taken as
   noise and modelled as ``a |k|^p``, by default with p = 1, the ramp that weighted
@@ -24,9 +25,10 @@ Estimates (measured region only: the missing wedge holds neither signal nor nois
   measured power of each shell (noise cannot exceed the total). Against the exact
   noise of `cryowae simulate` (same seed with and without noise) p = 1 came within
   about 10% per shell above 0.05 cycles per voxel on 64^3 grids and within 30% on
-  32^3; a fitted p swung between 0.2 and 1 with the fitting range and missed by up to
-  a factor 2.7 at low frequency. Where signal reaches Nyquist the estimate is too
-  high.
+  32^3, and within 8% from 0.05 to 0.47 cycles per voxel on the 80x96x96 central crops
+  of 80x128x128 simulations (benchmarks/bench_noise_estimates.py); a fitted p swung
+  between 0.2 and 1 with the fitting range and missed by up to a factor 2.7 at low
+  frequency. Where signal reaches Nyquist the estimate is too high.
 
 `draw_noise` draws real-space noise whose Fourier coefficients are complex Gaussian with
 the spectrum's power at their |k| (Hermitian symmetric, so the result is real).
