@@ -139,7 +139,8 @@ def test_bf16_paths_run_and_stay_close_to_float32(monkeypatch, tomo, tmp_path):
         monkeypatch.setattr(precision, "BF16_AUTOCAST_DEVICES", amp_devices)
         cfg = TrainConfig.from_dict(dict(
             patch_size=16, channels=4, depth=2, latent_dim=8, batch_size=2, bank_size=64,
-            steps=3, lr=2e-3, check_prior_preference=False, device="cpu", seed=1))
+            steps=3, lr=2e-3, check_prior_preference=False, device="cpu", seed=1,
+            family={"branch_every": 1}))  # the branch on every step compared
         tr = Trainer(load_sources([tomo], [], [], min_size=16), cfg, tmp_path / name)
         assert tr.family is not None
         return [tr.train_step() for _ in range(3)]
@@ -350,7 +351,7 @@ def _cuda_steps(tomo: Path, tmp_path: Path, amp: bool, channels_last: bool = Fal
     cfg = TrainConfig.from_dict(dict(
         patch_size=16, channels=4, depth=2, latent_dim=8, batch_size=2, bank_size=64,
         steps=3, lr=2e-3, check_prior_preference=False, device="cuda", seed=1, amp=amp,
-        channels_last=channels_last))
+        channels_last=channels_last, family={"branch_every": 1}))
     tr = Trainer(load_sources([tomo], [], [], min_size=16), cfg,
                  tmp_path / f"cuda_{amp}_{channels_last}")
     return [tr.train_step() for _ in range(3)]

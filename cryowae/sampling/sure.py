@@ -20,16 +20,17 @@ Why not the Wiener error ``P N / (P + N)`` (`recalibrate.wiener_error`, the esti
 before this one): it is the error of the best *linear* filter per shell, while the
 network denoises better than that at 0.1-0.25 cycles per voxel and worse at the lowest
 shells; its errors cancelled in the total on some seeds and not on others (without the
-halves the measured region came out 25-29% too wide on seeds 7-9). On a 40x64x64
-simulation with a noise-free twin (`cryowae simulate --no-noise`, same seed) SURE
-followed the true per-shell error within about 25% from 0.04 to 0.27 cycles per voxel,
-where the Wiener estimate was off by up to 2.6x (docs/benchmarks.md, "Spread
-recalibration").
+halves the measured region came out 25-29% too wide on seeds 7-9). On the 80x96x96
+central crops of two 80x128x128 simulations with noise-free twins
+(benchmarks/bench_noise_estimates.py, seeds 10 and 11) SURE summed over 0.03-0.3 cycles
+per voxel came to 1.02x and 1.00x the exact error of the restoration, within about 10%
+at most shells, where the Wiener error gave 1.62x and 1.22x and was up to 2.1x off
+per shell (docs/benchmarks.md, "Spread recalibration").
 
 The noise N(k) comes from the data alone (`cryowae.training.noise.noise_without_halves`,
 the ramp of weighted back-projection fitted above 0.35 cycles per voxel): against the
-exact noise of a simulation it is within a few percent per shell above 0.04 cycles per
-voxel, while the even/odd difference over-estimates it up to 1.8x at 0.13-0.26 cycles
+exact noise of those simulations it is within 8% per shell from 0.05 to 0.47 cycles per
+voxel, while the even/odd difference over-estimates it up to 1.9x at 0.13-0.26 cycles
 per voxel (even and odd tilts see different directions there), so the halves are not
 used for it.
 """
