@@ -252,6 +252,7 @@ def test_divergence_zero_for_identical_and_grows_with_shift(name, opts, tol_same
     assert vals[3] > ratio * abs(vals[0]), vals
 
 
+@pytest.mark.slow  # 2.3 s: POT reference
 def test_sliced_matches_pot_equal_and_unequal_counts():
     ot = pytest.importorskip("ot")
     g = _gen(8)
@@ -299,6 +300,7 @@ def test_sinkhorn_rejects_low_scaling():
         build_divergence("sinkhorn", 8, scaling=0.5)
 
 
+@pytest.mark.slow  # 3.8 s: discriminator training
 def test_adversarial_penalty_grows_with_shift_after_discriminator_training():
     """The unstable baseline: log 2 at the optimum for matched clouds, more when shifted."""
     d, n = 8, 256

@@ -70,6 +70,7 @@ def test_family_settings_keys_and_validation(tmp_path):
             TrainConfig.from_dict({"family": bad})
 
 
+@pytest.mark.slow  # 2.2 s: three training steps on two threads
 def test_family_off_is_the_recorded_run(tomo, tmp_path):
     """With the family off, training is bit for bit what it was before the branch
     existed: these figures were recorded with the code of commit 948357b (same TINY

@@ -94,6 +94,7 @@ def test_preset_is_chosen_by_device():
     assert preset_for("cuda:1") == "gpu-default"
 
 
+@pytest.mark.slow  # 3.2 s: a CLI training run
 def test_train_without_config_uses_the_device_preset_and_says_so(tomo, tmp_path):
     run = tmp_path / "run"
     res = invoke_cli("train", tomo, "--out", run, "--device", "cpu", *TINY_TRAIN)
@@ -106,6 +107,7 @@ def test_train_without_config_uses_the_device_preset_and_says_so(tomo, tmp_path)
 
 # --------------------------------------------------------------------------- amp on CPU
 
+@pytest.mark.slow  # 3.7 s: a CLI training run
 def test_amp_is_ignored_on_cpu_with_one_line(tomo, tmp_path, random_model_path):
     assert amp_note("cpu", True).startswith("note: --amp ignored on cpu")
     assert amp_note("cpu", None) is None and amp_note("cuda", True) is None
@@ -166,6 +168,7 @@ def test_bf16_paths_run_and_stay_close_to_float32(monkeypatch, tomo, tmp_path):
 
 # --------------------------------------------------------------------------- compile
 
+@pytest.mark.slow  # 3.1 s: torch.compile attempts
 def test_compile_failures_fall_back_with_one_line():
     r = _random_restorer()
     x = torch.from_numpy(_volume((2, 16, 16, 16)))[:, None]

@@ -30,6 +30,7 @@ def sims(tmp_path_factory) -> dict[str, Path]:
     return {k: write_mrc(d / f"{k}.mrc", v, 10.0) for k, v in vols.items()}
 
 
+@pytest.mark.slow  # 2.3 s: renders a picture
 def test_inspect_text_json_and_picture(sims, tmp_path):
     png = tmp_path / "pics" / "wedge.png"
     res = invoke_cli("inspect", sims["asym"], "--png", png, check=True)

@@ -91,6 +91,7 @@ def test_core_cli_and_reader_do_not_import_qt():
     assert proc.stdout.strip() == "", f"GUI modules imported: {proc.stdout}"
 
 
+@pytest.mark.slow  # 3.0 s: a second interpreter
 def test_view_without_napari_says_how_to_install(tomo_mrc):
     blocker = (
         "import sys, importlib.abc\n"

@@ -152,6 +152,7 @@ def test_calibrate_store_in_place_resumes_exactly(tmp_path, stop_at):
     np.testing.assert_array_equal(np.asarray(part[:]), done)
 
 
+@pytest.mark.slow  # 6.3 s: two families, SURE and the wedge ratio
 def test_sample_file_records_the_calibration_and_centres_on_the_restoration(tmp_path):
     """A calibrated family is centred on the mean path's restoration (what `cryowae
     restore` writes), its deviations filtered from the raw family's."""
@@ -213,6 +214,7 @@ def test_wedge_ratio_is_reproducible_and_bounded():
     assert w3.patches == 0 and np.all(w3.gamma == 1.0)
 
 
+@pytest.mark.slow  # 2.5 s: the wedge ratio on 64 patches
 def test_halves_calibration_applies_the_wedge_ratio(tmp_path):
     """With the halves and the model, the wedge factors are the measured-region
     estimate times gamma(k), recorded in the estimate."""

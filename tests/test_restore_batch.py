@@ -84,6 +84,7 @@ def _level0(path: Path) -> np.ndarray:
         return vol.numpy()
 
 
+@pytest.mark.slow  # 2.3 s: block tasks and a single pass
 def test_block_tasks_equal_the_single_pass_without_a_cluster(real_model_path, tmp_path):
     """The worker tasks run in this process: every block, then the finishing task. With
     one tile per forward pass in both, the blocks equal `restore_array` bit for bit."""
