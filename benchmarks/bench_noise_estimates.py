@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import subprocess
 import sys
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -75,10 +76,9 @@ def shell_table(root: Path, seed: int, every: int) -> dict:
     halves = noise_of_data(torch.from_numpy(x), geo, crop_of(even, crop),
                            crop_of(odd, crop)).power
     restorer = load_restorer(root / f"run_seed{seed}_default" / "train" / "model.pt", "cpu")
-    norm = volume_stats(data)
-
-    def restore(a: np.ndarray) -> np.ndarray:
-        return np.asarray(restore_array(restorer, a, 64, 21, 4, norm=norm), np.float32)
+    # the centre's function, as sample_file's (a new float32 array)
+    restore = partial(restore_array, restorer, tile=64, overlap=21, batch_size=4,
+                      norm=volume_stats(data))
 
     sure = sure_shell_error(restore, x, geo)
     wiener, _ = shell_error_estimate(x, geo)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -201,11 +202,9 @@ def store_family(c: dict[str, Any], samples: torch.Tensor, mode: str,
         from cryowae.io.stats import volume_stats
 
         restorer = load_restorer(c["model"], "cpu")
-        norm = volume_stats(c["data"].numpy())
-
-        def restore(a: np.ndarray) -> Any:  # the centre's function, as sample_file's
-            return restore_array(restorer, a, 64, 21, 4, norm=norm)
-
+        # the centre's function, as sample_file's
+        restore = partial(restore_array, restorer, tile=64, overlap=21, batch_size=4,
+                          norm=volume_stats(c["data"].numpy()))
         with read_volume(c["restored"]) as v:
             kw = {"model": restorer.stochastic, "centre": np.array(v.numpy(), np.float32)}
         if sure:

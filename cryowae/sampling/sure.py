@@ -116,7 +116,7 @@ def sure_shell_error(restore: Callable[[np.ndarray], Any], data: Any,
     frx = _spectrum(rx)
     residual = shell_mean((frx - fx).abs().square())
     power = noise.at(radial_frequency(x.shape, rfft=True)).float()  # type: ignore[arg-type]
-    noise_shell = shell_mean(power.expand(region.shape).clone())
+    noise_shell = shell_mean(power)
     gen = torch.Generator().manual_seed(int(seed))
     divergence = np.zeros_like(residual)
     for _ in range(max(1, int(probes))):

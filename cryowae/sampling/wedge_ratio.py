@@ -44,8 +44,6 @@ from cryowae.physics.geometry import TiltGeometry
 
 #: largest gamma applied (the measured values of the benchmark models were below 3.7)
 MAX_GAMMA = 4.0
-#: probe size of the SURE divergence without the halves (`cryowae.sampling.sure`)
-SURE_EPSILON = 0.1
 
 
 @dataclass
@@ -98,6 +96,7 @@ def wedge_ratio(model: Any, data: Any, even: Any, odd: Any, geometry: TiltGeomet
     from cryowae.metrics.calibration import SpectralGrid, shell_frequencies
     from cryowae.physics.fourier import radial_frequency
     from cryowae.sampling.consistency import central_crop, crop_of
+    from cryowae.sampling.sure import EPSILON
     from cryowae.training.augment import make_batch
     from cryowae.training.data import (
         SubtomogramSampler,
@@ -128,9 +127,7 @@ def wedge_ratio(model: Any, data: Any, even: Any, odd: Any, geometry: TiltGeomet
     std = 0.5 * (src.stats["even"][1] + src.stats["odd"][1]) if halves \
         else src.stats["full"][1]
     crop = central_crop(tuple(int(v) for v in np.shape(target)))
-    noise = noise_without_halves(torch.as_tensor(np.asarray(crop_of(target, crop),
-                                                            np.float32)),
-                                 geometry).scaled(1.0 / std**2)
+    noise = noise_without_halves(crop_of(target, crop), geometry).scaled(1.0 / std**2)
     shape = (patch, patch, patch)
     grid = SpectralGrid.of(shape, geometry)  # shells and Hermitian multiplicities
     n_target = noise.at(radial_frequency(shape, rfft=True)).double()
@@ -158,10 +155,10 @@ def wedge_ratio(model: Any, data: Any, even: Any, odd: Any, geometry: TiltGeomet
             # divergence from one probe with the noise's spectrum
             probe = draw_noise(noise, shape, batch=err.shape[0], generator=gen,
                                measured=m_in)[:, 0]
-            moved = model.mean(b.inputs + SURE_EPSILON * probe[:, None].to(device))[0]
+            moved = model.mean(b.inputs + EPSILON * probe[:, None].to(device))[0]
             fmp = torch.fft.rfftn(moved[:, 0].double().cpu(), dim=dims, norm="ortho")
             fp = torch.fft.rfftn(probe.double(), dim=dims, norm="ortho")
-            div = (fp.conj() * (fmp - fm)).real / SURE_EPSILON
+            div = (fp.conj() * (fmp - fm)).real / EPSILON
             err = torch.where(m_in, err + 2.0 * div, err)
         m_tg = b.target_measured.bool().cpu()
         # patches (nearly) inside the data: a rotated patch larger than the volume's
