@@ -24,6 +24,7 @@ reads a central crop.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import os
@@ -128,18 +129,6 @@ def _centre(restorer: Any, data: Any, norm: tuple[float, float], settings: TileS
         state["centre_ready"] = True
         save()
     return page_releasing(np.load(path, mmap_mode="r"))
-
-
-def _restore_fn(restorer: Any, norm: tuple[float, float], settings: TileSettings) -> Any:
-    """The centre's restoration as a function of an array (same tiles and normalisation
-    as `_centre`): what the spread calibration's error estimate differentiates."""
-    from cryowae.inference.restore import restore_array
-
-    def restore(a: np.ndarray) -> Any:
-        return restore_array(restorer, a, settings.tile, settings.overlap,
-                             settings.batch_size, norm=norm)
-
-    return restore
 
 
 def sample_file(model: Any, tomogram: str | os.PathLike, out_dir: str | os.PathLike,
@@ -254,9 +243,19 @@ def sample_file(model: Any, tomogram: str | os.PathLike, out_dir: str | os.PathL
         if stochastic is not None and spread_calibration != "none":
             centre = _centre(restorers[0], vol.data, norm, settings, partial, calib_state,
                              save_state, prog)
-            restore = _restore_fn(restorers[0], norm, settings)
-        calibration = calibrate_store(level0, vol.data, fp.geometry, spread_calibration,
-                                      calib_state, save_state, partial, *halves,
+            from cryowae.inference.restore import restore_array
+
+            # the centre's restoration as a function of an array (same tiles and
+            # normalisation as `_centre`): what the calibration's SURE differentiates
+            restore = functools.partial(restore_array, restorers[0], tile=settings.tile,
+                                        overlap=settings.overlap,
+                                        batch_size=settings.batch_size, norm=norm)
+        # page-releasing views: the wedge ratio scans the whole tomogram (statistics,
+        # structure map), which would otherwise leave its pages resident
+        calibration = calibrate_store(level0, page_releasing(vol.data), fp.geometry,
+                                      spread_calibration, calib_state, save_state, partial,
+                                      *(None if h is None else page_releasing(h)
+                                        for h in halves),
                                       model=stochastic, centre=centre, restore=restore)
         del centre
         per_slice = 2 * fp.n_samples * shape[1] * shape[2] * 4  # pyramid: ~8 MiB slabs
