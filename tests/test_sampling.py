@@ -258,7 +258,7 @@ MEMORY_SCRIPT = textwrap.dedent("""
 #: at 4 MiB the 3.5 MB arrays of the calibration's 96^3 crop, SURE's restorations of
 #: it, stayed in the heap and fragmented it: 14.4 MB measured). The run keeps 2 slab
 #: buffers, a slab of input pages, a few batches of tiles and the fixed crops of the
-#: checks and the calibration, all paid by the warm-ups: measured growth 4.3 MB (0.0-0.4
+#: checks and the calibration, all paid by the warm-ups: measured growth 1.8 MB (0.0-0.4
 #: MB before the SURE step). A full-size float64 accumulator held during sampling, as
 #: sampling kept before, measured 33.5 MB of growth.
 MEMORY_BOUND = 12 << 20
