@@ -131,3 +131,42 @@ def test_training_with_a_budget_reports_the_budget(tmp_path):
     for eta, left, bound in seen:
         assert bound and eta == pytest.approx(left, abs=0.05) and 0.0 < eta < 30.0
     assert [e for e, _, _ in seen] == sorted((e for e, _, _ in seen), reverse=True)
+
+
+def test_budget_horizon_counts_the_steps_that_fit():
+    from cryowae.training.loop import budget_horizon
+
+    assert budget_horizon(10, 10**9, 30.0, 2.0) == 25
+    assert budget_horizon(10, 20, 30.0, 2.0) == 20  # --steps ends first
+    assert budget_horizon(10, 10**9, -1.0, 2.0) == 10  # the budget is spent
+
+
+@pytest.mark.slow
+def test_budget_run_ends_its_learning_rate_schedule_with_the_budget(tmp_path):
+    """A 0.2-minute run (step total 10**9): the LR's cosine follows the budget, re-timed
+    every step, so it is still near its middle half-way and at its floor (0.1 lr) at the
+    end; one estimate from the first steps (the old rule, where the first step's warm-up
+    counts) often ended the cosine long before the budget."""
+    import csv
+
+    from cryowae.io import write_mrc
+    from cryowae.training.config import TrainConfig
+    from cryowae.training.data import load_sources
+    from cryowae.training.loop import Trainer
+
+    rng = np.random.default_rng(0)
+    write_mrc(tmp_path / "t.mrc", rng.normal(size=(24, 32, 32)).astype(np.float32), 10.0)
+    cfg = TrainConfig.from_dict({
+        "patch_size": 16, "channels": 4, "depth": 2, "latent_dim": 8, "batch_size": 2,
+        "bank_size": 64, "log_every": 1, "checkpoint_every": 10**6, "steps": 10**9,
+        "minutes": 0.2, "lr": 1e-3, "check_prior_preference": False, "family": False})
+    Trainer(load_sources([tmp_path / "t.mrc"], min_size=16), cfg, tmp_path / "run").run()
+    with open(tmp_path / "run" / "metrics.csv") as fh:
+        rows = [r for r in csv.DictReader(fh) if r["lr"]]
+    lrs = [float(r["lr"]) for r in rows]
+    assert len(lrs) >= 24, len(lrs)  # enough steps for the schedule to mean something
+    past_warmup = lrs[10:]
+    mid = past_warmup[len(past_warmup) // 2]
+    assert 0.3e-3 < mid < 0.85e-3, mid  # cosine middle: 0.55 lr
+    assert lrs[-1] < 0.15e-3, lrs[-1]  # at the floor when the budget ends
+    assert min(lrs[10:-3]) > 0.1e-3 * 1.01  # ... and not long before

@@ -81,6 +81,12 @@ def learning_rate(step: int, total_steps: int, lr: float, warm: int = 10) -> flo
     return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
 
 
+def budget_horizon(step: int, max_steps: int, left_s: float, per_step_s: float) -> int:
+    """The step at which a time budget runs out: `step` plus the steps of `per_step_s`
+    seconds that fit in the `left_s` seconds left, at most `max_steps`."""
+    return min(max_steps, step + int(max(0.0, left_s) / max(per_step_s, 1e-9)))
+
+
 class Trainer:
     """Holds the state of one training run; `run()` trains until steps or time run out."""
 
@@ -323,18 +329,23 @@ class Trainer:
         t_start = time.perf_counter() - self.elapsed
         last: dict[str, float] = {}
         steps_at_start = self.step
-        t_run = time.perf_counter()
+        t_run = t_first = time.perf_counter()
         stop = cancelled = False
         while self.step < cfg.steps and not stop:
             last = self.train_step()
             self.elapsed = time.perf_counter() - t_start
             rate = (self.step - steps_at_start) * cfg.batch_size / max(
                 time.perf_counter() - t_run, 1e-9)
-            if budget and self.step - steps_at_start == 3:
-                # the step horizon of the LR schedule follows the time budget
-                per_step = (time.perf_counter() - t_run) / 3
-                left = max(0.0, budget - self.elapsed)
-                self.total_steps = min(cfg.steps, self.step + int(left / per_step))
+            done = self.step - steps_at_start
+            if done == 1:
+                t_first = time.perf_counter()  # the first step also warms up: not timed
+            if budget and done >= 3:
+                # the LR schedule's horizon follows the time budget, re-estimated every
+                # step from the mean step time so far: one early estimate was often 30%
+                # off, so the cosine ended long before the budget or was cut off mid-way
+                self.total_steps = budget_horizon(
+                    self.step, cfg.steps, budget - self.elapsed,
+                    (time.perf_counter() - t_first) / (done - 1))
             if self.step % cfg.log_every == 0 or self.step == cfg.steps:
                 log.write(self.step, {"step": self.step, "elapsed_s": round(self.elapsed, 2),
                                       "mmd_to_prior": self.mmd_to_prior(),
@@ -379,4 +390,4 @@ def train(sources: list[TomogramSource], cfg: TrainConfig, run_dir: str | Path,
     return Trainer(sources, cfg, run_dir, resume, references, progress).run()
 
 
-__all__ = ["TrainResult", "Trainer", "learning_rate", "train"]
+__all__ = ["TrainResult", "Trainer", "budget_horizon", "learning_rate", "train"]
