@@ -72,7 +72,7 @@ class WedgeRatio:
 
 @torch.no_grad()
 def wedge_ratio(model: Any, data: Any, even: Any, odd: Any, geometry: TiltGeometry,
-                patch: int = 32, n_patches: int = 64, n_samples: int = 8,
+                patch: int = 32, n_patches: int = 64, n_samples: int = 4,
                 seed: int = 0) -> WedgeRatio:
     """gamma(k) of a stochastic restorer on one tomogram (module docstring).
 
@@ -87,7 +87,10 @@ def wedge_ratio(model: Any, data: Any, even: Any, odd: Any, geometry: TiltGeomet
         The tomogram's tilt geometry.
     patch, n_patches, n_samples
         Patch edge (voxels; lowered, in multiples of the model's, until a rotated patch
-        fits the volume), patches drawn (4 per batch) and samples per patch.
+        fits the volume), patches drawn (4 per batch) and samples per patch. The
+        predictive factor (m + 1) / m of the spread cancels in gamma = a_extra /
+        a_measured, and each shell's spread sums thousands of coefficients over the
+        patches, so 4 samples estimate gamma as 8 did at about 60% of the time.
     seed
         Seeds the patch positions, rotations and latent draws: the result is
         reproducible.
