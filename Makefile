@@ -7,7 +7,9 @@ STAMP := $(VENV)/.cryowae-installed
 EXTRAS ?= dev,cluster,napari
 DEMO_DIR ?= demo_out
 # pytest-xdist workers for make test / test-fast: one per core (each worker then runs
-# torch single-threaded on a 2-core machine; see tests/conftest.py)
+# torch single-threaded on a 2-core machine; see tests/conftest.py); --dist worksteal:
+# a worker that runs out of tests takes half of the other's queue, so the long tests
+# (put first by tests/conftest.py) do not leave one worker idle at the end
 TEST_WORKERS ?= auto
 # idle OpenMP threads sleep instead of spinning: small torch ops were 10-20x slower
 # with spinning threads on a busy 2-core machine
@@ -44,11 +46,11 @@ demo: $(STAMP)
 
 # the whole suite (CI runs this)
 test: $(STAMP) system-packages
-	$(PY) -m pytest -q -n $(TEST_WORKERS)
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist worksteal
 
 # the inner loop: the same set-up, without the tests marked slow
 test-fast: $(STAMP) system-packages
-	$(PY) -m pytest -q -n $(TEST_WORKERS) -m "not slow"
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist worksteal -m "not slow"
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check cryowae cli plugins tests benchmarks

@@ -23,12 +23,19 @@ torch.set_num_threads(max(1, min(2, (os.cpu_count() or 1) // _WORKERS)))
 os.environ.setdefault("CRYOWAE_NO_TENSORBOARD", "1")
 
 
+def _seconds(item) -> float:
+    marker = item.get_closest_marker("slow")
+    return float(marker.kwargs.get("seconds", 0.0)) if marker else 0.0
+
+
 def pytest_collection_modifyitems(config, items) -> None:
-    """Run the modules holding tests marked slow first, each module's tests kept together
-    and in order (module fixtures are built once): spread over xdist workers, the long
-    tests then overlap the many short ones instead of trailing at the end."""
+    """Order the tests for the xdist workers (``--dist worksteal`` in the Makefile): the
+    tests marked ``slow(seconds=...)`` first, longest first, so that none of them starts
+    last and trails alone at the end; then the modules holding tests marked slow, each
+    module's tests kept together and in order (module fixtures are built once), so the
+    long tests overlap the many short ones; then the rest."""
     slow_modules = {item.module for item in items if item.get_closest_marker("slow")}
-    items.sort(key=lambda item: item.module not in slow_modules)
+    items.sort(key=lambda item: (-_seconds(item), item.module not in slow_modules))
 
 
 def run_cli(*args: str, check: bool = False, **kw) -> subprocess.CompletedProcess:
