@@ -26,7 +26,7 @@ from cryowae.training.config import TrainConfig, load_config, save_config
 from cryowae.training.data import load_sources
 from cryowae.training.loop import Trainer
 
-from .conftest import cancel_after, invoke_cli, run_cli
+from .conftest import cancel_after, invoke_cli
 
 TINY = {"patch_size": 16, "channels": 4, "depth": 2, "latent_dim": 8, "batch_size": 2,
         "bank_size": 64, "log_every": 1, "checkpoint_every": 2, "steps": 6, "lr": 2e-3,
@@ -288,7 +288,8 @@ def test_resume_after_kill(tomo, tiny_config, tmp_path):
     proc.wait()
     saved = load_state(run / "checkpoint.pt", KIND_CHECKPOINT)["step"]
     assert 2 <= saved < 400
-    res = run_cli("train", tomo, "--out", run, "--resume", "--steps", str(saved + 4))
+    # the resumed run in this process (the killed one above was a real process)
+    res = invoke_cli("train", tomo, "--out", run, "--resume", "--steps", str(saved + 4))
     assert res.returncode == 0, res.stderr
     after = load_state(run / "checkpoint.pt", KIND_CHECKPOINT)["step"]
     assert after == saved + 4
