@@ -308,7 +308,10 @@ def test_two_process_gloo_ddp(tomo, tiny_config, tmp_path):
     proc = subprocess.run([str(torchrun), "--nproc-per-node", "2", "--master-port", "29517",
                            "-m", "cryowae", "train", str(tomo), "--out", str(run), "--config",
                            str(tiny_config), "--steps", "3", "--tilt-min", "-60",
-                           "--tilt-max", "60", "--device", "cpu"],
+                           "--tilt-max", "60", "--device", "cpu",
+                           # a budget too: the steps end first, after rank 0's LR horizon
+                           # was broadcast at step 3
+                           "--minutes", "30"],
                           capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "2 process(es)" in proc.stdout + proc.stderr

@@ -36,6 +36,7 @@ from cryowae.training.data import SubtomogramSampler, TomogramSource
 from cryowae.training.distributed import (
     DistInfo,
     broadcast_flag,
+    broadcast_int,
     init_distributed,
     shutdown_distributed,
 )
@@ -343,9 +344,10 @@ class Trainer:
                 # the LR schedule's horizon follows the time budget, re-estimated every
                 # step from the mean step time so far: one early estimate was often 30%
                 # off, so the cosine ended long before the budget or was cut off mid-way
-                self.total_steps = budget_horizon(
+                # rank 0's horizon for all: every rank must apply the same learning rate
+                self.total_steps = broadcast_int(budget_horizon(
                     self.step, cfg.steps, budget - self.elapsed,
-                    (time.perf_counter() - t_first) / (done - 1))
+                    (time.perf_counter() - t_first) / (done - 1)), self.dist, self.device)
             if self.step % cfg.log_every == 0 or self.step == cfg.steps:
                 log.write(self.step, {"step": self.step, "elapsed_s": round(self.elapsed, 2),
                                       "mmd_to_prior": self.mmd_to_prior(),
