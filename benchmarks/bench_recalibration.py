@@ -25,7 +25,8 @@ import numpy as np
 import torch
 
 
-def load_case(root: Path, seed: int, family: str) -> dict[str, Any]:
+def load_case(root: Path, seed: int, family: str, variant: str = "default"
+              ) -> dict[str, Any]:
     """Family samples, truth on the data's scale, data, halves, geometry of one seed."""
     import zarr
 
@@ -34,7 +35,7 @@ def load_case(root: Path, seed: int, family: str) -> dict[str, Any]:
     from cryowae.physics.geometry import TiltGeometry
     from cryowae.sampling.evaluate import _ctf_of, truth_on_data_scale
 
-    sim, run = root / f"sim_seed{seed}", root / f"run_seed{seed}_default"
+    sim, run = root / f"sim_seed{seed}", root / f"run_seed{seed}_{variant}"
     fam = run / family
     meta = json.loads((fam / "family.json").read_text())
     geo = TiltGeometry.from_dict(meta["geometry"])
@@ -234,14 +235,14 @@ def training_wedge_ratio(c: dict[str, Any], sim: Path, n_patches: int = 64,
 
 
 def run_seed(root: Path, seed: int, family: str, methods: list[str],
-             n_samples: int) -> dict[str, Any]:
+             n_samples: int, variant: str = "default") -> dict[str, Any]:
     from cryowae.sampling.recalibrate import (
         ShellFactors,
         factors_from_truth,
         recalibrate_family,
     )
 
-    c = load_case(root, seed, family)
+    c = load_case(root, seed, family, variant)
     samples = c["samples"][:n_samples]
     truth, geo, vs = c["truth"], c["geometry"], c["voxel_size"]
     from cryowae.io import read_volume
@@ -249,7 +250,7 @@ def run_seed(root: Path, seed: int, family: str, methods: list[str],
 
     with read_volume(c["restored"]) as v:
         single = evaluate_volumes(v.numpy(), c["gt"], vs, geo)
-    out: dict[str, Any] = {"seed": seed, "n_samples": int(samples.shape[0]),
+    out: dict[str, Any] = {"seed": seed, "variant": variant, "n_samples": int(samples.shape[0]),
                            "single": {"pearson": single["pearson"],
                                       "cc_wedge": single["cc_wedge"]},
                            "before": score(samples, truth, geo, vs, c)}
@@ -284,7 +285,7 @@ def run_seed(root: Path, seed: int, family: str, methods: list[str],
             # of SURE; nofloor: without the wedge floor; previous: factors alone about
             # the family mean
             rec, info = store_family(c, samples, m.split("_")[1],
-                                     Path(f"/tmp/brecal/work_{seed}"),
+                                     Path(f"/tmp/brecal/work_{root.name}_{variant}_{seed}"),
                                      library=not m.startswith("previous"),
                                      wedge_floor=not m.startswith("nofloor"),
                                      sure=not m.startswith("wstore"))
@@ -304,6 +305,8 @@ def main() -> None:
     ap.add_argument("--root", type=Path, default=Path("/tmp/bfam"))
     ap.add_argument("--seeds", type=int, nargs="+", default=[3, 4, 5])
     ap.add_argument("--family", default="family_nohalves")
+    ap.add_argument("--variant", default="default",
+                    help="the bench_families run to read (run_seed<N>_<variant>)")
     ap.add_argument("--methods", nargs="+",
                     default=["oracle", "store_halves", "store_data", "previous_halves",
                              "previous_data"])
@@ -312,7 +315,7 @@ def main() -> None:
     a = ap.parse_args()
     results = []
     for seed in a.seeds:
-        r = run_seed(a.root, seed, a.family, a.methods, a.samples)
+        r = run_seed(a.root, seed, a.family, a.methods, a.samples, a.variant)
         results.append(r)
         line = " | ".join(f"{k}: " + ", ".join(f"{n} {v:.2f}" for n, v in r[k].items()
                                                 if n in ("ss_measured", "ss_wedge",
