@@ -28,7 +28,7 @@ from cryowae.models.protocol import ModelOnDevice
 from cryowae.models.restorer import RestorerConfig, WAERestorer
 from cryowae.progress import Cancelled, ProgressReporter
 from cryowae.tiling.plan import plan_tiles
-from tests.conftest import invoke_cli, run_cli
+from tests.conftest import MMAP_ENV, invoke_cli, run_cli
 
 # --------------------------------------------------------------------------- helpers
 
@@ -318,7 +318,7 @@ def test_memory_bounded_on_memory_mapped_volume(tiny_model_path, tmp_path):
     assert nbytes > 1.25 * MEMORY_BOUND
     # a fixed mmap threshold makes glibc hand freed network temporaries back at once, so
     # the peak shows what the engine keeps alive rather than allocator slack
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(1 << 20), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, **MMAP_ENV, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-c", MEMORY_SCRIPT, str(tiny_model_path),
                            str(src), str(dst)], capture_output=True, text=True, timeout=600,
                           env=env)

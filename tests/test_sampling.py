@@ -32,7 +32,7 @@ from cryowae.sampling import (
 )
 from cryowae.tiling.settings import TileSettings
 
-from .conftest import cancel_after, invoke_cli
+from .conftest import MMAP_ENV, cancel_after, invoke_cli
 
 GEO = TiltGeometry(-60.0, 60.0, "y", "model")
 
@@ -265,7 +265,7 @@ MEMORY_SCRIPT = textwrap.dedent("""
 MEMORY_BOUND = 9 << 20
 
 
-@pytest.mark.slow(seconds=150)  # measured alone on this 2-core machine, 230 in a full run
+@pytest.mark.slow(seconds=135)  # measured alone on this 2-core machine
 def test_sample_file_memory_bounded_on_memory_mapped_volume(tmp_path):
     from cryowae.io import open_mrc_writer
 
@@ -276,7 +276,7 @@ def test_sample_file_memory_bounded_on_memory_mapped_volume(tmp_path):
         for z in range(0, shape[0], 16):
             mm[z:z + 16] = rng.normal(size=(16, *shape[1:])).astype(np.float32)
     assert int(np.prod(shape)) * 4 > 1.25 * MEMORY_BOUND  # 12 MiB input, 9 MiB bound
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(1 << 20), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, **MMAP_ENV, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-c", MEMORY_SCRIPT, str(src),
                            str(tmp_path / "fam"), str(tmp_path / "warm.mrc")],
                           capture_output=True, text=True,
