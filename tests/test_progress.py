@@ -169,4 +169,6 @@ def test_budget_run_ends_its_learning_rate_schedule_with_the_budget(tmp_path):
     mid = past_warmup[len(past_warmup) // 2]
     assert 0.3e-3 < mid < 0.85e-3, mid  # cosine middle: 0.55 lr
     assert lrs[-1] < 0.15e-3, lrs[-1]  # at the floor when the budget ends
-    assert min(lrs[10:-3]) > 0.1e-3 * 1.01  # ... and not long before
+    # ... and not long before: the cosine itself is within 1% of the floor in the last
+    # 2% of its steps (the last 4 of 190 on an idle machine), 5.5% above it at 95%
+    assert min(lrs[10:int(0.95 * len(lrs))]) > 0.1e-3 * 1.01
