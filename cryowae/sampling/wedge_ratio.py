@@ -87,10 +87,11 @@ def wedge_ratio(model: Any, data: Any, even: Any, odd: Any, geometry: TiltGeomet
         The tomogram's tilt geometry.
     patch, n_patches, n_samples
         Patch edge (voxels; lowered, in multiples of the model's, until a rotated patch
-        fits the volume), patches drawn (4 per batch) and samples per patch. (4
-        samples per patch, which draws other patches and rotations from the same
-        generator, took seed 13's wedge spread/skill without the halves from 1.08 to
-        1.33: gamma from 64 patches varies that much with the draws.)
+        fits the volume), patches drawn (4 per batch) and samples per patch. Measured
+        without the halves on one benchmark model (docs/benchmarks.md, "second run"):
+        with 8 or 16 samples gamma changed by about 10% with the generator seed; with
+        4 it came out higher (up to 40% at 0.16-0.22 cycles per voxel with seed 0),
+        which took that seed's wedge spread/skill from 1.08 to 1.33.
     seed
         Seeds the patch positions, rotations and latent draws: the result is
         reproducible.

@@ -342,9 +342,9 @@ class Trainer:
                 t_first = time.perf_counter()  # the first step also warms up: not timed
             if budget and done >= 3:
                 # the LR schedule's horizon follows the time budget, re-estimated every
-                # step from the mean step time so far: one early estimate was often 30%
-                # off, so the cosine ended long before the budget or was cut off mid-way
-                # rank 0's horizon for all: every rank must apply the same learning rate
+                # step from the mean step time so far (one early estimate was often 30%
+                # off, so the cosine ended long before the budget or was cut off
+                # mid-way); rank 0's horizon for all, so every rank applies the same lr
                 self.total_steps = broadcast_int(budget_horizon(
                     self.step, cfg.steps, budget - self.elapsed,
                     (time.perf_counter() - t_first) / (done - 1)), self.dist, self.device)
