@@ -4,10 +4,6 @@ folders and voxel sizes, the NGFF name of written stores."""
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,16 +12,13 @@ import zarr
 
 from cryowae.data.inputs import expand_inputs, output_names
 from cryowae.errors import CryowaeInputError
-from cryowae.inference.batch import DONE_DIR
 from cryowae.io import read_volume, write_mrc, write_ome_zarr
 from cryowae.io.portal import find_portal_tomograms, portal_tomogram
-from tests.conftest import kill_when
 
 SHAPE = (16, 32, 32)
 #: 1 x 2 x 2 = 4 blocks of 16 voxels per tomogram
 BLOCKS = 4
 KW = dict(block=16, tile=16, overlap=4, batch_size=4, levels=2)
-CLI_KW = ["--block", "16", "--tile", "16", "--overlap", "4", "--levels", "2"]
 
 
 def _ngff_name(store: Path) -> str:
@@ -189,10 +182,6 @@ def test_ngff_name_is_the_final_name(tmp_path):
 
 # ----------------------------------------------------------------------------- batches
 
-def _markers(out: Path) -> int:
-    return sum(len(os.listdir(p / DONE_DIR)) for p in out.glob("TS_*/tomo.zarr.partial"))
-
-
 def _check_outputs(out: Path, series: list[Path]) -> None:
     """Identity model: every output equals its input; names keep the series folders."""
     for src in series:
@@ -207,7 +196,8 @@ def _check_outputs(out: Path, series: list[Path]) -> None:
 
 def test_repeated_names_plan_resumes_in_process(tiny_model_path, tmp_path):
     """The worker tasks in this process: the planner names the three outputs after their
-    folders, a second plan finds the blocks the first run finished, the rest finishes."""
+    folders, a second plan finds the blocks the first run finished, the rest finishes.
+    (A real `cryowae restore-batch` killed with SIGKILL and run again: test_restore_batch.)"""
     from cryowae.inference.batch import (
         BatchSettings,
         BlockTask,
@@ -249,31 +239,6 @@ def test_repeated_names_plan_resumes_in_process(tiny_model_path, tmp_path):
             attrs=job.attrs(), mrc=None, mrc_meta={}))
     _check_outputs(out, series)
     assert [j.state for j in plan_batch(series, out, settings, 4)] == ["done"] * 3
-
-
-@pytest.mark.slow
-def test_repeated_names_batch_resumes_after_kill(client, tiny_model_path, tmp_path):
-    """SIGKILL a real `cryowae restore-batch 'TS_*/tomo.mrc'` (and its worker) once a
-    block is done; the same command again restores all three tomograms."""
-    series = _series(tmp_path / "data")
-    out = tmp_path / "restored"
-    args = [sys.executable, "-m", "cryowae", "restore-batch", "TS_*/tomo.mrc", "--model",
-            str(tiny_model_path), "--out", str(out), "--workers", "1", *CLI_KW]
-    env = os.environ | {"OMP_NUM_THREADS": "1"}
-    log = tmp_path / "killed.log"
-    code = kill_when(args, lambda: any(p.is_dir() and os.listdir(p) for p in
-                                       out.glob(f"TS_*/tomo.zarr.partial/{DONE_DIR}")),
-                     log, cwd=tmp_path / "data")
-    assert code == -signal.SIGKILL, log.read_text()[-2000:]
-    done = _markers(out)
-    assert 1 <= done < 3 * BLOCKS
-
-    again = subprocess.run(args, cwd=tmp_path / "data", capture_output=True, text=True,
-                           env=env, timeout=300)
-    assert again.returncode == 0, again.stderr[-3000:]
-    assert (f"blocks: {3 * BLOCKS} total, {3 * BLOCKS - done} restored in this run, "
-            f"{done} already done") in again.stdout, again.stdout
-    _check_outputs(out, series)
 
 
 # ----------------------------------------------------------------------------- train, sample

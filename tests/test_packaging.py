@@ -67,14 +67,3 @@ def test_a_missing_command_module_is_an_error(monkeypatch):
     monkeypatch.setattr(cli_main, "COMMAND_MODULES", ("no_such_command",))
     with pytest.raises(ModuleNotFoundError, match="no_such_command"):
         cli_main._register_all()
-
-
-@pytest.mark.slow
-def test_core_import_needs_no_qt():
-    code = ("import sys, cryowae.cli.main, cryowae.io, cryowae.training.loop, "
-            "cryowae.inference.restore; "
-            "bad = [m for m in sys.modules if m.split('.')[0] in "
-            "('PySide6', 'PyQt5', 'PyQt6', 'qtpy', 'napari', 'magicgui', 'vispy')]; "
-            "print(bad); sys.exit(1 if bad else 0)")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
