@@ -42,15 +42,12 @@ def shutdown_distributed(info: DistInfo) -> None:
         dist.destroy_process_group()
 
 
-def broadcast_int(value: int, info: DistInfo, device: torch.device | None = None) -> int:
-    """Rank 0's number (e.g. the learning-rate schedule's horizon) for every rank."""
+def broadcast_ints(values: list[int], info: DistInfo,
+                   device: torch.device | None = None) -> list[int]:
+    """Rank 0's numbers (e.g. the learning-rate schedule's horizon and the decision to
+    stop now) for every rank, in one collective."""
     if not info.enabled:
-        return value
-    t = torch.tensor([int(value)], dtype=torch.int64, device=device)
+        return [int(v) for v in values]
+    t = torch.tensor([int(v) for v in values], dtype=torch.int64, device=device)
     dist.broadcast(t, src=0)
-    return int(t.item())
-
-
-def broadcast_flag(value: bool, info: DistInfo, device: torch.device | None = None) -> bool:
-    """Rank 0's decision (e.g. 'stop now: the time budget is spent') for every rank."""
-    return bool(broadcast_int(1 if value else 0, info, device))
+    return [int(v) for v in t.tolist()]

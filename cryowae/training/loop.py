@@ -35,8 +35,7 @@ from cryowae.training.config import TrainConfig, save_config
 from cryowae.training.data import SubtomogramSampler, TomogramSource
 from cryowae.training.distributed import (
     DistInfo,
-    broadcast_flag,
-    broadcast_int,
+    broadcast_ints,
     init_distributed,
     shutdown_distributed,
 )
@@ -340,14 +339,15 @@ class Trainer:
             done = self.step - steps_at_start
             if done == 1:
                 t_first = time.perf_counter()  # the first step also warms up: not timed
+            horizon = -1
             if budget and done >= 3:
                 # the LR schedule's horizon follows the time budget, re-estimated every
                 # step from the mean step time so far (one early estimate was often 30%
                 # off, so the cosine ended long before the budget or was cut off
-                # mid-way); rank 0's horizon for all, so every rank applies the same lr
-                self.total_steps = broadcast_int(budget_horizon(
-                    self.step, cfg.steps, budget - self.elapsed,
-                    (time.perf_counter() - t_first) / (done - 1)), self.dist, self.device)
+                # mid-way); rank 0's horizon for all (below), so every rank applies the
+                # same lr from the next step on
+                horizon = budget_horizon(self.step, cfg.steps, budget - self.elapsed,
+                                         (time.perf_counter() - t_first) / (done - 1))
             if self.step % cfg.log_every == 0 or self.step == cfg.steps:
                 log.write(self.step, {"step": self.step, "elapsed_s": round(self.elapsed, 2),
                                       "mmd_to_prior": self.mmd_to_prior(),
@@ -358,9 +358,13 @@ class Trainer:
                 self.save()
             self.progress.advance(1, loss=last["loss"], rec=last["rec"],
                                   div=last.get("div", 0.0))
-            cancelled = broadcast_flag(self.progress.cancelled, self.dist, self.device)
-            stop = cancelled or (budget is not None and self.elapsed >= budget)
-            stop = broadcast_flag(stop, self.dist, self.device)
+            spent = budget is not None and self.elapsed >= budget
+            # rank 0's horizon, cancellation and stop for every rank: one collective
+            horizon, cancelled, stop = broadcast_ints(
+                [horizon, self.progress.cancelled, self.progress.cancelled or spent],
+                self.dist, self.device)
+            if horizon >= 0:
+                self.total_steps = horizon
         if cancelled:
             self.save()
             self.progress.finish()
