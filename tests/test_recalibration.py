@@ -166,6 +166,9 @@ def test_sample_file_records_the_calibration_and_centres_on_the_restoration(tmp_
     raw = sample_file(r, tomo, tmp_path / "raw", spread_calibration="none", **kw)
     cal = sample_file(r, tomo, tmp_path / "cal", **kw)
     m_raw, m_cal = (json.loads((d / "family.json").read_text()) for d in (raw, cal))
+    # the centre's restoration is a working file: the output holds the family only
+    assert sorted(p.name for p in cal.iterdir()) == ["family.json", "mean.mrc",
+                                                     "samples.zarr", "std.mrc"]
     assert m_raw["spread_calibration"] == {"mode": "none"}
     assert m_raw["parameters"]["spread_calibration"] == "none"
     info = m_cal["spread_calibration"]

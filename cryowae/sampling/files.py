@@ -283,6 +283,7 @@ def sample_file(model: Any, tomogram: str | os.PathLike, out_dir: str | os.PathL
                 "spread_calibration": calibration,
                 } | fp.describe() | figures
         _write_json(partial / "family.json", meta)
+        (partial / "centre.npy").unlink(missing_ok=True)  # a working file, not output
         state_path.unlink()
     with atomic_path(out, overwrite=overwrite) as tmp:
         os.replace(partial, tmp)
