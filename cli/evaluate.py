@@ -190,48 +190,50 @@ def _evaluate_family(family: Path, gt: Path, tilt_min: float | None,
 def _print_family_table(report: dict) -> None:
     """The family's calibration figures: value, what a calibrated family reads, meaning."""
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     ss, rng, cov = report["spread_skill"], report["outside_range"], report["coverage"]
     rel, sp, crps = report["reliability"], report["sparsification"], report["crps"]
-    t = Table(title=f"{report['family']} vs {report['gt']} ({report['n_samples']} samples; "
-              f"truth: {report['truth']})")
+    low = f"{cov['lowpass_A']:g} A low-pass"
+    rows = [
+        ("spread/skill", f"{ss['spread_skill']:.3f}", "1", "all Fourier coefficients"),
+        ("spread/skill measured", f"{ss['spread_skill_measured']:.3f}", "1",
+         "measured region"),
+        ("spread/skill wedge", f"{ss['spread_skill_wedge']:.3f}", "1", "missing wedge"),
+        ("outside [min, max]", f"{rng['fraction']:.4f}", f"{rng['ideal']:.4f}",
+         f"truth outside the samples' range, 2/(S+1) ideal "
+         f"({rng['fraction_lowpass']:.4f} after {low})"),
+        ("coverage 50%", f"{cov['all_50']:.3f}", "0.5", f"Gaussian interval, {low}"),
+        ("coverage 90%", f"{cov['all_90']:.3f}", "0.9", f"Gaussian interval, {low}"),
+        ("coverage wedge 50/90%", f"{cov['wedge_50']:.3f}/{cov['wedge_90']:.3f}",
+         "0.5/0.9", "wedge component"),
+        ("ENCE", f"{rel['ence']:.3f}", "0", f"|RMV - RMSE| / RMV, {rel['n_bins']} std bins"),
+        ("sparsification gain, std", f"{sp['std']['gain']:.3f}", "1",
+         "1 = oracle order, 0 = random"),
+        ("  local deviation", f"{sp['local_deviation']['gain']:.3f}", "",
+         f"map of the {sp['restoration_maps_from']} alone"),
+        ("  local detail power", f"{sp['local_detail_power']['gain']:.3f}", "",
+         f"map of the {sp['restoration_maps_from']} alone"),
+        ("CRPS family", f"{crps['crps_family']:.4g}", "low", "fair ensemble CRPS"),
+        ("MAE family mean", f"{crps['mae_family_mean']:.4g}", "", ""),
+    ]
+    if "mae_single" in crps:
+        rows.append(("MAE single", f"{crps['mae_single']:.4g}", "> CRPS",
+                     "--restored (its CRPS)"))
+    fm = report["family_mean"]
+    rows.append(("Pearson family mean", f"{fm['pearson']:.4f}", "",
+                 f"raw ground truth; wedge CC {fm['cc_wedge']:.4f}"))
+    if "halves_check" in report:
+        rows.append(("halves check", f"{report['halves_check']['ratio_median']:.3f}", "1",
+                     "gap to the odd half, observed / predicted"))
+    t = Table(title=escape(f"{report['family']} vs {report['gt']}: {report['n_samples']} "
+                           f"samples, {report['truth']}"))
     for col, just in (("metric", "left"), ("value", "right"), ("ideal", "right"),
                       ("meaning", "left")):
         t.add_column(col, justify=just)  # type: ignore[arg-type]
-    t.add_row("spread/skill", f"{ss['spread_skill']:.3f}", "1",
-              "sqrt((S+1)/S family variance / error of the mean), all coefficients")
-    t.add_row("spread/skill measured", f"{ss['spread_skill_measured']:.3f}", "1",
-              "the same in the measured Fourier region")
-    t.add_row("spread/skill wedge", f"{ss['spread_skill_wedge']:.3f}", "1",
-              "the same in the missing wedge")
-    t.add_row("outside [min, max]", f"{rng['fraction']:.4f}", f"{rng['ideal']:.4f}",
-              f"truth outside the samples' range (2/(S+1)); "
-              f"{rng['fraction_lowpass']:.4f} after {rng['lowpass_A']:g} A low-pass")
-    for lv in ("50", "90"):
-        t.add_row(f"coverage {lv}%", f"{cov['all_' + lv]:.3f}", f"0.{lv[0]}",
-                  f"Gaussian {lv}% interval, after {cov['lowpass_A']:g} A low-pass")
-    t.add_row("coverage wedge 90%", f"{cov['wedge_90']:.3f}", "0.9",
-              f"wedge component (50%: {cov['wedge_50']:.3f})")
-    t.add_row("ENCE", f"{rel['ence']:.3f}", "0",
-              f"|RMV - RMSE| / RMV over {rel['n_bins']} std-quantile bins")
-    for key, label in (("std", "std map"), ("local_deviation", "restoration deviation"),
-                       ("local_detail_power", "restoration detail power")):
-        t.add_row(f"sparsification {label}", f"{sp[key]['gain']:.3f}", "1",
-                  "gain: 1 = oracle order, 0 = random" + (
-                      f" (map of the {sp['restoration_maps_from']})" if key != "std"
-                      else ""))
-    t.add_row("CRPS family", f"{crps['crps_family']:.4g}", "low",
-              f"fair CRPS; MAE of the family mean {crps['mae_family_mean']:.4g}")
-    if "mae_single" in crps:
-        t.add_row("MAE single", f"{crps['mae_single']:.4g}", "> CRPS",
-                  "the single restoration's MAE (its CRPS)")
-    fm = report["family_mean"]
-    t.add_row("Pearson family mean", f"{fm['pearson']:.4f}", "1",
-              f"raw ground truth; wedge CC {fm['cc_wedge']:.4f}")
-    if "halves_check" in report:
-        t.add_row("halves check", f"{report['halves_check']['ratio_median']:.3f}", "1",
-                  "observed / predicted gap to the odd half, median over shells")
+    for row in rows:
+        t.add_row(*(escape(c) for c in row))
     Console().print(t)
 
 
