@@ -21,11 +21,11 @@ The summary is the median of ``fill(s)`` over the shells of a frequency band, by
 default the band where the raw data hold signal (`signal_band`): the first run of
 consecutive shells, from the second outwards (the first holds only a handful of
 coefficients; a tomogram's lowest shells may be damped by a high-pass), whose measured
-power exceeds ``factor`` times the noise floor, the floor being the median measured power of the shells at and above
-``floor_from`` cycles per voxel (where a tomogram at a few nm per voxel holds noise
-only). The floor is flat in frequency, so for a weighted back-projection (whose noise
-power grows with |k|) it lies above the noise at lower frequencies and the band is on
-the short side.
+power exceeds ``factor`` times the noise floor, the floor being the median measured
+power of the shells at and above ``floor_from`` cycles per voxel (where a tomogram at
+a few nm per voxel holds noise only). The floor is flat in frequency, so for a
+weighted back-projection (whose noise power grows with |k|) it lies above the noise at
+lower frequencies and the band is on the short side.
 """
 
 from __future__ import annotations
