@@ -109,7 +109,8 @@ def gaussian_lowpass(volume: torch.Tensor, sigma: float) -> torch.Tensor:
 def find_empty_blocks(raw: Any, settings: StreakSettings | None = None,
                       avoid_points: np.ndarray | None = None) -> np.ndarray:
     """Starts (M, 3) (z, y, x) of the quietest blocks of `raw` (module docstring),
-    quietest first. `avoid_points`: (N, 3) voxel coordinates to keep away from."""
+    quietest first; (0, 3) when every block lies near an annotated point.
+    `avoid_points`: (N, 3) voxel coordinates to keep away from."""
     s = settings or StreakSettings()
     v = as_tensor(raw, "raw")
     if v.ndim != 3:
@@ -126,9 +127,7 @@ def find_empty_blocks(raw: Any, settings: StreakSettings | None = None,
         near = ((p[None] >= lo) & (p[None] <= hi)).all(axis=2).any(axis=1)
         starts = starts[~near]
         if len(starts) == 0:
-            raise CryowaeInputError(f"no {b}^3 block lies {s.annotation_margin:g} voxels "
-                                    "away from every annotated point: no empty region for "
-                                    "the streak figure")
+            return starts.reshape(0, 3)
     var = np.array([float(low[z:z + b, y:y + b, x:x + b].var()) for z, y, x in starts])
     keep = max(1, int(math.ceil(s.empty_fraction * len(starts))))
     return starts[np.argsort(var, kind="stable")[:keep]]
@@ -149,7 +148,7 @@ def streak_power(volume: Any, starts: np.ndarray, geometry: TiltGeometry | None 
     dict
         ``streak_ratio``, ``edge_power`` and ``flank_power`` (mean power per
         coefficient, ortho FFT of the volume normalised to unit std, so volumes on
-        different intensity scales compare) and ``n_blocks``.
+        different intensity scales compare; nan without blocks) and ``n_blocks``.
     """
     s = settings or StreakSettings()
     geo = as_geometry(geometry)
@@ -159,7 +158,8 @@ def streak_power(volume: Any, starts: np.ndarray, geometry: TiltGeometry | None 
     b = s.block_for(tuple(v.shape))
     starts = np.asarray(starts, dtype=np.int64).reshape(-1, 3)
     if len(starts) == 0:
-        raise CryowaeInputError("no block given for the streak figure")
+        return {"streak_ratio": math.nan, "edge_power": math.nan, "flank_power": math.nan,
+                "n_blocks": 0}
     sd = float(v.std())
     v = v / (sd if sd > 0 else 1.0)
     win = _taper(b)
