@@ -108,32 +108,33 @@ def _print_table(report: dict[str, Any], out: Path | None) -> None:
     band = report["band_cycles_per_voxel"]
     band_text = ("no shell above the noise floor" if band is None else
                  f"{report['band_A'][1]:.0f}-{report['band_A'][0]:.0f} A")
-    t = Table(title=f"{Path(report['restored_path']).name} without ground truth  "
+    vs_raw = f" (raw: {Path(paths['raw']).name})" if len(names) > 1 else ""  # type: ignore[arg-type]
+    t = Table(title=f"{Path(report['restored_path']).name}{vs_raw} without ground truth  "
               f"({' x '.join(map(str, report['shape']))} voxels, {report['voxel_size_A']:g} A, "
               f"tilts {report['tilt_min']:g}..{report['tilt_max']:g} deg about "
               f"{report['tilt_axis'].upper()}, {report['tilt_source']})")
     t.add_column("figure")
     for n in names:
-        name = Path(paths[n]).name  # type: ignore[arg-type]
-        t.add_column(f"{n}: {name}" if len(names) > 1 else name, justify="right")
+        t.add_column(n if len(names) > 1 else Path(paths[n]).name,  # type: ignore[arg-type]
+                     justify="right")
     t.add_column("meaning")
 
     def row(label: str, get: Any, fmt: str, meaning: str) -> None:
         t.add_row(label, *(_num(get(report[n]), fmt) for n in names), meaning)
 
     row("wedge fill", lambda r: r["wedge_fill"], ".3f",
-        f"wedge / measured power per coefficient, {band_text} (0: empty, ~1: isotropic)")
+        f"wedge / measured power, {band_text} (0 empty, ~1 isotropic)")
     row("streak ratio", lambda r: r["streak_ratio"], ".2f",
-        f"wedge-edge / flanking elevations, {len(report['empty_blocks'])} empty "
-        f"{report['block']}^3 blocks (~1: none)")
+        f"edge / flanking elevations, {len(report['empty_blocks'])} empty "
+        f"{report['block']}^3 blocks (~1 none)")
     if "visibility" in report[names[0]]:
         vis = [report[n]["visibility"] for n in names]
         row("visibility ratio", lambda r: r["visibility"]["visibility_ratio"], ".3f",
-            "beam- / side-facing patch contrast (~1: tops as visible as sides)")
-        row("contrast beam-facing", lambda r: r["visibility"]["contrast_beam"], ".3f",
-            f"layer - flanks along the normal, in std ({vis[0]['n_beam']} patches)")
-        row("contrast side-facing", lambda r: r["visibility"]["contrast_side"], ".3f",
-            f"same, side-facing ({vis[0]['n_side']} patches)")
+            "beam- / side-facing contrast (~1 tops as visible as sides)")
+        row("contrast beam", lambda r: r["visibility"]["contrast_beam"], ".3f",
+            f"layer - flanks along normals, in std ({vis[0]['n_beam']} patches)")
+        row("contrast side", lambda r: r["visibility"]["contrast_side"], ".3f",
+            f"same ({vis[0]['n_side']} patches)")
     console = Console()
     console.print(t)
     if "halves" in report:
