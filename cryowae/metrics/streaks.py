@@ -41,7 +41,7 @@ import numpy as np
 import torch
 
 from cryowae.errors import CryowaeInputError
-from cryowae.metrics._common import as_geometry, as_tensor
+from cryowae.metrics._common import as_geometry, as_tensor, volume_moments
 from cryowae.physics.fourier import fourier_grid, hermitian_weights
 from cryowae.physics.geometry import TiltGeometry
 from cryowae.physics.wedge import _elevation_deg
@@ -98,11 +98,12 @@ def _starts(size: int, block: int) -> list[int]:
 
 
 def gaussian_lowpass(volume: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Real-space Gaussian blur of `sigma` voxels, applied in Fourier space (periodic)."""
+    """Real-space Gaussian blur of `sigma` voxels, applied in Fourier space (periodic),
+    in the volume's precision."""
     shape = tuple(int(s) for s in volume.shape)
-    k2 = fourier_grid(shape, rfft=True, dtype=torch.float64).square().sum(-1)
+    k2 = fourier_grid(shape, rfft=True).square().sum(-1)
     g = torch.exp(-2.0 * math.pi ** 2 * sigma ** 2 * k2)
-    spec = torch.fft.rfftn(volume.to(torch.float64)) * g
+    spec = torch.fft.rfftn(volume) * g
     return torch.fft.irfftn(spec, s=shape)
 
 
@@ -128,7 +129,8 @@ def find_empty_blocks(raw: Any, settings: StreakSettings | None = None,
         starts = starts[~near]
         if len(starts) == 0:
             return starts.reshape(0, 3)
-    var = np.array([float(low[z:z + b, y:y + b, x:x + b].var()) for z, y, x in starts])
+    var = np.array([float(low[z:z + b, y:y + b, x:x + b].double().var())
+                    for z, y, x in starts])
     keep = max(1, int(math.ceil(s.empty_fraction * len(starts))))
     return starts[np.argsort(var, kind="stable")[:keep]]
 
@@ -152,7 +154,7 @@ def streak_power(volume: Any, starts: np.ndarray, geometry: TiltGeometry | None 
     """
     s = settings or StreakSettings()
     geo = as_geometry(geometry)
-    v = as_tensor(volume, "volume").to(torch.float64)
+    v = as_tensor(volume, "volume")
     if v.ndim != 3:
         raise CryowaeInputError(f"expected a (Z, Y, X) volume, got shape {tuple(v.shape)}")
     b = s.block_for(tuple(v.shape))
@@ -160,13 +162,13 @@ def streak_power(volume: Any, starts: np.ndarray, geometry: TiltGeometry | None 
     if len(starts) == 0:
         return {"streak_ratio": math.nan, "edge_power": math.nan, "flank_power": math.nan,
                 "n_blocks": 0}
-    sd = float(v.std())
-    v = v / (sd if sd > 0 else 1.0)
+    sd = volume_moments(v)[1]
+    scale = 1.0 / (sd if sd > 0 else 1.0)
     win = _taper(b)
     power = torch.zeros((b, b, b // 2 + 1), dtype=torch.float64)
     with torch.no_grad():
         for z, y, x in starts:
-            blk = v[z:z + b, y:y + b, x:x + b]
+            blk = v[z:z + b, y:y + b, x:x + b].double() * scale
             power += torch.fft.rfftn((blk - blk.mean()) * win, norm="ortho").abs().square()
     power /= len(starts)
     k = fourier_grid((b, b, b), rfft=True, dtype=torch.float64)

@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 
 from cryowae.errors import CryowaeInputError
-from cryowae.metrics._common import as_tensor
+from cryowae.metrics._common import as_tensor, volume_moments
 
 
 @dataclass(frozen=True)
@@ -141,11 +141,12 @@ def normal_profiles(volume: Any, annotation: Annotation, settings: VisibilitySet
         (T,) offsets t (voxels), (N, T) values (nan for patches whose profile leaves
         the volume) and (N,) bool of the patches whose profile lies inside.
     """
-    v = as_tensor(volume, "volume").to(torch.float64)
+    v = as_tensor(volume, "volume")
     if v.ndim != 3:
         raise CryowaeInputError(f"expected a (Z, Y, X) volume, got shape {tuple(v.shape)}")
-    sd = float(v.std())
-    v = (v - v.mean()) / (sd if sd > 0 else 1.0)
+    # the volume stays float32 (no whole-tomogram float64 copy); its moments and the
+    # profiles are float64
+    mean, sd = volume_moments(v)
     reach = settings.flank[1]
     n_half = int(math.floor(reach / settings.step + 1e-9))
     t = np.arange(-n_half, n_half + 1) * settings.step
@@ -155,10 +156,12 @@ def normal_profiles(volume: Any, annotation: Annotation, settings: VisibilitySet
     # grid_sample wants (x, y, z) in [-1, 1]; align_corners=True puts -1 and 1 on the
     # centres of the first and last voxel
     norm = 2.0 * pts / np.maximum(size - 1, 1) - 1.0
-    grid = torch.from_numpy(norm[..., ::-1].copy())[None, None]  # (1, 1, N, T, 3)
+    grid = torch.from_numpy(norm[..., ::-1].astype(np.float32))[None, None]  # (1,1,N,T,3)
     with torch.no_grad():
         out = F.grid_sample(v[None, None], grid, mode="bilinear", align_corners=True)
-    prof = out[0, 0, 0].numpy()
+    # trilinear sampling is linear, so normalising the samples equals sampling the
+    # normalised volume
+    prof = (out[0, 0, 0].double().numpy() - mean) / (sd if sd > 0 else 1.0)
     prof[~inside] = np.nan
     return t, prof, inside
 
