@@ -42,7 +42,9 @@ def evaluate(
                                           "next to --gt (<stem>.tlt, <stem>.rawtlt, "
                                           "tilts.tlt), else -60..60 with a warning."),
     voxel_size: float | None = typer.Option(None, "--voxel-size", help="Voxel size in "
-                                            "Angstrom (default: the ground truth's header)."),
+                                            "Angstrom (default: the ground truth's header; "
+                                            "without --gt, the --tomogram's, else "
+                                            "RESTORED's)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object on stdout "
                                  "and nothing else."),
     out: Path | None = typer.Option(None, "--out", help="Also write the report as JSON here."),
