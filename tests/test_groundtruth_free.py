@@ -156,6 +156,11 @@ def test_streak_ratio_near_one_for_noise_and_higher_with_streaks():
     box[:24, :24, :24] = 1.0
     streaked = raw + 2.0 * box * _edge_noise(shape, 8) / _edge_noise(shape, 8).std()
     assert streak_power(streaked, starts, GEO, s)["streak_ratio"] > 1.5 * base["streak_ratio"]
+    # about X: the streaks of a Y-axis series lie off its edges, its own wedge reads ~1
+    geo_x = TiltGeometry(-60.0, 60.0, "x")
+    raw_x = apply_wedge(white, -60.0, 60.0, "x")
+    assert streak_power(raw_x, starts, geo_x, s)["streak_ratio"] == pytest.approx(1.0, abs=0.15)
+    assert streak_power(streaked, starts, geo_x, s)["streak_ratio"] < 1.2
 
 
 def test_find_empty_blocks_avoids_structure_and_annotation():
@@ -230,9 +235,11 @@ def test_cli_without_gt_json_and_table(files, tmp_path):
     for word in ("wedge fill", "streak ratio", "visibility ratio", "FSC 0.143"):
         assert word in table.stdout
     assert rep["raw"]["streak_ratio"] is None  # no block away from the sphere: JSON null
-    alone = invoke_cli("evaluate", files["raw"], "--json")  # no tilts: a warning
+    alone = invoke_cli("evaluate", files["raw"], "--json", "--voxel-size", "5")  # no tilts
     assert alone.returncode == 0 and "assuming -60..60" in alone.stderr
-    assert "raw" not in json.loads(alone.stdout)
+    rep_alone = json.loads(alone.stdout)
+    assert "raw" not in rep_alone and rep_alone["voxel_size_A"] == 5.0
+    assert rep["voxel_size_A"] == 10.0 and rep["tilt_source"] == "options"
 
 
 @pytest.mark.parametrize("case", ["odd missing", "points alone", "scale alone",
