@@ -39,8 +39,9 @@ def evaluate(
     tilt_file: Path | None = typer.Option(None, "--tilt-file", help="Tilt angles "
                                           "(.tlt/.rawtlt). Without it or --tilt-min/"
                                           "--tilt-max, a tilt file next to RESTORED, then "
-                                          "next to --gt (<stem>.tlt, <stem>.rawtlt, "
-                                          "tilts.tlt), else -60..60 with a warning."),
+                                          "next to --gt (without --gt: --tomogram) "
+                                          "(<stem>.tlt, <stem>.rawtlt, tilts.tlt), else "
+                                          "-60..60 with a warning."),
     voxel_size: float | None = typer.Option(None, "--voxel-size", help="Voxel size in "
                                             "Angstrom (default: the ground truth's header; "
                                             "without --gt, the --tomogram's, else "
