@@ -1,5 +1,5 @@
 """`cryowae evaluate`: score a restored tomogram, or calibrate a posterior family,
-against its ground truth."""
+against its ground truth; without one, the ground-truth-free figures of a restoration."""
 
 from __future__ import annotations
 
@@ -25,8 +25,10 @@ def evaluate(
     restored: Path = typer.Argument(..., help="Restored tomogram (MRC or OME-Zarr), or a "
                                     "family directory from `cryowae sample`.",
                                     show_default=False),
-    gt: Path = typer.Option(..., "--gt", help="Ground-truth tomogram, same shape (MRC or "
-                            "OME-Zarr).", show_default=False),
+    gt: Path | None = typer.Option(None, "--gt", help="Ground-truth tomogram, same shape "
+                                   "(MRC or OME-Zarr); needed for a family. Without it: "
+                                   "the ground-truth-free figures of RESTORED (and "
+                                   "--tomogram).", show_default=False),
     tilt_min: float | None = typer.Option(None, "--tilt-min", help="Lowest tilt angle of "
                                           "the acquisition, degrees (defines the missing "
                                           "wedge)."),
@@ -37,21 +39,28 @@ def evaluate(
     tilt_file: Path | None = typer.Option(None, "--tilt-file", help="Tilt angles "
                                           "(.tlt/.rawtlt). Without it or --tilt-min/"
                                           "--tilt-max, a tilt file next to RESTORED, then "
-                                          "next to --gt (<stem>.tlt, <stem>.rawtlt, "
-                                          "tilts.tlt), else -60..60 with a warning."),
+                                          "next to --gt (without --gt: --tomogram) "
+                                          "(<stem>.tlt, <stem>.rawtlt, tilts.tlt), else "
+                                          "-60..60 with a warning."),
     voxel_size: float | None = typer.Option(None, "--voxel-size", help="Voxel size in "
-                                            "Angstrom (default: the ground truth's header)."),
+                                            "Angstrom (default: the ground truth's header; "
+                                            "without --gt, the --tomogram's, else "
+                                            "RESTORED's)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object on stdout "
                                  "and nothing else."),
     out: Path | None = typer.Option(None, "--out", help="Also write the report as JSON here."),
     single: Path | None = typer.Option(None, "--restored", help="Family only: the single "
                                        "restoration, for CRPS against its MAE."),
-    even: Path | None = typer.Option(None, "--even", help="Family only (sampled from this "
-                                     "even half): halves check against --odd."),
-    odd: Path | None = typer.Option(None, "--odd", help="Family only: the odd half."),
-    tomogram: Path | None = typer.Option(None, "--tomogram", help="Family only: the sampled "
+    even: Path | None = typer.Option(None, "--even", help="Family (sampled from this even "
+                                     "half): halves check against --odd. Without --gt: "
+                                     "an even half (raw or restored) for the half-to-half "
+                                     "FSC."),
+    odd: Path | None = typer.Option(None, "--odd", help="The odd half (with --even)."),
+    tomogram: Path | None = typer.Option(None, "--tomogram", help="Family: the sampled "
                                          "tomogram (intensity scale of the truth); default: "
-                                         "the one family.json names."),
+                                         "the one family.json names. Without --gt: the raw "
+                                         "tomogram RESTORED came from (scored beside it; "
+                                         "its signal band and empty regions are used)."),
     sim_meta: Path | None = typer.Option(None, "--sim-meta", help="Family only: the "
                                          "simulation's meta.json (CTF); default: "
                                          "meta.json beside --gt."),
@@ -64,6 +73,16 @@ def evaluate(
                                     "here (reliability diagram, sparsification curves, "
                                     "spread/skill per shell); with --out, it is also "
                                     "written beside the JSON (same name, .png)."),
+    points: Path | None = typer.Option(None, "--points", help="Without --gt: annotated "
+                                       "surface points, .npy (N, 3) z, y, x."),
+    normals: Path | None = typer.Option(None, "--normals", help="Without --gt: their "
+                                        "normals, .npy (N, 2, 3) [position, unit normal] "
+                                        "or (N, 3) with --points: visibility of "
+                                        "beam-facing against side-facing patches."),
+    annotation_scale: float | None = typer.Option(None, "--annotation-scale", help="Factor "
+                                                  "from annotation to voxel coordinates "
+                                                  "(0.25 for an annotation 4x finer than "
+                                                  "the tomogram) [default: 1]."),
 ) -> None:
     """Compare RESTORED with --gt: Pearson correlation, PSNR (on normalised volumes), FSC
     resolution at 0.143 and 0.5, and Fourier correlation in the measured and in the
@@ -78,7 +97,11 @@ def evaluate(
     std map and of two restoration-only maps (1 = oracle, 0 = random order); the fair
     CRPS beside the MAE of the family mean and of --restored; the family mean's Pearson
     and wedge CC; with --even/--odd, the halves check. --json / --out hold the per-shell
-    and per-bin values and the curves."""
+    and per-bin values and the curves.
+
+    Without --gt: how much of the missing wedge is filled, streak power along the wedge
+    edges in empty regions, with --points/--normals the visibility of beam-facing
+    patches, with --even/--odd the half-to-half FSC; for RESTORED and --tomogram."""
     import json
     import sys
 
@@ -86,7 +109,25 @@ def evaluate(
     from cryowae.io import read_volume
     from cryowae.physics.geometry import TiltGeometry, find_tilt_file
 
-    if (restored / "family.json").is_file():
+    is_family = (restored / "family.json").is_file()
+    if gt is None and not is_family:
+        from cryowae.cli.evaluate_gtfree import evaluate_without_truth_cli
+
+        evaluate_without_truth_cli(
+            restored, tomogram=tomogram, even=even, odd=odd, points=points,
+            normals=normals, annotation_scale=annotation_scale, tilt_min=tilt_min,
+            tilt_max=tilt_max, tilt_axis=tilt_axis, tilt_file=tilt_file,
+            voxel_size=voxel_size, as_json=as_json, out=out,
+            family_only={"--restored": single, "--sim-meta": sim_meta, "--ctf": ctf,
+                         "--png": png})
+        return
+    if gt is None:
+        raise CryowaeInputError("a family directory is evaluated against its ground truth: "
+                                "give --gt")
+    if any(v is not None for v in (points, normals, annotation_scale)):
+        raise CryowaeInputError("--points, --normals and --annotation-scale are for an "
+                                "evaluation without --gt")
+    if is_family:
         _evaluate_family(restored, gt, tilt_min, tilt_max, tilt_axis, tilt_file,
                          voxel_size, as_json, out, single, even, odd, tomogram, sim_meta,
                          ctf, png)
