@@ -7,6 +7,8 @@ from pathlib import Path
 
 import typer
 
+from cryowae.cli.common import VOXEL_SIZE_OPTION
+
 
 def _finite_or_none(value):
     """JSON has no inf/nan: write them as null."""
@@ -39,8 +41,7 @@ def evaluate(
                                           "--tilt-max, a tilt file next to RESTORED, then "
                                           "next to --gt (<stem>.tlt, <stem>.rawtlt, "
                                           "tilts.tlt), else -60..60 with a warning."),
-    voxel_size: float | None = typer.Option(None, "--voxel-size", help="Voxel size in "
-                                            "Angstrom (default: the ground truth's header)."),
+    voxel_size: float | None = VOXEL_SIZE_OPTION,
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object on stdout "
                                  "and nothing else."),
     out: Path | None = typer.Option(None, "--out", help="Also write the report as JSON here."),
@@ -63,10 +64,12 @@ def evaluate(
     import json
     import sys
 
+    from cryowae.cli.common import use_voxel_size
     from cryowae.errors import CryowaeInputError
     from cryowae.io import read_volume
     from cryowae.physics.geometry import TiltGeometry, find_tilt_file
 
+    use_voxel_size(voxel_size, gt)  # the ground truth's voxel size is the one used
     if (restored / "family.json").is_file():
         _evaluate_family(restored, gt, tilt_min, tilt_max, tilt_axis, tilt_file,
                          voxel_size, as_json, out, single, even, odd, tomogram, sim_meta)

@@ -116,6 +116,19 @@ def is_tiff(path: str | os.PathLike) -> bool:
         return False
 
 
+def is_tiff_stack(path: str | os.PathLike) -> bool:
+    """True for a readable TIFF whose first series is a grey (Z, Y, X) stack of more
+    than one slice (what a tomogram looks like; a single image or a colour one is not)."""
+    if not is_tiff(path):
+        return False
+    try:
+        with _open(Path(path)) as tif:
+            series = tif.series[0]
+            return _zyx_shape(Path(path), tuple(series.shape), str(series.axes))[0] > 1
+    except CryowaeInputError:
+        return False
+
+
 def _zyx_shape(path: Path, shape: tuple[int, ...], axes: str) -> tuple[int, int, int]:
     """The series' shape as (Z, Y, X) without its size-1 axes; refuses colour samples
     and more than three axes."""
@@ -139,6 +152,8 @@ def _open(path: Path) -> Iterator[Any]:
     try:
         with tifffile.TiffFile(path) as tif:
             yield tif
+    except CryowaeInputError:  # a ValueError said in cryowae's words already
+        raise
     except (tifffile.TiffFileError, ValueError, IndexError, OSError) as exc:
         msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise CryowaeInputError(f"{path}: not a readable TIFF file ({msg})") from None
@@ -179,5 +194,5 @@ def read_tiff(path: str | os.PathLike, mmap: bool = True) -> Volume:
     return Volume(data=data.reshape(zyx), voxel_size=voxel.value or 1.0, meta=meta)
 
 
-__all__ = ["TIFF_MAGIC", "TIFF_SUFFIXES", "TiffVoxelSize", "is_tiff", "read_tiff",
+__all__ = ["TIFF_MAGIC", "TIFF_SUFFIXES", "TiffVoxelSize", "is_tiff", "is_tiff_stack", "read_tiff",
            "read_tiff_voxel_size", "tiff_voxel_size"]
