@@ -23,15 +23,15 @@ VOXEL_SIZE_OPTION = typer.Option(
     "the file's, else 1.0, said in one line]; replaces a stored one (said in one line).")
 
 
-def use_voxel_size(voxel_size: float | None, *inputs: str | os.PathLike) -> None:
-    """For the rest of the running command, read every tomogram with `voxel_size` where
-    given (`cryowae.io.given_voxel_size`, left when the command ends), and say on
-    stderr, one line per input, where its voxel size is assumed or replaced."""
-    import click
-
+def use_voxel_size(ctx: typer.Context, voxel_size: float | None,
+                   *inputs: str | os.PathLike) -> None:
+    """For the rest of the command running in `ctx`, read every tomogram with
+    `voxel_size` where given (`cryowae.io.given_voxel_size`, left when the command
+    ends), and say on stderr, one line per input, where its voxel size is assumed or
+    replaced."""
     from cryowae.io import given_voxel_size, voxel_size_of
 
-    click.get_current_context().with_resource(given_voxel_size(voxel_size))
+    ctx.with_resource(given_voxel_size(voxel_size))
     for path in inputs:
         note = voxel_size_of(path)[1]
         if note:

@@ -24,6 +24,7 @@ def _finite_or_none(value):
 
 
 def evaluate(
+    ctx: typer.Context,
     restored: Path = typer.Argument(..., help="Restored tomogram (MRC or OME-Zarr), or a "
                                     "family directory from `cryowae sample`.",
                                     show_default=False),
@@ -69,7 +70,7 @@ def evaluate(
     from cryowae.io import read_volume
     from cryowae.physics.geometry import TiltGeometry, find_tilt_file
 
-    use_voxel_size(voxel_size, gt)  # the ground truth's voxel size is the one used
+    use_voxel_size(ctx, voxel_size, gt)  # the ground truth's voxel size is the one used
     if (restored / "family.json").is_file():
         _evaluate_family(restored, gt, tilt_min, tilt_max, tilt_axis, tilt_file,
                          voxel_size, as_json, out, single, even, odd, tomogram, sim_meta)

@@ -10,6 +10,7 @@ from cryowae.cli.common import VOXEL_SIZE_OPTION
 
 
 def restore(
+    ctx: typer.Context,
     model: Path = typer.Argument(..., help="Trained model: model.pt or its run directory.",
                                  show_default=False),
     tomogram: Path = typer.Argument(..., help="Tomogram to restore (MRC or OME-Zarr).",
@@ -72,7 +73,7 @@ def restore(
         geometry = TiltGeometry.resolve(tilt_min=tilt_min, tilt_max=tilt_max,
                                         tilt_file=tilt_file, axis=tilt_axis,
                                         tomogram=tomogram)
-    use_voxel_size(voxel_size, tomogram)
+    use_voxel_size(ctx, voxel_size, tomogram)
     t0 = time.perf_counter()
     path = restore_file(model, tomogram, out, even=even, odd=odd, tile=tile, overlap=overlap,
                         batch_size=batch_size, device=device, overwrite=overwrite,

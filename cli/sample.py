@@ -10,6 +10,7 @@ from cryowae.cli.common import VOXEL_SIZE_OPTION
 
 
 def sample(
+    ctx: typer.Context,
     model: Path = typer.Argument(..., help="Trained model (model.pt or its run directory).",
                                  show_default=False),
     tomograms: list[Path] = typer.Argument(..., help="Tomogram(s) to sample (MRC or "
@@ -100,7 +101,7 @@ def sample(
         check_output_path(out_dir, overwrite)  # refuse early, before any computation
     dev = resolve_device(device)
     restorers = [load_restorer(p, dev) for p in [model, *(ensemble_model or [])]]
-    use_voxel_size(voxel_size, *inputs.paths)
+    use_voxel_size(ctx, voxel_size, *inputs.paths)
     for tomogram, out_dir in zip(inputs.paths, out_dirs, strict=True):
         geometry = resolve_geometry(tomogram, tilt_min, tilt_max, tilt_file, tilt_axis,
                                     fallback=restorers[0].geometry)

@@ -10,6 +10,7 @@ from cryowae.cli.common import VOXEL_SIZE_OPTION
 
 
 def train(
+    ctx: typer.Context,
     tomograms: list[Path] = typer.Argument(..., help="Tomogram(s) to learn from (MRC or "
                                            "OME-Zarr): paths, quoted globs, @list.txt or "
                                            "CryoET Data Portal dataset/run folders."),
@@ -147,7 +148,7 @@ def train(
     if minutes is not None and steps is None:
         cfg = cfg.replace(steps=10**9)
     progress = RichProgress()
-    use_voxel_size(voxel_size, *tomograms)
+    use_voxel_size(ctx, voxel_size, *tomograms)
     sources = load_sources(list(tomograms), list(even or []), list(odd or []),
                            min_size=cfg.patch_size, geometry=cfg.geometry, progress=progress)
     refs = [read_volume(r, check_nan=True).numpy() for r in (reference or [])]
