@@ -80,6 +80,14 @@ def test_tiff_voxel_size_from_metadata(tmp_path, how, expected):
                                      "--voxel-size 12 A")
 
 
+def test_dpi_default_is_no_voxel_size(tmp_path):
+    """72 pixels per inch (a writer's default) would be 3.5 mm per voxel: not stored."""
+    tifffile.imwrite(tmp_path / "dpi.tif", _stack(), resolution=(72, 72),
+                     resolutionunit="INCH")
+    vol = read_volume(tmp_path / "dpi.tif")
+    assert vol.voxel_size == 1.0 and vol.meta["voxel_note"] == NOTE.format("dpi.tif")
+
+
 def test_colour_tiff_refused(tmp_path):
     tifffile.imwrite(tmp_path / "rgb.tif", np.zeros((8, 8, 3), np.uint8), photometric="rgb")
     with pytest.raises(CryowaeInputError, match="colour TIFF"):

@@ -7,7 +7,9 @@ or a single (Y, X) slice. An uncompressed, contiguous file is memory-mapped
 The voxel size comes, in this order, from OME-XML (``PhysicalSizeX`` and its unit,
 micrometres when none is given), from ImageJ metadata (the X resolution in pixels per
 ``unit``), or from the TIFF resolution tags (pixels per inch, centimetre, millimetre or
-micrometre); a file with none of these stores no voxel size (`TiffVoxelSize.value` None).
+micrometre; a value outside `RESOLUTION_TAG_RANGE` is a writer's default such as 72 per
+inch, not a voxel size); a file with none of these stores no voxel size
+(`TiffVoxelSize.value` None).
 """
 
 from __future__ import annotations
@@ -37,6 +39,9 @@ ANGSTROM_PER_UNIT = {
     "micrometer": 1e4, "mm": 1e7, "millimeter": 1e7, "cm": 1e8, "centimeter": 1e8,
     "inch": 2.54e8,
 }
+
+#: voxel sizes (Angstrom) the TIFF resolution tags may give; outside: none stored
+RESOLUTION_TAG_RANGE = (0.1, 1e4)
 
 
 @dataclass(frozen=True)
@@ -102,7 +107,7 @@ def tiff_voxel_size(tif: Any) -> TiffVoxelSize:
     unit = getattr(unit_tag.value, "name", "") if unit_tag is not None else ""
     if per_unit is not None and unit and unit != "NONE":
         value = _angstrom(1.0 / per_unit, unit)
-        if value is not None:
+        if value is not None and RESOLUTION_TAG_RANGE[0] <= value <= RESOLUTION_TAG_RANGE[1]:
             return TiffVoxelSize(value, "resolution")
     return TiffVoxelSize(None, "none")
 
