@@ -184,13 +184,10 @@ class _Coefficients:
     signal: torch.Tensor
     band: tuple[float, float]
 
-    def shell_mean(self, x: torch.Tensor, where: torch.Tensor | None = None
-                   ) -> torch.Tensor:
-        """Weighted mean of `x` over each coefficient's shell (among `where`), per
-        coefficient."""
-        w = self.w if where is None else self.w * where
-        num = torch.bincount(self.shell, w * x, minlength=self.n_shells)
-        return (num / torch.bincount(self.shell, w, minlength=self.n_shells)
+    def shell_mean(self, x: torch.Tensor) -> torch.Tensor:
+        """Weighted mean of `x` over each coefficient's shell, per coefficient."""
+        num = torch.bincount(self.shell, self.w * x, minlength=self.n_shells)
+        return (num / torch.bincount(self.shell, self.w, minlength=self.n_shells)
                 .clamp_min(1e-12))[self.shell]
 
 
@@ -320,7 +317,7 @@ def estimate_wedge(data: Any, crop: int = CROP_SIZE) -> WedgeEstimate:
                              c.band)
     sig = c.signal
     logp = torch.log(c.power + 1e-12 * scale)
-    resid = logp - c.shell_mean(logp, sig)  # shell means over the signal band
+    resid = logp - c.shell_mean(logp)  # a shell lies wholly in or out of the signal band
     q = c.power / c.shell_mean(c.power).clamp_min(1e-300)
     found = {}
     for axis in CANDIDATE_AXES:
