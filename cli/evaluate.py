@@ -7,6 +7,8 @@ from pathlib import Path
 
 import typer
 
+from cryowae.cli.common import VOXEL_SIZE_OPTION
+
 
 def _finite_or_none(value):
     """JSON has no inf/nan: write them as null."""
@@ -22,6 +24,7 @@ def _finite_or_none(value):
 
 
 def evaluate(
+    ctx: typer.Context,
     restored: Path = typer.Argument(..., help="Restored tomogram (MRC or OME-Zarr), or a "
                                     "family directory from `cryowae sample`.",
                                     show_default=False),
@@ -42,10 +45,7 @@ def evaluate(
                                           "next to --gt (without --gt: --tomogram) "
                                           "(<stem>.tlt, <stem>.rawtlt, tilts.tlt), else "
                                           "-60..60 with a warning."),
-    voxel_size: float | None = typer.Option(None, "--voxel-size", help="Voxel size in "
-                                            "Angstrom (default: the ground truth's header; "
-                                            "without --gt, the --tomogram's, else "
-                                            "RESTORED's)."),
+    voxel_size: float | None = VOXEL_SIZE_OPTION,
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object on stdout "
                                  "and nothing else."),
     out: Path | None = typer.Option(None, "--out", help="Also write the report as JSON here."),
@@ -105,10 +105,14 @@ def evaluate(
     import json
     import sys
 
+    from cryowae.cli.common import use_voxel_size
     from cryowae.errors import CryowaeInputError
     from cryowae.io import read_volume
     from cryowae.physics.geometry import TiltGeometry, find_tilt_file
 
+    # the ground truth's voxel size is the one used; without it the raw tomogram's
+    use_voxel_size(ctx, voxel_size, *[p for p in (gt if gt is not None else tomogram,)
+                                       if p is not None])
     is_family = (restored / "family.json").is_file()
     if gt is None and not is_family:
         from cryowae.cli.evaluate_gtfree import evaluate_without_truth_cli

@@ -6,8 +6,11 @@ from pathlib import Path
 
 import typer
 
+from cryowae.cli.common import VOXEL_SIZE_OPTION
+
 
 def sample(
+    ctx: typer.Context,
     model: Path = typer.Argument(..., help="Trained model (model.pt or its run directory).",
                                  show_default=False),
     tomograms: list[Path] = typer.Argument(..., help="Tomogram(s) to sample (MRC or "
@@ -48,6 +51,7 @@ def sample(
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
     seed: int = typer.Option(0, "--seed", help="Sample s is drawn from (seed, s)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out."),
+    voxel_size: float = VOXEL_SIZE_OPTION,
 ) -> None:
     """Sample N plausible restorations of TOMOGRAMS with MODEL: each a coherent whole,
     differing where the missing wedge leaves the structure undetermined. Writes
@@ -56,7 +60,7 @@ def sample(
     continues where it stopped when run again."""
     import json
 
-    from cryowae.cli.common import err_console, out_console, resolve_geometry
+    from cryowae.cli.common import err_console, out_console, resolve_geometry, use_voxel_size
     from cryowae.cli.progress import RichProgress
     from cryowae.data.inputs import expand_inputs, output_names
     from cryowae.devices import resolve_device
@@ -97,6 +101,7 @@ def sample(
         check_output_path(out_dir, overwrite)  # refuse early, before any computation
     dev = resolve_device(device)
     restorers = [load_restorer(p, dev) for p in [model, *(ensemble_model or [])]]
+    use_voxel_size(ctx, voxel_size, *inputs.paths)
     for tomogram, out_dir in zip(inputs.paths, out_dirs, strict=True):
         geometry = resolve_geometry(tomogram, tilt_min, tilt_max, tilt_file, tilt_axis,
                                     fallback=restorers[0].geometry)

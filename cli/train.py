@@ -6,8 +6,11 @@ from pathlib import Path
 
 import typer
 
+from cryowae.cli.common import VOXEL_SIZE_OPTION
+
 
 def train(
+    ctx: typer.Context,
     tomograms: list[Path] = typer.Argument(..., help="Tomogram(s) to learn from (MRC or "
                                            "OME-Zarr): paths, quoted globs, @list.txt or "
                                            "CryoET Data Portal dataset/run folders."),
@@ -80,11 +83,12 @@ def train(
                                        help="channels_last_3d memory layout "
                                        "[default: off]."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out."),
+    voxel_size: float = VOXEL_SIZE_OPTION,
 ) -> None:
     """Train a restorer on TOMOGRAMS alone (no ground truth needed)."""
     import dataclasses
 
-    from cryowae.cli.common import err_console, out_console, resolve_geometry
+    from cryowae.cli.common import err_console, out_console, resolve_geometry, use_voxel_size
     from cryowae.cli.progress import RichProgress
     from cryowae.data.inputs import expand_inputs, input_stem
     from cryowae.devices import preset_for, resolve_device
@@ -144,6 +148,7 @@ def train(
     if minutes is not None and steps is None:
         cfg = cfg.replace(steps=10**9)
     progress = RichProgress()
+    use_voxel_size(ctx, voxel_size, *tomograms)
     sources = load_sources(list(tomograms), list(even or []), list(odd or []),
                            min_size=cfg.patch_size, geometry=cfg.geometry, progress=progress)
     refs = [read_volume(r, check_nan=True).numpy() for r in (reference or [])]
