@@ -1,0 +1,199 @@
+"""Acceptance benchmark of the plateau call: does `train` say "plateaued" when the
+restoration stops improving?
+
+    OMP_NUM_THREADS=1 python benchmarks/bench_plateau.py --seeds 61 62 63 --minutes 10 \
+        --out bench_plateau_out
+
+For each seed: `cryowae simulate` (128 -> 80x128x128 at 8 A, procedural particles, CTF,
+even/odd halves); train on the halves for the budget (the cpu-small preset, validation
+on with its defaults, not stopping at the plateau so the whole curve is seen), keeping
+the weights at each tenth of the budget and at the step of the plateau call. Each kept
+model restores the full tomogram (one pass, `restore_array`) and is scored by its
+Pearson correlation to the ground truth. The knee is the first tenth after which no
+tenth raises the Pearson by more than ``--rise`` (0.005); the plateau call passes when
+its step lies within ``--tolerance`` (20 %) of the knee's step. A run whose Pearson
+still rises in its last tenth has no knee: the call passes there only if it was not
+made. Prints a Markdown table, writes results.json per seed, and prints the command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cryowae.progress import ProgressReporter
+
+
+class Snapshots(ProgressReporter):
+    """Keeps the trainer's weights at each tenth of the time budget and at the plateau
+    call (the trainer is attached after it is made, before `run`)."""
+
+    def __init__(self, budget_s: float, parts: int = 10) -> None:
+        super().__init__()
+        self.budget_s, self.parts = budget_s, parts
+        self.trainer = None
+        self.kept: list[dict] = []  # {"label", "step", "elapsed", "weights"}
+        self.tenths = 0
+        self.plateau_kept = False
+
+    def _keep(self, label: str) -> None:
+        tr = self.trainer
+        self.kept.append({"label": label, "step": tr.step, "elapsed": tr.elapsed,
+                          "weights": copy.deepcopy(tr.model.state_dict())})
+
+    def advance(self, n: int = 1, **info) -> None:
+        super().advance(n, **info)
+        tr = self.trainer
+        if self.tenths < self.parts - 1 and \
+                tr.elapsed >= (self.tenths + 1) * self.budget_s / self.parts:
+            self.tenths += 1
+            self._keep(str(self.tenths))
+        val = tr.validation
+        if val is not None and val.plateau_step is not None and not self.plateau_kept:
+            self.plateau_kept = True
+            self._keep("plateau")
+
+    def log(self, message: str) -> None:
+        print(message, flush=True)
+
+
+def simulate(out: Path, seed: int, size: int) -> Path:
+    sim = out / f"sim_seed{seed}"
+    if not (sim / "gt.mrc").exists():
+        subprocess.run([sys.executable, "-m", "cryowae", "simulate", str(sim), "--size",
+                        str(size), "--seed", str(seed), "--voxel-size", "8", "--overwrite"],
+                       check=True)
+    return sim
+
+
+def knee_index(pearson: list[float], rise: float) -> int | None:
+    """The first index k into `pearson` (one value per tenth of the run, the first
+    tenth first) after which no tenth gains more than `rise`; None when the last tenth
+    still gains more."""
+    gains = np.diff(pearson)
+    if gains[-1] > rise:
+        return None
+    for k in range(len(pearson)):
+        if np.all(gains[k:] <= rise):
+            return k
+    return len(pearson) - 1
+
+
+def run_seed(out: Path, seed: int, minutes: float, config: str, size: int, tile: int,
+             crop: int, rise: float, tolerance: float) -> dict:
+    from cryowae.inference.restore import restore_array
+    from cryowae.io import read_volume
+    from cryowae.metrics.correlation import pearson
+    from cryowae.models.protocol import ModelOnDevice
+    from cryowae.models.restorer import WAERestorer
+    from cryowae.training.config import load_config
+    from cryowae.training.data import load_sources
+    from cryowae.training.loop import Trainer
+
+    done = out / f"result_seed{seed}.json"
+    if done.exists():
+        return json.loads(done.read_text())
+    sim = simulate(out, seed, size)
+    run = out / f"run_seed{seed}"
+    if run.exists():
+        import shutil
+
+        shutil.rmtree(run)
+    cfg = load_config(config).replace(minutes=minutes, steps=10**9, seed=seed,
+                                      num_threads=1)
+    sources = load_sources([sim / "tomo.mrc"], [sim / "tomo_even.mrc"],
+                           [sim / "tomo_odd.mrc"], min_size=cfg.patch_size)
+    snaps = Snapshots(minutes * 60)
+    trainer = Trainer(sources, cfg, run, progress=snaps)
+    snaps.trainer = trainer
+    t0 = time.time()
+    res = trainer.run()
+    t_train = time.time() - t0
+    snaps.trainer = trainer
+    snaps._keep("10")  # the end of the run
+    val = trainer.validation
+    assert val is not None
+    tomo = read_volume(sim / "tomo.mrc").numpy()
+    gt = read_volume(sim / "gt.mrc").numpy()
+    # the central crop-voxel square of Y and X, all of Z: the restorations cost less
+    y0, x0 = ((s - min(crop, s)) // 2 for s in tomo.shape[1:])
+    box = np.s_[:, y0:y0 + crop, x0:x0 + crop]
+    tomo, gt = np.ascontiguousarray(tomo[box]), np.ascontiguousarray(gt[box])
+    model = WAERestorer(cfg.restorer).eval()
+    scores = []
+    t0 = time.time()
+    for k in snaps.kept:
+        model.load_state_dict(k["weights"])
+        rest = restore_array(ModelOnDevice(model, torch.device("cpu")), tomo, tile=tile,
+                             overlap=tile // 3)
+        scores.append({"label": k["label"], "step": k["step"],
+                       "elapsed": round(k["elapsed"], 1), "pearson": pearson(rest, gt)})
+        print(f"seed {seed} {k['label']:>7s} step {k['step']:4d} pearson "
+              f"{scores[-1]['pearson']:.4f}", flush=True)
+    t_restore = time.time() - t0
+    tenths = [s for s in scores if s["label"] != "plateau"]
+    curve = [s["pearson"] for s in tenths]
+    k = knee_index(curve, rise)
+    knee_step = tenths[k]["step"] if k is not None else None
+    call = val.plateau_step
+    if knee_step is None:
+        ok = call is None
+    else:
+        ok = call is not None and abs(call - knee_step) <= tolerance * knee_step
+    at_call = next((s["pearson"] for s in scores if s["label"] == "plateau"), None)
+    row = {"seed": seed, "steps": res.steps, "train_s": t_train, "restore_s": t_restore,
+           "val_s": val.seconds, "evaluations": len(val.values),
+           "knee_tenth": k, "knee_step": knee_step, "plateau_step": call, "pass": ok,
+           "pearson_knee": curve[k] if k is not None else None,
+           "pearson_call": at_call, "pearson_end": curve[-1], "scores": scores,
+           "val_steps": val.steps, "val_loss": val.values}
+    done.write_text(json.dumps(row, default=float))
+    return row
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seeds", type=int, nargs="+", default=[61, 62, 63])
+    ap.add_argument("--minutes", type=float, default=10.0)
+    ap.add_argument("--config", default="cpu-small")
+    ap.add_argument("--size", type=int, default=128)
+    ap.add_argument("--tile", type=int, default=80)
+    ap.add_argument("--crop", type=int, default=80, help="Y and X of the central crop "
+                    "restored and scored")
+    ap.add_argument("--rise", type=float, default=0.005)
+    ap.add_argument("--tolerance", type=float, default=0.2)
+    ap.add_argument("--out", type=Path, default=Path("bench_plateau_out"))
+    a = ap.parse_args()
+    a.out.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(1)
+    rows = [run_seed(a.out, s, a.minutes, a.config, a.size, a.tile, a.crop, a.rise,
+                     a.tolerance)
+            for s in a.seeds]
+    print()
+    print("| seed | steps | Pearson per tenth (1..10) | knee (tenth, step) | plateau call "
+          "(step) | within 20% | Pearson at call / end | validation time |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        tenths = [s["pearson"] for s in r["scores"] if s["label"] != "plateau"]
+        knee = "none" if r["knee_step"] is None else f"{r['knee_tenth'] + 1}, {r['knee_step']}"
+        call = "none" if r["plateau_step"] is None else str(r["plateau_step"])
+        at_call = "-" if r["pearson_call"] is None else f"{r['pearson_call']:.3f}"
+        print(f"| {r['seed']} | {r['steps']} | {' '.join(f'{p:.3f}' for p in tenths)} | "
+              f"{knee} | {call} | {'yes' if r['pass'] else 'no'} | {at_call} / "
+              f"{r['pearson_end']:.3f} | {100 * r['val_s'] / r['train_s']:.1f}% "
+              f"({r['evaluations']} evaluations) |")
+    print(f"\ncommand: OMP_NUM_THREADS=1 python benchmarks/bench_plateau.py --seeds "
+          f"{' '.join(map(str, a.seeds))} --minutes {a.minutes:g} --crop {a.crop} "
+          f"--out {a.out}")
+
+
+if __name__ == "__main__":
+    main()
