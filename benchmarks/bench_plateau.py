@@ -33,15 +33,14 @@ from cryowae.progress import ProgressReporter
 
 
 class Snapshots(ProgressReporter):
-    """Keeps the trainer's weights at each tenth of the time budget and at the plateau
+    """Keeps the trainer's weights at each tenth of the run's steps and at the plateau
     call (the trainer is attached after it is made, before `run`)."""
 
-    def __init__(self, budget_s: float, parts: int = 10) -> None:
+    def __init__(self, steps: int, parts: int = 10) -> None:
         super().__init__()
-        self.budget_s, self.parts = budget_s, parts
+        self.every = steps // parts
         self.trainer = None
         self.kept: list[dict] = []  # {"label", "step", "elapsed", "weights"}
-        self.tenths = 0
         self.plateau_kept = False
 
     def _keep(self, label: str) -> None:
@@ -52,10 +51,8 @@ class Snapshots(ProgressReporter):
     def advance(self, n: int = 1, **info) -> None:
         super().advance(n, **info)
         tr = self.trainer
-        if self.tenths < self.parts - 1 and \
-                tr.elapsed >= (self.tenths + 1) * self.budget_s / self.parts:
-            self.tenths += 1
-            self._keep(str(self.tenths))
+        if tr.step % self.every == 0:
+            self._keep(str(tr.step // self.every))
         val = tr.validation
         if val is not None and val.plateau_step is not None and not self.plateau_kept:
             self.plateau_kept = True
@@ -87,14 +84,21 @@ def knee_index(pearson: list[float], rise: float) -> int | None:
     return len(pearson) - 1
 
 
-def run_seed(out: Path, seed: int, minutes: float, config: str, size: int, tile: int,
+#: the training of the benchmark: the architecture of the quick measurement in
+#: docs/architecture.md ("Posterior families"), the mean path alone
+SMALL = {"patch_size": 32, "restorer": {"channels": 8, "depth": 2, "latent_dim": 16},
+         "batch_size": 4, "lr": 0.002, "bank_size": 256, "family": False,
+         "log_every": 5, "checkpoint_every": 50}
+
+
+def run_seed(out: Path, seed: int, steps: int, config: str | None, size: int, tile: int,
              crop: int, rise: float, tolerance: float) -> dict:
     from cryowae.inference.restore import restore_array
     from cryowae.io import read_volume
     from cryowae.metrics.correlation import pearson
     from cryowae.models.protocol import ModelOnDevice
     from cryowae.models.restorer import WAERestorer
-    from cryowae.training.config import load_config
+    from cryowae.training.config import TrainConfig, load_config
     from cryowae.training.data import load_sources
     from cryowae.training.loop import Trainer
 
@@ -107,18 +111,17 @@ def run_seed(out: Path, seed: int, minutes: float, config: str, size: int, tile:
         import shutil
 
         shutil.rmtree(run)
-    cfg = load_config(config).replace(minutes=minutes, steps=10**9, seed=seed,
-                                      num_threads=1)
+    base = load_config(config) if config else TrainConfig.from_dict(SMALL)
+    cfg = base.replace(steps=steps, seed=seed, num_threads=1, device="cpu")
     sources = load_sources([sim / "tomo.mrc"], [sim / "tomo_even.mrc"],
                            [sim / "tomo_odd.mrc"], min_size=cfg.patch_size)
-    snaps = Snapshots(minutes * 60)
+    snaps = Snapshots(steps)
     trainer = Trainer(sources, cfg, run, progress=snaps)
     snaps.trainer = trainer
-    t0 = time.time()
+    t0, c0 = time.time(), time.process_time()
     res = trainer.run()
-    t_train = time.time() - t0
+    t_train, cpu_train = time.time() - t0, time.process_time() - c0
     snaps.trainer = trainer
-    snaps._keep("10")  # the end of the run
     val = trainer.validation
     assert val is not None
     tomo = read_volume(sim / "tomo.mrc").numpy()
@@ -149,7 +152,8 @@ def run_seed(out: Path, seed: int, minutes: float, config: str, size: int, tile:
     else:
         ok = call is not None and abs(call - knee_step) <= tolerance * knee_step
     at_call = next((s["pearson"] for s in scores if s["label"] == "plateau"), None)
-    row = {"seed": seed, "steps": res.steps, "train_s": t_train, "restore_s": t_restore,
+    row = {"seed": seed, "steps": res.steps, "train_s": t_train, "train_cpu_s": cpu_train,
+           "restore_s": t_restore,
            "val_s": val.seconds, "evaluations": len(val.values),
            "knee_tenth": k, "knee_step": knee_step, "plateau_step": call, "pass": ok,
            "pearson_knee": curve[k] if k is not None else None,
@@ -162,37 +166,42 @@ def run_seed(out: Path, seed: int, minutes: float, config: str, size: int, tile:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, nargs="+", default=[61, 62, 63])
-    ap.add_argument("--minutes", type=float, default=10.0)
-    ap.add_argument("--config", default="cpu-small")
-    ap.add_argument("--size", type=int, default=128)
-    ap.add_argument("--tile", type=int, default=80)
-    ap.add_argument("--crop", type=int, default=80, help="Y and X of the central crop "
+    ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--config", default=None, help="YAML or preset [default: SMALL]")
+    ap.add_argument("--size", type=int, default=96)
+    ap.add_argument("--tile", type=int, default=64)
+    ap.add_argument("--crop", type=int, default=96, help="Y and X of the central crop "
                     "restored and scored")
+    ap.add_argument("--table-only", action="store_true", help="Print the table of the "
+                    "finished seeds (result_seed*.json) without running")
     ap.add_argument("--rise", type=float, default=0.005)
     ap.add_argument("--tolerance", type=float, default=0.2)
     ap.add_argument("--out", type=Path, default=Path("bench_plateau_out"))
     a = ap.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(1)
-    rows = [run_seed(a.out, s, a.minutes, a.config, a.size, a.tile, a.crop, a.rise,
-                     a.tolerance)
-            for s in a.seeds]
+    if a.table_only:
+        rows = [json.loads((a.out / f"result_seed{s}.json").read_text()) for s in a.seeds]
+    else:
+        rows = [run_seed(a.out, s, a.steps, a.config, a.size, a.tile, a.crop, a.rise,
+                         a.tolerance) for s in a.seeds]
     print()
-    print("| seed | steps | Pearson per tenth (1..10) | knee (tenth, step) | plateau call "
-          "(step) | within 20% | Pearson at call / end | validation time |")
+    print("| seed | steps (CPU min) | Pearson per tenth (1..10) | knee (tenth, step) | "
+          "plateau call (step) | within 20% | Pearson at call / end | validation time |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         tenths = [s["pearson"] for s in r["scores"] if s["label"] != "plateau"]
         knee = "none" if r["knee_step"] is None else f"{r['knee_tenth'] + 1}, {r['knee_step']}"
         call = "none" if r["plateau_step"] is None else str(r["plateau_step"])
         at_call = "-" if r["pearson_call"] is None else f"{r['pearson_call']:.3f}"
-        print(f"| {r['seed']} | {r['steps']} | {' '.join(f'{p:.3f}' for p in tenths)} | "
+        print(f"| {r['seed']} | {r['steps']} ({r['train_cpu_s'] / 60:.1f}) | "
+              f"{' '.join(f'{p:.3f}' for p in tenths)} | "
               f"{knee} | {call} | {'yes' if r['pass'] else 'no'} | {at_call} / "
               f"{r['pearson_end']:.3f} | {100 * r['val_s'] / r['train_s']:.1f}% "
               f"({r['evaluations']} evaluations) |")
     print(f"\ncommand: OMP_NUM_THREADS=1 python benchmarks/bench_plateau.py --seeds "
-          f"{' '.join(map(str, a.seeds))} --minutes {a.minutes:g} --crop {a.crop} "
-          f"--out {a.out}")
+          f"{' '.join(map(str, a.seeds))} --steps {a.steps} --size {a.size} --crop "
+          f"{a.crop} --out {a.out}")
 
 
 if __name__ == "__main__":

@@ -40,16 +40,16 @@ def _x_coded(shape=(24, 32, 48), halves: bool = True) -> TomogramSource:
     return src
 
 
-def test_held_out_slab_never_reaches_the_training_sampler():
-    """By construction: 2000 training crops of the Trainer's own sampler hold no voxel
-    of the held-out slab (X >= its start), and every fixed validation crop lies in it."""
+def test_held_out_slab_never_reaches_the_training_sampler(tmp_path):
+    """By construction: 1000 training crops of the Trainer's own sampler hold no voxel
+    of the held-out slab (X >= its start), and every validation crop lies in it."""
     src = _x_coded()
     cfg = TrainConfig.from_dict(TINY | {"validation": {"crops": 6}})
-    trainer = Trainer([src], cfg, "unused-run-dir")
+    trainer = Trainer([src], cfg, tmp_path / "run")
     slab = trainer.validation.slabs[0]
     assert (slab.axis, slab.start, slab.size) == (2, 32, 48)  # one patch (16) of X = 48
     seen = set()
-    for _ in range(200):
+    for _ in range(50):
         inputs, targets = trainer.sampler.sample(10)
         for a in inputs + targets:
             seen.update(np.unique(a).astype(int).tolist())
@@ -140,6 +140,7 @@ def test_settings_are_validated_and_round_trip():
             TrainConfig.from_dict({"validation": bad})
 
 
+@pytest.mark.slow(seconds=50)
 def test_until_plateau_stops_before_the_ceiling_and_writes_the_model(tmp_path):
     """A tiny run evaluated every step with a loose rule plateaus within seconds: it
     stops far below its 2-minute ceiling, at the step the line names, with checkpoint
