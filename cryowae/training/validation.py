@@ -12,8 +12,9 @@ that is the input (noise2noise when the run has halves), the rotations and the e
 wedge (`make_batch` with a fixed generator). The validation loss is the training's
 reconstruction term (`masked_fourier_loss`, the run's wedge weight) averaged over them,
 without gradients, in eval mode (`ValidationMonitor.evaluate`): the same number for the
-same weights, so its curve moves only with the model. The plateau rule is in
-`plateau.py`.
+same weights, so its curve moves only with the model. With halves, the loss's noise
+floor (the target half's noise, which no model removes) is estimated once from the
+same crops; the plateau rule (`plateau.py`) measures the excess over it.
 """
 
 from __future__ import annotations
@@ -136,16 +137,32 @@ def split_sources(sources: list[TomogramSource], settings: ValidationSettings, p
 
 
 def fixed_batches(held: list[TomogramSource], cfg: TrainConfig, device: torch.device
-                  ) -> list[TrainingBatch]:
+                  ) -> tuple[list[TrainingBatch], float]:
     """The held-out subtomograms, cut, rotated and masked once (module docstring), in
-    batches of the run's batch size."""
+    batches of the run's batch size, and the loss's noise floor.
+
+    With even/odd halves A (input) and B (target) = s + n_A, s + n_B, the loss of any
+    prediction p is E|F(p - s)|^2 + E|F(n_B)|^2 over the weighted target region; the
+    second term, the floor, is half the same weighted power of F(A - B) = F(n_A - n_B)
+    (independent halves of equal noise), both rotated as the batch is. Without halves
+    the floor is 0 (the measured region's noise is not separable from the data)."""
     seed = cfg.seed + _SEED_OFFSET
     sampler = SubtomogramSampler(held, cfg.patch_size, cfg.structure_bias, seed=seed)
     inputs, targets = sampler.sample(cfg.validation.crops)
     gen = torch.Generator().manual_seed(seed)
-    b = cfg.batch_size
-    return [make_batch(inputs[i:i + b], targets[i:i + b], cfg.patch_size, cfg.geometry,
-                       device, generator=gen) for i in range(0, len(inputs), b)]
+    b, batches, floor = cfg.batch_size, [], 0.0
+    for i in range(0, len(inputs), b):
+        state = gen.get_state()
+        batch = make_batch(inputs[i:i + b], targets[i:i + b], cfg.patch_size, cfg.geometry,
+                           device, generator=gen)
+        batches.append(batch)
+        if sampler.noise2noise:  # the input half, rotated alike: the same rotations
+            swapped = make_batch(targets[i:i + b], inputs[i:i + b], cfg.patch_size,
+                                 cfg.geometry, device,
+                                 generator=torch.Generator().set_state(state))
+            diff, _ = masked_fourier_loss(swapped.targets, batch, cfg.wedge_weight)
+            floor += 0.5 * float(diff) * batch.inputs.shape[0]
+    return batches, floor / max(len(inputs), 1)
 
 
 def validation_loss(model: torch.nn.Module, batches: list[TrainingBatch], wedge_weight: float,
@@ -180,6 +197,7 @@ class ValidationMonitor:
     device: torch.device
     amp: bool = False
     channels_last: bool = False
+    floor: float = 0.0  # the loss's noise floor (`fixed_batches`)
     steps: list[int] = field(default_factory=list)
     values: list[float] = field(default_factory=list)
     plateau_step: int | None = None
@@ -201,14 +219,16 @@ class ValidationMonitor:
                 raise
             log(f"warning: no validation loss: {exc}")
             return sources, None
-        return train, cls(cfg.validation, fixed_batches(held, cfg, device), slabs,
-                          cfg.wedge_weight, device, cfg.amp, cfg.channels_last)
+        batches, floor = fixed_batches(held, cfg, device)
+        return train, cls(cfg.validation, batches, slabs, cfg.wedge_weight, device,
+                          cfg.amp, cfg.channels_last, floor=floor)
 
     def describe(self) -> str:
         n = sum(b.inputs.shape[0] for b in self.batches)
         return (f"validation: {n} fixed subtomograms held out of training (slab "
                 + ", ".join(s.describe() for s in self.slabs)
-                + f"), evaluated every {self.settings.every} steps"
+                + f"), evaluated every {self.settings.every} steps; noise floor "
+                + f"{self.floor:.4g}"
                 + ("; training stops at the plateau" if self.settings.until_plateau else ""))
 
     def due(self, step: int) -> bool:
@@ -227,14 +247,16 @@ class ValidationMonitor:
     def newly_plateaued(self) -> str | None:
         """The one line that says the curve has plateaued, the first time it has (the
         rule of `plateau.py` at the last evaluation); None otherwise."""
-        if self.plateau_step is not None or not has_plateaued(self.values, self.settings):
+        if self.plateau_step is not None or not has_plateaued(self.values, self.settings,
+                                                              self.floor):
             return None
         self.plateau_step = self.steps[-1]
-        r = float(relative_improvement(self.values, self.settings)[-1])
+        r = float(relative_improvement(self.values, self.settings, self.floor)[-1])
         span = self.steps[-1] - self.steps[-1 - self.settings.window]
         return (f"step {self.plateau_step}: the validation loss has plateaued "
-                f"(val_loss {self.values[-1]:.4g}, {100 * r:.2f}% better over the last "
-                f"{span} steps, threshold {100 * self.settings.threshold:g}%)"
+                f"(val_loss {self.values[-1]:.4g}, noise floor {self.floor:.4g}; its excess "
+                f"{100 * r:.2f}% lower than {span} steps before, threshold "
+                f"{100 * self.settings.threshold:g}%)"
                 + ("; stopping" if self.settings.until_plateau else ""))
 
     def after_step(self, model: torch.nn.Module, step: int, log: Any) -> dict[str, float]:
