@@ -69,6 +69,21 @@ def train(
     family_noise: str = typer.Option(None, "--family-noise", help="Target noise of the "
                                      "score: auto (halves when given, else estimated), "
                                      "halves or estimate."),
+    validation: bool = typer.Option(None, "--validation/--no-validation", help="Hold a "
+                                    "slab of each tomogram out of training and log the "
+                                    "loss on it (val_loss) [default: the config's, on]."),
+    until_plateau: bool = typer.Option(None, "--until-plateau/--no-until-plateau",
+                                       help="Stop when the "
+                                       "validation loss has plateaued (--minutes or "
+                                       "--steps is the ceiling); model.pt is written as "
+                                       "at a normal end."),
+    val_every: int = typer.Option(None, "--val-every", help="Steps between validation "
+                                  "evaluations [default: 10]."),
+    val_crops: int = typer.Option(None, "--val-crops", help="Held-out subtomograms the "
+                                  "validation loss averages [default: 8]."),
+    holdout: float = typer.Option(None, "--holdout", help="Fraction of the longest "
+                                  "lateral axis held out for validation, at least one "
+                                  "patch [default: 0.1]."),
     seed: int = typer.Option(None, "--seed"),
     device: str = typer.Option(None, "--device", help="auto, cpu or cuda."),
     amp: bool = typer.Option(None, "--amp/--no-amp", help="bf16 autocast on CUDA "
@@ -95,6 +110,7 @@ def train(
     from cryowae.errors import CryowaeInputError
     from cryowae.io import read_volume
     from cryowae.precision import amp_note
+    from cryowae.report import training_curve
     from cryowae.training.config import load_config
     from cryowae.training.data import load_sources
     from cryowae.training.loop import train as run_training
@@ -145,6 +161,12 @@ def train(
                               "noise": family_noise}.items() if v is not None}
     if fam:
         cfg = cfg.replace(family=cfg.family.to_dict() | fam)
+    val = {k: v for k, v in {"enabled": validation, "every": val_every, "crops": val_crops,
+                              "holdout": holdout,
+                              "until_plateau": until_plateau}.items()
+           if v is not None}
+    if val:
+        cfg = cfg.replace(validation=cfg.validation.to_dict() | val)
     if minutes is not None and steps is None:
         cfg = cfg.replace(steps=10**9)
     progress = RichProgress()
@@ -162,7 +184,15 @@ def train(
                       + (f"; family MMD {result.final['family_mmd']:.3g} (null band "
                          f"{result.final['family_mmd_null']:.3g})"
                          if "family_mmd" in result.final else ""))
-    out_console.print(f"model: {run_dir / 'model.pt'}   metrics: {run_dir / 'metrics.csv'}")
+    if "val_loss" in result.final:
+        plateau = result.final["plateau_step"]
+        out_console.print(f"validation loss {result.final['val_loss']:.4g}; "
+                          + (f"plateau at step {int(plateau)}" if plateau == plateau
+                             else "no plateau yet"))
+    curve = training_curve(run_dir / "metrics.csv", run_dir / "training_curve.png",
+                           plateau_step=result.final.get("plateau_step"))
+    out_console.print(f"model: {run_dir / 'model.pt'}   metrics: {run_dir / 'metrics.csv'}"
+                      f"   curve: {curve}")
 
 
 def register(app: typer.Typer) -> None:
