@@ -31,7 +31,7 @@ All functions are pure and work on float32 CPU or GPU tensors.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -138,7 +138,9 @@ def weighted_backprojection(projections: torch.Tensor,
                             angles_deg: torch.Tensor | Sequence[float],
                             shape: tuple[int, int, int],
                             weights: torch.Tensor | None = None,
-                            progress: ProgressReporter | None = None) -> torch.Tensor:
+                            progress: ProgressReporter | None = None,
+                            radial: Callable[[torch.Tensor, int], torch.Tensor] | None = None
+                            ) -> torch.Tensor:
     """Weighted (ramp-filtered) back-projection about Y: the inverse of `project_y`
     where the tilts sample Fourier space.
 
@@ -156,6 +158,10 @@ def weighted_backprojection(projections: torch.Tensor,
     progress
         Optional `ProgressReporter`; advanced by one per tilt (a cancel request raises
         `cryowae.progress.Cancelled`).
+    radial
+        Optional apodization: ``radial(k, n)`` (k the float64 rfft frequencies of the
+        padded detector line, cycles per voxel; n its length) multiplies the ramp
+        (`cryowae.simulation.reconstruct.wbp_filter`); None: the ramp alone.
 
     Returns
     -------
@@ -180,7 +186,10 @@ def weighted_backprojection(projections: torch.Tensor,
     ramp = k.clone()
     ramp[0] = math.pi / (4 * n * float(w.sum()))
     herm = hermitian_weights(n, torch.float64, dev)  # rfft half spectrum: count +k and -k
-    filt = (ramp * herm / n).to(torch.float32)
+    filt = ramp * herm / n
+    if radial is not None:
+        filt = filt * radial(k, n)
+    filt = filt.to(torch.float32)
     # detector data placed on the periodic length n, centre at offset 0, with the gap
     # beyond the field of view filled by the edge values (avoids ramp-filter ringing
     # at the truncated detector edges)
