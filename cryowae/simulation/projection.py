@@ -19,7 +19,8 @@ zero tilt, and along ky at every tilt): with torch-fourier-slice 0.6.0 (default
 ``pad_factor=2``) a Gaussian blob (sigma 2.5 voxels) 50 voxels off-centre along one axis
 of a 128^3 box came out 14% too strong at zero tilt (3D and 2D), 29% when off-centre
 along two axes, so particle contrast would depend on where a particle sits. The library
-offers no 1D-to-2D back-projection either, so cryowae does not depend on it.
+offers no 1D-to-2D back-projection either, so the projector and this back-projection
+do not use it (the Fourier-insertion pipeline does: `reconstruct.fourier_insertion`).
 The back-projector is the exact adjoint of this projector with a ramp filter
 (|k|, cycles per voxel, with the DC term set from the area of the central disc),
 i.e. weighted back-projection with trigonometric (sinc) instead of linear

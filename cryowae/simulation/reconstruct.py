@@ -147,6 +147,8 @@ def fourier_insertion(projections: torch.Tensor, angles_deg: torch.Tensor,
     from torch_fourier_slice import insert_central_slices_rfft_3d
     from torch_fourier_slice.volume_utils import separable_sinc2_correction
 
+    # not backproject_2d_to_3d: it needs square images and a cube, clamps the weights at 1
+    # and corrects sinc^2 along Y too, which is not interpolated here
     zdim, ydim, xdim = (int(v) for v in shape)
     t_n, py, px = projections.shape
     if (py, px) != (ydim, xdim):
@@ -178,6 +180,7 @@ def fourier_insertion(projections: torch.Tensor, angles_deg: torch.Tensor,
 def critical_exposure(k_per_A: torch.Tensor, voltage_kv: float = 300.0) -> torch.Tensor:
     """Critical exposure N_e(k) in e/A^2 (Grant & Grigorieff 2015), k in 1/A (k = 0:
     infinite); scaled by 0.8 at 200 kV, linearly in between and clamped outside."""
+    # hand-written: torch-fourier-filter has this formula but pulls in starfile and pyarrow
     scale = 0.8 + 0.2 * min(max((voltage_kv - 200.0) / 100.0, 0.0), 1.0)
     k = torch.clamp(k_per_A, min=1e-12)
     return scale * (0.245 * k ** -1.665 + 2.81)
