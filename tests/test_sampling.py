@@ -160,7 +160,7 @@ def test_sampler_errors():
         sample_array(plain, x, _settings(2, overlap=4))
     with pytest.raises(CryowaeInputError, match="at most 24"):
         sample_array(plain, x, _settings(25, "rotations", overlap=4))
-    with pytest.raises(CryowaeInputError, match="unknown sampler"):
+    with pytest.raises(CryowaeInputError, match="unknown --sampler"):
         sample_array(r, x, _settings(2, "ot", overlap=4))
     with pytest.raises(CryowaeInputError, match="check, none"):
         sample_array(r, x, _settings(2, overlap=4), consistency="hard")

@@ -2,13 +2,19 @@
 
 Output directory (appears complete, by one rename, or not at all):
 
-    OUT/samples.zarr   OME-Zarr, axes (s, z, y, x), one sample per chunk along s
-    OUT/mean.mrc       per-voxel mean of the samples
-    OUT/std.mrc        per-voxel standard deviation (ddof = 0)
+    OUT/samples.zarr   OME-Zarr, axes (s, z, y, x): the first K of the N samples
+                       (`StorageSettings.keep`, default all), float16 by default, one
+                       sample x 4 slices x 256 x 256 voxels per chunk, Blosc zstd
+    OUT/mean.mrc       per-voxel mean of all N float32 samples (float32)
+    OUT/std.mrc        per-voxel standard deviation of all N (ddof = 0; float16)
     OUT/family.json    parameters, the consistency check per shell, the spread, the
                        spread calibration (`cryowae.sampling.recalibrate`)
 
-While it runs, the work lives in ``.OUT.partial/`` beside OUT: the zarr store and
+Every figure comes from the N float32 samples: they stream into samples.zarr itself
+when it is float32 and keeps all N, otherwise into a float32 working store
+(``work.zarr``) from which the first K are copied into samples.zarr once calibrated.
+
+While it runs, the work lives in ``.OUT.partial/`` beside OUT: the stores and
 ``state.json`` (the run's fingerprint and the finished samples, rewritten atomically
 after each group). A rerun with the same model, tomogram and settings continues from
 the finished samples and, since sample s depends only on (seed, s), gives the same
@@ -17,20 +23,17 @@ family as an uninterrupted run; a rerun with other settings starts over (and say
 Memory: the tomogram and the halves are memory-mapped and read slab by slab (the tile
 engine), each sample streams into the zarr store, the spread calibration estimates its
 factors on a central crop and filters each sample tile by tile in place, the mean and std
-are computed from the store slab by slab into memory-mapped MRC files, and the check
-reads a central crop.
+are computed from the store block by block into memory-mapped MRC files, and the check
+reads a central crop. Disk: N float32 samples while it runs (the working store).
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
-import json
-import math
 import os
 import shutil
 import time
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +55,7 @@ from cryowae.sampling.family import (
     plan_family,
     run_family,
 )
+from cryowae.sampling.family_state import FamilyRun, fingerprint, write_json
 from cryowae.sampling.recalibrate import resolve_mode
 from cryowae.sampling.settings import (
     FLOAT16_TOLERANCE,
@@ -86,37 +90,11 @@ class _SampleView:
         self.arr[(self.s, *key)] = value
 
 
-def _json_ready(o: Any) -> Any:
-    """Plain JSON values: numpy scalars unwrapped, inf/nan as null, paths as text."""
-    if isinstance(o, dict):
-        return {str(k): _json_ready(v) for k, v in o.items()}
-    if isinstance(o, list | tuple):
-        return [_json_ready(v) for v in o]
-    if isinstance(o, np.floating | np.integer):
-        o = o.item()
-    if isinstance(o, float):
-        return o if math.isfinite(o) else None
-    if o is None or isinstance(o, bool | int | str):
-        return o
-    return str(o)
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(_json_ready(obj), indent=2, allow_nan=False) + "\n")
-
-
 def _pyramid_levels(shape: tuple[int, ...], max_levels: int = 3, min_size: int = 16) -> int:
     levels = 1
     while levels < max_levels and min(shape) // 2**levels >= min_size:
         levels += 1
     return levels
-
-
-def _fingerprint(paths: Sequence[Path], params: dict[str, Any]) -> dict[str, Any]:
-    files = [[str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns]
-             for p in paths if p.is_file()]
-    return _json_ready({"files": files, "params": params})
 
 
 def _open(path: str | os.PathLike, what: str, stack: contextlib.ExitStack) -> Any:
@@ -165,15 +143,24 @@ def _moment_block(samples: Any) -> tuple[int, int, int]:
     return (cz * max(1, MOMENT_BYTES // max(1, per_chunk_slice * cz)), cy, cx)
 
 
-def _export(work: Any, level0: Any, keep: int) -> None:
-    """Samples 0..keep-1 of the float32 working store into samples.zarr (its dtype),
-    whole chunk rows along Z at a time."""
+def _export(work: Any, folder: Path, level0: Any, keep: int, run: FamilyRun) -> None:
+    """Samples 0..keep-1 of the float32 working store (at `folder`) into samples.zarr,
+    whole chunk rows along Z at a time; each sample's working chunks are removed once
+    it is copied (and recorded in `run`), those of the others at once, so the disk
+    holds the working store or samples.zarr, not both."""
     cz = int(level0.chunks[1])
     shape = tuple(int(v) for v in work.shape[1:])
     step = cz * max(1, MOMENT_BYTES // max(1, 4 * cz * shape[1] * shape[2]))
-    for i in range(keep):
-        for z in range(0, shape[0], step):
-            level0[i, z:z + step] = np.asarray(work[i, z:z + step], np.float32)
+    exported = run.output.setdefault("exported", [])
+    for i in range(int(work.shape[0])):
+        if i < keep and i not in exported:
+            for z in range(0, shape[0], step):
+                level0[i, z:z + step] = np.asarray(work[i, z:z + step], np.float32)
+            exported.append(i)
+            run.save()
+        # zarr format 2 keys: "s.z.y.x" under the store's folder
+        for chunk in folder.glob(f"{i}.*"):
+            chunk.unlink()
 
 
 def sample_file(model: Any, tomogram: str | os.PathLike, out_dir: str | os.PathLike,
@@ -260,7 +247,7 @@ def sample_file(model: Any, tomogram: str | os.PathLike, out_dir: str | os.PathL
                                                     "samples_stored": keep}}
         paths = [Path(p) for p in (tomogram, even, odd) if p is not None]
         paths += [Path(getattr(r, "path", "")) for r in restorers if getattr(r, "path", "")]
-        run = _Run(partial, _fingerprint(paths, params), fp.n_samples, prog)
+        run = FamilyRun(partial, fingerprint(paths, params), fp.n_samples, prog)
         shape = vol.shape
         # NGFF 0.4 stores are zarr format 2: the codec is numcodecs' Blosc
         codec = Blosc("zstd", ZSTD_LEVEL, Blosc.BITSHUFFLE) \
@@ -303,12 +290,16 @@ def sample_file(model: Any, tomogram: str | os.PathLike, out_dir: str | os.PathL
                                        for h in halves),
                                      model=stochastic, centre=centre, restore=restore)
         del centre
+        figures = run.output.get("figures")
+        if figures is None:  # mean.mrc and std.mrc are complete once figures are saved
+            figures = _moments(partial, work, vol, fp.geometry, norm,
+                               calibration.consistency, halves, storage.std_dtype)
+            run.output["figures"] = figures
+            run.save()
         if not direct:
-            _export(work, writer.level0, keep)
+            _export(work, partial / "work.zarr", writer.level0, keep, run)
         per_slice = 2 * keep * shape[1] * shape[2] * 4  # pyramid: ~8 MiB slabs
         writer.finish(slab=max(1, min(32, (8 << 20) // max(1, per_slice))))
-        figures = _moments(partial, work, vol, fp.geometry, norm, calibration.consistency,
-                           halves, storage.std_dtype)
         meta = {"cryowae_version": __version__, "kind": "posterior-family",
                 "tomogram": str(tomogram), "even": str(even) if even else None,
                 "odd": str(odd) if odd else None, "voxel_size": vol.voxel_size,
@@ -322,7 +313,7 @@ def sample_file(model: Any, tomogram: str | os.PathLike, out_dir: str | os.PathL
                 "samples_stored": keep, "sample_dtype": dtype,
                 "spread_calibration": calibrated,
                 } | fp.describe() | figures
-        _write_json(partial / "family.json", meta)
+        write_json(partial / "family.json", meta)
         shutil.rmtree(partial / "work.zarr", ignore_errors=True)
         (partial / "centre.npy").unlink(missing_ok=True)  # a working file, not output
         run.close()
@@ -350,44 +341,6 @@ def _moments(partial: Path, work: Any, vol: Any, geometry: TiltGeometry,
         release_pages(s_out, flush=True)
         return family_figures(work, (m_out, s_out), vol.data, geometry, norm, consistency,
                               *halves)
-
-
-class _Run:
-    """The resume state of one family in ``partial/state.json``: the run's fingerprint,
-    the finished samples and the calibration's steps, rewritten atomically after each
-    step. A state of another run's settings is discarded (and said so)."""
-
-    def __init__(self, partial: Path, fingerprint: dict[str, Any], n_samples: int,
-                 prog: ProgressReporter) -> None:
-        self.path, self.fingerprint, self.n = partial / "state.json", fingerprint, n_samples
-        self.done: list[int] = []
-        self.calibration: dict[str, Any] = {}
-        if self.path.is_file():
-            state = json.loads(self.path.read_text())
-            if state.get("fingerprint") == fingerprint:
-                self.done = sorted(int(s) for s in state.get("done", []))
-                self.calibration = state.get("calibration", {})
-                prog.log(f"resuming: {len(self.done)} of {n_samples} samples already done")
-            else:
-                prog.log(f"{partial}: left by a run with other settings; starting over")
-                shutil.rmtree(partial)
-        elif partial.exists():
-            shutil.rmtree(partial)
-        partial.mkdir(parents=True, exist_ok=True)
-
-    def todo(self) -> list[int]:
-        return [s for s in range(self.n) if s not in set(self.done)]
-
-    def save(self) -> None:
-        _write_json(self.path, {"fingerprint": self.fingerprint, "done": sorted(self.done),
-                                "calibration": self.calibration})
-
-    def finished(self, s: int) -> None:
-        self.done.append(int(s))
-        self.save()
-
-    def close(self) -> None:
-        self.path.unlink()
 
 
 __all__ = ["sample_file"]

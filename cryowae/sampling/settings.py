@@ -60,7 +60,7 @@ class SamplerSettings:
 
     def __post_init__(self) -> None:
         if self.sampler not in SAMPLERS:
-            raise CryowaeInputError(f"unknown sampler {self.sampler!r}: choose from "
+            raise CryowaeInputError(f"unknown --sampler {self.sampler!r}: choose from "
                                     f"{', '.join(SAMPLERS)}")
         object.__setattr__(self, "n_samples", _whole("n", self.n_samples, 1))
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
@@ -92,7 +92,7 @@ class CalibrationSettings:
             raise CryowaeInputError(f"unknown spread calibration {self.spread!r}: use "
                                     f"{', '.join(SPREAD_CALIBRATIONS)}")
         if self.consistency not in CONSISTENCY:
-            raise CryowaeInputError(f"unknown consistency {self.consistency!r}: choose from "
+            raise CryowaeInputError(f"unknown --consistency {self.consistency!r}: choose from "
                                     f"{', '.join(CONSISTENCY)} (the measured region is "
                                     "never overwritten)")
 
