@@ -171,3 +171,39 @@ def test_viewer_shows_a_float16_family_with_the_sample_slider(viewer, tmp_path):
     viewer.dims.set_current_step(0, 2)
     viewer.dims.set_current_step(1, 10)
     assert _rendered(viewer.screenshot(canvas_only=True))
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_resume_after_stopping_while_copying_the_samples(tmp_path, monkeypatch):
+    """Stopped after the first float16 sample is copied (its float32 working chunks
+    gone): the rerun copies the rest and gives the uninterrupted family."""
+    from cryowae.sampling.family_state import FamilyRun
+
+    r, tomo = stochastic_restorer(), _tomo(tmp_path)
+    kw = dict(sampling=_settings(3), calibration=PLAIN, storage=StorageSettings(keep=2))
+    whole = sample_file(r, tomo, tmp_path / "whole", **kw)
+    save = FamilyRun.save
+
+    def stop_after_one_copy(self):
+        save(self)
+        if self.output.get("exported") == [0]:
+            raise _Stop
+
+    monkeypatch.setattr(FamilyRun, "save", stop_after_one_copy)
+    with pytest.raises(_Stop):
+        sample_file(r, tomo, tmp_path / "resumed", **kw)
+    monkeypatch.setattr(FamilyRun, "save", save)
+    work = tmp_path / ".resumed.partial" / "work.zarr"
+    assert list(work.glob("1.*"))  # sample 1 not yet copied
+    out = sample_file(r, tomo, tmp_path / "resumed", **kw)
+    a, b = (np.asarray(read_ome_zarr(d / "samples.zarr").data) for d in (whole, out))
+    assert b.shape[0] == 2
+    np.testing.assert_array_equal(a, b)
+    for name in ("mean.mrc", "std.mrc"):
+        np.testing.assert_array_equal(read_mrc(whole / name).numpy(),
+                                      read_mrc(out / name).numpy())
+    assert sorted(p.name for p in out.iterdir()) == ["family.json", "mean.mrc",
+                                                     "samples.zarr", "std.mrc"]
