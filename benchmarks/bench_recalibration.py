@@ -189,7 +189,7 @@ def store_family(c: dict[str, Any], samples: torch.Tensor, mode: str,
 
     from cryowae.io import read_volume
     from cryowae.models.checkpoint import load_restorer
-    from cryowae.sampling.recalibrate import calibrate_store
+    from cryowae.sampling.store_calibration import calibrate_store
 
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)

@@ -214,15 +214,18 @@ def write_volume_mrc(path: str | os.PathLike, volume: Volume, overwrite: bool = 
 def open_mrc_writer(path: str | os.PathLike, shape: tuple[int, int, int], voxel_size: float,
                     origin: tuple[float, float, float] = (0.0, 0.0, 0.0),
                     meta: dict[str, Any] | None = None,
-                    overwrite: bool = True) -> Iterator[np.memmap]:
-    """A memory-mapped float32 (Z, Y, X) output to fill block by block.
+                    overwrite: bool = True, mode: int = 2) -> Iterator[np.memmap]:
+    """A memory-mapped (Z, Y, X) output to fill block by block: float32 (`mode` 2) or
+    float16 (`mode` 12).
 
     The file lives under a temporary name until the `with` block ends without error;
     header statistics are then computed slab by slab (bounded memory) and the file is
     renamed into place.
     """
     with atomic_path(path, overwrite=overwrite) as tmp:
-        with mrcfile.new_mmap(tmp, shape=tuple(int(s) for s in shape), mrc_mode=2,
+        if mode not in (2, 12):
+            raise ValueError(f"open_mrc_writer writes MRC modes 2 and 12, not {mode}")
+        with mrcfile.new_mmap(tmp, shape=tuple(int(s) for s in shape), mrc_mode=mode,
                               overwrite=True) as mrc:
             yield mrc.data
             _apply_header(mrc, voxel_size, origin, meta)
