@@ -53,9 +53,9 @@ def load(sim: Path, family: Path) -> dict[str, Any]:
 
 
 def _cv(v: torch.Tensor) -> float:
-    from cryowae.sampling.local_spread import smooth
+    from cryowae.metrics.sparsification import gaussian_smooth
 
-    s = smooth(v.double(), 4.0)
+    s = gaussian_smooth(v.double(), 4.0)
     return float(s.std() / s.mean())
 
 

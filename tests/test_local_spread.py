@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from cryowae.metrics.calibration import spread_skill
+from cryowae.metrics.sparsification import gaussian_smooth
 from cryowae.physics.fourier import radial_frequency
 from cryowae.physics.geometry import TiltGeometry
 from cryowae.sampling import local_spread as ls
@@ -37,17 +38,6 @@ def _blobs(shape: tuple[int, int, int], gen: torch.Generator, x_from: int) -> to
     return out
 
 
-def test_smooth_keeps_constants_and_mass() -> None:
-    v = torch.full((6, 9, 11), 2.5, dtype=torch.float64)
-    assert float((ls.smooth(v, 2.0) - 2.5).abs().max()) < 1e-12
-    d = torch.zeros(15, 15, 15, dtype=torch.float64)
-    d[7, 7, 7] = 1.0
-    s = ls.smooth(d, 1.5)
-    assert abs(float(s.sum()) - 1.0) < 1e-3
-    # the peak of a unit Gaussian of width 1.5 voxels sampled on the grid
-    assert float(s[7, 7, 7]) == pytest.approx((2 * math.pi * 1.5**2) ** -1.5, rel=0.02)
-
-
 def test_settings_are_validated() -> None:
     from cryowae.errors import CryowaeInputError
 
@@ -70,7 +60,7 @@ def test_gain_keeps_total_variance_and_follows_the_error_model() -> None:
     before, after = ls.family_variance(fam).sum(), ls.family_variance(out).sum()
     assert float(after) == pytest.approx(float(before), rel=1e-5)
     assert torch.allclose(out.mean(0), fam.mean(0), atol=1e-5)
-    var = ls.smooth(ls.family_variance(out), 1.0)
+    var = gaussian_smooth(ls.family_variance(out), 1.0)
     ratio = float(var[:, :, 13:].mean() / var[:, :, :7].mean())
     assert 3.0 < ratio < 5.0
 
@@ -86,7 +76,7 @@ def test_per_shell_calibration_survives_the_local_step() -> None:
     colour = 1.0 / (1.0 + (k / 0.12) ** 2)
     v = torch.ones(shape, dtype=torch.float64)
     v[:, :, 16:] = 4.0
-    v = ls.smooth(v, 3.0)
+    v = gaussian_smooth(v, 3.0)
     v = v / v.mean()
     truth = v.sqrt().float() * _filter(torch.randn(shape, generator=gen), colour)
     fam = _filter(torch.randn((16, *shape), generator=gen), colour)
@@ -122,7 +112,7 @@ def test_error_in_one_region_is_ranked_first_without_ground_truth() -> None:
     data = _filter(truth + 0.1 * torch.randn(shape, generator=gen), m)
 
     def restore(x: np.ndarray) -> np.ndarray:
-        return ls.smooth(torch.as_tensor(x), 1.0).numpy()
+        return gaussian_smooth(torch.as_tensor(x), 1.0).numpy()
 
     fam = torch.as_tensor(restore(data.numpy())) + 0.1 * torch.randn((8, *shape),
                                                                     generator=gen)

@@ -36,8 +36,7 @@ a proper scoring rule for the local mean square (minimised at a v + n_B = E p). 
 fitted shape (b, c) is then evaluated on the restoration of the whole data. b = 0 (or
 c large) gives a flat v: g then only undoes the family's own spatial pattern.
 
-Smoothing is hand-written (separable Gaussian, reflected edges): scipy is not a core
-dependency.
+Smoothing: `cryowae.metrics.sparsification.gaussian_smooth` (mirrored edges).
 """
 
 from __future__ import annotations
@@ -49,15 +48,10 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from cryowae.errors import CryowaeInputError
-from cryowae.physics.fourier import (
-    fourier_grid,
-    hermitian_weights,
-    nyquist_sphere,
-    radial_frequency,
-)
+from cryowae.metrics.sparsification import gaussian_smooth
+from cryowae.physics.fourier import hermitian_weights, nyquist_sphere, radial_frequency
 from cryowae.physics.geometry import TiltGeometry
 from cryowae.physics.wedge import wedge_mask
 
@@ -122,26 +116,11 @@ class ErrorModel:
                 "score_flat": self.score_flat}
 
 
-def smooth(volume: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Gaussian smoothing of a (Z, Y, X) volume, width `sigma` voxels, edges reflected
-    (by 3 sigma, at most the volume's size less one): the padded volume's spectrum
-    times exp(-2 pi^2 sigma^2 |k|^2), cropped back."""
-    pads = [min(int(math.ceil(3 * sigma)), n - 1) for n in volume.shape]
-    v = volume.double() if volume.dtype == torch.float64 else volume.float()
-    flat = [p for r in reversed(pads) for p in (r, r)]
-    x = F.pad(v[None, None], flat, mode="reflect")[0, 0]
-    shape = tuple(int(n) for n in x.shape)
-    k2 = fourier_grid(shape, rfft=True).to(x.dtype).square().sum(dim=-1)
-    y = torch.fft.irfftn(torch.fft.rfftn(x) * torch.exp(-2 * math.pi**2 * sigma**2 * k2),
-                         s=shape)
-    crop = tuple(slice(r, r + n) for r, n in zip(pads, volume.shape, strict=True))
-    return y[crop].contiguous().to(volume.dtype)
-
-
 def detail_power(restoration: Any, settings: LocalSpreadSettings) -> torch.Tensor:
-    """D = G_w * (R - G_d * R)^2 of a (Z, Y, X) restoration (float64)."""
+    """D = G_w * (R - G_d * R)^2 of a (Z, Y, X) restoration."""
     r = torch.as_tensor(np.asarray(restoration, dtype=np.float64))
-    return smooth((r - smooth(r, settings.detail_sigma)) ** 2, settings.window_sigma)
+    detail = r - gaussian_smooth(r, settings.detail_sigma)
+    return gaussian_smooth(detail**2, settings.window_sigma)
 
 
 def _rotation_z(deg: float) -> torch.Tensor:
@@ -204,7 +183,7 @@ def extra_wedge_task(restore: Callable[[np.ndarray], Any], data: Any,
     count = grid.shell_sums(torch.ones(band.shape), band)
     with np.errstate(invalid="ignore", divide="ignore"):
         shell_error = grid.shell_sums(diff.abs().square() - n_k, band) / count
-    return ExtraWedgeTask(r.float(), smooth(e_b**2, st.window_sigma), n_b, band,
+    return ExtraWedgeTask(r.float(), gaussian_smooth(e_b**2, st.window_sigma), n_b, band,
                           shell_error, count)
 
 
@@ -272,7 +251,7 @@ def local_gain(detail: torch.Tensor, family_variance: torch.Tensor, model: Error
     total = float(var.sum())
     if not total > 0:
         return torch.ones(tuple(var.shape))
-    v_smooth = smooth(var, st.window_sigma).clamp_min(total / var.numel() * 1e-6)
+    v_smooth = gaussian_smooth(var, st.window_sigma).clamp_min(total / var.numel() * 1e-6)
     g2 = model.shape(detail) / v_smooth
     lo, hi = st.max_gain**-2, st.max_gain**2
     for _ in range(20):  # the clip moves the normalisation: alternate until both hold
@@ -320,4 +299,4 @@ def localise_family(samples: Any, restore: Callable[[np.ndarray], Any], data: An
 
 __all__ = ["ErrorModel", "ExtraWedgeTask", "LocalSpreadSettings", "detail_power",
            "extra_wedge_task", "family_variance", "fit_error_model", "local_gain",
-           "localise_family", "modulate", "smooth"]
+           "localise_family", "modulate"]

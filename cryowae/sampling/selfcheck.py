@@ -38,13 +38,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from cryowae.metrics.sparsification import gaussian_smooth
 from cryowae.physics.geometry import TiltGeometry
-from cryowae.sampling.local_spread import (
-    ExtraWedgeTask,
-    LocalSpreadSettings,
-    extra_wedge_task,
-    smooth,
-)
+from cryowae.sampling.local_spread import ExtraWedgeTask, LocalSpreadSettings, extra_wedge_task
 
 #: spread/skill band of a calibrated family (as `cryowae evaluate` reads it)
 LOW, HIGH = 0.8, 1.25
@@ -130,7 +126,7 @@ def self_check(samples: Any, data: Any, geometry: TiltGeometry,
     words = {k: _word(v) for k, v in ratio.items()}
     ok = all(w == "calibrated" for w in words.values())
     # local: the family's smoothed variance against the task's local error power
-    var = smooth(fam.double().var(dim=0), st.window_sigma)
+    var = gaussian_smooth(fam.double().var(dim=0), st.window_sigma)
     step = max(1, int(round(st.window_sigma)))
     inner = tuple(slice(min(st.border, (s - 1) // 2), s - min(st.border, (s - 1) // 2), step)
                   for s in var.shape)
