@@ -99,6 +99,7 @@ def test_per_shell_calibration_survives_the_local_step() -> None:
     assert 0.8 < local(out, left) < 1.25 and 0.8 < local(out, right) < 1.25
 
 
+@pytest.mark.slow(seconds=20)
 def test_error_in_one_region_is_ranked_first_without_ground_truth() -> None:
     """Structure only at X >= 24 (empty ice left), data with a missing wedge and noise,
     a restorer that cannot fill the wedge (a Gaussian blur): its error sits on the
@@ -162,7 +163,7 @@ def _wiener_case(seed: int) -> tuple[torch.Tensor, torch.Tensor, object, NoiseSp
     return fam, data, restore, noise
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=5)
 def test_self_check_passes_a_calibrated_family_and_flags_scaled_ones() -> None:
     fam, data, restore, noise = _wiener_case(3)
     mean = fam.mean(0)
@@ -179,3 +180,46 @@ def test_self_check_passes_a_calibrated_family_and_flags_scaled_ones() -> None:
     for scale, word in ((2.0, "too wide"), (0.5, "too narrow")):
         assert verdicts[scale]["verdict"] == "disagrees"
         assert verdicts[scale]["line"].startswith("WARNING") and word in verdicts[scale]["line"]
+
+
+@pytest.mark.slow(seconds=20)
+def test_store_step_equals_the_in_memory_step_and_resumes(tmp_path) -> None:
+    """`localise_store` (slab by slab, resumable) gives the in-memory family of the
+    same model within float32 rounding and the slabs' halo, also when interrupted
+    after the first sample's modulation and run again."""
+    from cryowae.sampling.store_local_spread import localise_store
+
+    gen = torch.Generator().manual_seed(5)
+    shape = (24, 32, 32)
+    truth = _blobs(shape, gen, 16)
+    data = _filter(truth + 0.1 * torch.randn(shape, generator=gen),
+                   GEO.wedge_mask(shape, rfft=True))
+
+    def restore(x: np.ndarray) -> np.ndarray:
+        return gaussian_smooth(torch.as_tensor(x), 1.0).numpy()
+
+    centre = restore(data.numpy())
+    fam = (torch.as_tensor(centre) + 0.1 * torch.randn((4, *shape), generator=gen)).numpy()
+    st = ls.LocalSpreadSettings(window_sigma=2.0)
+    model, _ = ls.fit_on_crop(restore, data.numpy(), GEO, st)
+    x = torch.as_tensor(fam)
+    want = ls.modulate(x, x.mean(0), ls.local_gain(ls.detail_power(centre, st),
+                                                    ls.family_variance(x), model, st))
+    store = fam.copy()
+    state: dict = {}
+    calls = {"n": 0}
+
+    def interrupted() -> None:
+        calls["n"] += 1
+        if state.get("modulated") == 0 and not state.get("done"):
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        localise_store(store, centre, data.numpy(), GEO, restore, state, interrupted,
+                       tmp_path, st)
+    info = localise_store(store, centre, data.numpy(), GEO, restore, state, lambda: None,
+                          tmp_path, st)
+    assert state["done"] == [0, 1, 2, 3]
+    assert np.allclose(store, want.numpy(), atol=2e-3 * float(np.abs(fam - centre).max()))
+    assert info["model"]["b"] == pytest.approx(model.b, rel=1e-6)
+    assert not list(tmp_path.glob("local_*.npy"))

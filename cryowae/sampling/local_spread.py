@@ -56,6 +56,8 @@ from cryowae.physics.geometry import TiltGeometry
 from cryowae.physics.wedge import wedge_mask
 
 _DIMS = (-3, -2, -1)
+#: largest crop edge (voxels) of the error model's fit
+FIT_EDGE = 128
 
 
 @dataclass(frozen=True)
@@ -106,9 +108,11 @@ class ErrorModel:
     score: float = float("nan")
     score_flat: float = float("nan")
 
-    def shape(self, detail: torch.Tensor) -> torch.Tensor:
-        """D~^b + c of a detail-power map (normalised by its own mean)."""
-        d = detail.double() / max(float(detail.double().mean()), 1e-300)
+    def shape(self, detail: torch.Tensor, detail_mean: float | None = None) -> torch.Tensor:
+        """D~^b + c of a detail-power map, D~ = D / `detail_mean` (default: the map's own
+        mean; a slab of a volume passes the volume's)."""
+        mean = float(detail.double().mean()) if detail_mean is None else float(detail_mean)
+        d = detail.double() / max(mean, 1e-300)
         return d.clamp_min(1e-12) ** self.b + self.c
 
     def to_dict(self) -> dict[str, float]:
@@ -238,12 +242,42 @@ def fit_error_model(detail: torch.Tensor, error_power: torch.Tensor, noise_power
                       float(best), float(flat))
 
 
+def fit_on_crop(restore: Callable[[np.ndarray], Any], data: Any, geometry: TiltGeometry,
+                settings: LocalSpreadSettings | None = None) -> tuple[ErrorModel, dict[str, Any]]:
+    """The error model fitted on the extra-wedge task of the data's central crop (at
+    most `FIT_EDGE` voxels per axis), and where it was fitted."""
+    from cryowae.sampling.consistency import central_crop, crop_of
+
+    settings = settings or LocalSpreadSettings()
+    crop = central_crop(tuple(int(v) for v in np.shape(data)), FIT_EDGE)
+    task = extra_wedge_task(restore, crop_of(data, crop).numpy(), geometry, None, settings)
+    model = fit_error_model(detail_power(task.restoration, settings), task.error_power,
+                            task.noise_power, settings)
+    return model, {"crop": [[c.start, c.stop] for c in crop],
+                   "noise_power": task.noise_power}
+
+
+def raw_gain_squared(detail: torch.Tensor, smoothed_variance: torch.Tensor,
+                     model: ErrorModel, detail_mean: float | None = None) -> torch.Tensor:
+    """v / G_w * V before normalisation: the model's shape on `detail` over the family's
+    smoothed per-voxel variance (float64; a slab of a volume passes the volume's
+    `detail_mean`)."""
+    return model.shape(detail, detail_mean) / smoothed_variance.double().clamp_min(1e-30)
+
+
+def normalising_factor(total_variance: float, weighted: float) -> float:
+    """c with ``sum(c g^2 V) == sum(V)``: `total_variance` = sum(V), `weighted` =
+    sum(g^2 V); 1 where either is not positive."""
+    return total_variance / weighted if total_variance > 0 and weighted > 0 else 1.0
+
+
 def local_gain(detail: torch.Tensor, family_variance: torch.Tensor, model: ErrorModel,
                settings: LocalSpreadSettings | None = None) -> torch.Tensor:
-    """g(x) (float32, (Z, Y, X)): g^2 = v / G_w * V, v = the model's shape on `detail`
+    """g(x) (float32, (Z, Y, X)): g^2 = c v / G_w * V, v = the model's shape on `detail`
     (the restoration's detail power), V = `family_variance` (the family's per-voxel
-    variance); clipped to [1 / max_gain, max_gain] and scaled so that
-    ``sum(g^2 V) == sum(V)`` (the family's total variance is kept)."""
+    variance): normalised (`normalising_factor`), clipped to
+    [1 / max_gain^2, max_gain^2], normalised again, so that ``sum(g^2 V) == sum(V)``
+    (the family's total variance is kept) and g stays within about the clip."""
     st = settings or LocalSpreadSettings()
     if detail.shape != family_variance.shape:
         raise CryowaeInputError("local spread: detail and family variance differ in shape")
@@ -251,15 +285,12 @@ def local_gain(detail: torch.Tensor, family_variance: torch.Tensor, model: Error
     total = float(var.sum())
     if not total > 0:
         return torch.ones(tuple(var.shape))
-    v_smooth = gaussian_smooth(var, st.window_sigma).clamp_min(total / var.numel() * 1e-6)
-    g2 = model.shape(detail) / v_smooth
-    lo, hi = st.max_gain**-2, st.max_gain**2
-    for _ in range(20):  # the clip moves the normalisation: alternate until both hold
-        g2 = g2 * (total / float((g2 * var).sum()))
-        clipped = g2.clamp(lo, hi)
-        if torch.equal(clipped, g2):
-            break
-        g2 = clipped
+    floor = total / var.numel() * 1e-6
+    g2 = raw_gain_squared(detail, gaussian_smooth(var, st.window_sigma).clamp_min(floor),
+                          model)
+    g2 = (g2 * normalising_factor(total, float((g2 * var).sum()))).clamp(
+        st.max_gain**-2, st.max_gain**2)
+    g2 = g2 * normalising_factor(total, float((g2 * var).sum()))
     return g2.sqrt().float()
 
 
@@ -276,27 +307,27 @@ def family_variance(samples: torch.Tensor) -> torch.Tensor:
 
 def localise_family(samples: Any, restore: Callable[[np.ndarray], Any], data: Any,
                     geometry: TiltGeometry, centre: Any = None,
-                    settings: LocalSpreadSettings | None = None,
-                    noise: Any = None) -> tuple[torch.Tensor, dict[str, Any]]:
+                    settings: LocalSpreadSettings | None = None
+                    ) -> tuple[torch.Tensor, dict[str, Any]]:
     """The local step on an in-memory (S, Z, Y, X) family of `data` (Z, Y, X): fit the
-    error model on the whole volume's extra-wedge task, take g from the detail power of
-    `centre` (the restoration of `data`; default ``restore(data)``) and the family's
-    variance, and modulate about the family mean. Returns the family and what was
-    fitted (for benchmarks and tests; `cryowae sample` streams the same steps)."""
+    error model (`fit_on_crop`), take g from the detail power of `centre` (the
+    restoration of `data`; default ``restore(data)``) and the family's variance, and
+    modulate about the family mean. Returns the family and what was fitted (benchmarks
+    and tests; `cryowae sample` streams the same steps:
+    `cryowae.sampling.store_local_spread`)."""
     st = settings or LocalSpreadSettings()
     x = torch.as_tensor(np.asarray(samples, dtype=np.float32))
-    task = extra_wedge_task(restore, data, geometry, noise, st)
-    model = fit_error_model(detail_power(task.restoration, st), task.error_power,
-                            task.noise_power, st)
+    model, fit = fit_on_crop(restore, data, geometry, st)
     r = np.asarray(restore(np.asarray(data, np.float32)) if centre is None else centre,
                    np.float32)
     gain = local_gain(detail_power(r, st), family_variance(x), model, st)
     mean = x.mean(dim=0)
-    info = {"model": model.to_dict(), "noise_power": task.noise_power,
+    info = {"model": model.to_dict(), "fit": fit,
             "gain_range": [float(gain.min()), float(gain.max())]}
     return modulate(x, mean, gain), info
 
 
-__all__ = ["ErrorModel", "ExtraWedgeTask", "LocalSpreadSettings", "detail_power",
-           "extra_wedge_task", "family_variance", "fit_error_model", "local_gain",
-           "localise_family", "modulate"]
+__all__ = ["FIT_EDGE", "ErrorModel", "ExtraWedgeTask", "LocalSpreadSettings",
+           "detail_power", "extra_wedge_task", "family_variance", "fit_error_model",
+           "fit_on_crop", "local_gain", "localise_family", "modulate", "normalising_factor",
+           "raw_gain_squared"]
