@@ -34,7 +34,7 @@ def load(sim: Path, family: Path) -> dict[str, Any]:
     from cryowae.io import read_volume
     from cryowae.metrics.calibration_checks import truth_seen_by_data
     from cryowae.physics.geometry import TiltGeometry
-    from cryowae.sampling.evaluate import _ctf_of, truth_on_data_scale
+    from cryowae.sampling.evaluate import truth_ctf, truth_on_data_scale
 
     meta = json.loads((family / "family.json").read_text())
     geo = TiltGeometry.from_dict(meta["geometry"])
@@ -47,7 +47,7 @@ def load(sim: Path, family: Path) -> dict[str, Any]:
 
     g, vs = vol("gt.mrc")
     d, _ = vol("tomo.mrc")
-    params, _ = _ctf_of(sim / "gt.mrc", None)
+    params = truth_ctf(sim / "gt.mrc").params
     truth, _, _ = truth_on_data_scale(truth_seen_by_data(g, vs, params, "abs_ctf"), d, geo)
     return {"samples": samples, "truth": truth, "data": d, "geometry": geo}
 
