@@ -70,8 +70,10 @@ from cryowae.tiling.pages import page_releasing, release_pages
 from cryowae.tiling.settings import TileSettings
 
 #: zstd level of samples.zarr's chunks (Blosc, bit-shuffled: the sign and exponent bits
-#: of neighbouring float16 values are alike and compress; the low mantissa bits do not)
-ZSTD_LEVEL = 5
+#: of neighbouring float16 values are alike and compress; the low mantissa bits do not);
+#: level 1: higher levels hold a few MB more of working memory per chunk for about 1-2 %
+#: smaller chunks of noisy tomograms, and the family's memory must not grow with its size
+ZSTD_LEVEL = 1
 #: float64 bytes of one block of `family_moments` over all samples (at least one chunk
 #: row), and float32 bytes of one slab copied into samples.zarr
 MOMENT_BYTES = 4 << 20
