@@ -139,8 +139,9 @@ class Trainer:
         self.family_figure: dict[str, float] = {}
         self.latent = LatentMatcher(cfg, self.model, self.device, self.gen, references,
                                     prior_state=saved.get("prior") if saved else None)
-        # the last codes seen (detached), for the monitoring figure during training; the
-        # final figure and model.pt use codes of fresh subtomograms (`fresh_codes`)
+        # the last codes seen (detached), for the monitoring figure during training; with
+        # a latent penalty the final figure and model.pt use codes of fresh subtomograms
+        # (`fresh_codes`)
         self.recent = CodeBank(capacity=256)
         self.balancer = TermBalancer(cfg.lambda_, cfg.balance_steps)
         self.step = 0
@@ -379,7 +380,11 @@ class Trainer:
             shutdown_distributed(self.dist)
             raise Cancelled(f"training cancelled at step {self.step}; its checkpoint is "
                             f"kept in {self.run_dir} (continue with --resume)")
-        codes = self.fresh_codes() if self.dist.is_main else None
+        # model.pt's codes: of fresh subtomograms under the final weights where a latent
+        # penalty shaped them; without one nothing reads them, so the recent training
+        # codes are stored instead of an extra encoding pass
+        codes = (self.fresh_codes() if self.latent.active else self.recent.codes()) \
+            if self.dist.is_main else None
         if self.family is not None and self.dist.is_main:
             self.family_figure = matching_figure(
                 self.family.model, self.sampler, cfg, self.device, self.gen,
