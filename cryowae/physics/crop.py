@@ -2,9 +2,9 @@
 tomogram is too large to read whole (the wedge estimate, the noise spectrum of the
 training targets, the spread calibration, the checks of a family).
 
-`central_box` gives the slices, `crop_of` / `central_crop` read them. Only the box is
-read from a memory map or a Zarr array, and the result is a float32 copy, never a view
-of the file.
+`central_box` gives the slices, `crop_of` / `family_crop_of` / `central_crop` read them.
+Only the box is read from a memory map or a Zarr array, and the result is a float32
+copy, never a view of the file.
 """
 
 from __future__ import annotations
@@ -38,9 +38,15 @@ def crop_of(volume: Any, box: tuple[Any, ...]) -> torch.Tensor:
     return torch.from_numpy(np.array(volume[box], dtype=np.float32))
 
 
+def family_crop_of(samples: Any, box: tuple[Any, ...]) -> torch.Tensor:
+    """(S, ...) float32 tensor of the same box of each sample of an (S, Z, Y, X) family,
+    read one sample at a time."""
+    return torch.stack([crop_of(samples, (i, *box)) for i in range(int(np.shape(samples)[0]))])
+
+
 def central_crop(volume: Any, edge: int, even: bool = False) -> np.ndarray:
     """The central box (`central_box`) of a (Z, Y, X) array-like as a float32 array."""
     return np.array(volume[central_box(np.shape(volume), edge, even)], dtype=np.float32)
 
 
-__all__ = ["Box", "central_box", "central_crop", "crop_of"]
+__all__ = ["Box", "central_box", "central_crop", "crop_of", "family_crop_of"]

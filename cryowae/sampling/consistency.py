@@ -29,7 +29,7 @@ import torch
 
 from cryowae.metrics.calibration import family_spread, shell_frequencies
 from cryowae.metrics.calibration_checks import measured_residual_ratio
-from cryowae.physics.crop import central_box, crop_of
+from cryowae.physics.crop import central_box, crop_of, family_crop_of
 from cryowae.physics.geometry import TiltGeometry
 from cryowae.training.noise import NoiseSpectrum, noise_from_halves, noise_without_halves
 
@@ -92,7 +92,7 @@ def consistency_check(samples: Any, data: Any, geometry: TiltGeometry,
     halves = (crop_of(even, crop), crop_of(odd, crop)) if even is not None else (None, None)
     noise = noise_of_data(d, geometry, *halves)
     s_count = int(np.shape(samples)[0])
-    fam = torch.stack([crop_of(samples, (i, *crop)) for i in range(s_count)])  # type: ignore[arg-type]
+    fam = family_crop_of(samples, crop)
     res = measured_residual_ratio(fam, d, noise.power, geometry)
     freq, ratio = shell_frequencies(d.shape), res["ratio"]
     high = ratio[(freq >= HIGH_SHELLS) & np.isfinite(ratio)]

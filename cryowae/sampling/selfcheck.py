@@ -103,7 +103,7 @@ def self_check(samples: Any, data: Any, geometry: TiltGeometry,
         ``line`` (one line for the user), ``local_rank_correlation``, per-shell columns.
     """
     from cryowae.metrics.calibration import family_spread, shell_frequencies
-    from cryowae.physics.crop import central_box, crop_of
+    from cryowae.physics.crop import central_box, crop_of, family_crop_of
     from cryowae.sampling.sure import sure_shell_error
     from cryowae.training.noise import noise_without_halves
 
@@ -113,7 +113,7 @@ def self_check(samples: Any, data: Any, geometry: TiltGeometry,
     if noise is None:
         noise = noise_without_halves(d, geometry)
     n = int(np.shape(samples)[0])
-    fam = torch.stack([crop_of(samples, (i, *crop)) for i in range(n)])  # type: ignore[arg-type]
+    fam = family_crop_of(samples, crop)
     fs = family_spread(fam, geometry)
     spread = {k: fs.per_shell(k) for k in ("measured", "wedge")}
     count = fs.counts
