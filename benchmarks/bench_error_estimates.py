@@ -2,7 +2,7 @@
 restoration's true error in the measured region? (issue 11)
 
 For each seed of a bench_families run (``sim_seed{S}``, ``run_seed{S}_default`` with
-``restored.mrc``), on the central crop (`central_crop`) and inside the measured region:
+``restored.mrc``), on the central crop (`central_box`) and inside the measured region:
 the true error |r - t|^2 of the restoration r against the truth the data can show (t:
 ground truth filtered by |CTF| on the data's scale, as `cryowae evaluate`), and the
 ratio to it of the Wiener error P N / (P + N) with the noise power N from the even/odd
@@ -30,7 +30,8 @@ def ratios(root: Path, seed: int) -> dict[str, np.ndarray]:
 
     from cryowae.io import read_volume
     from cryowae.metrics.calibration import shell_frequencies
-    from cryowae.sampling.consistency import central_crop
+    from cryowae.physics.crop import central_box
+    from cryowae.sampling.consistency import CHECK_EDGE
     from cryowae.sampling.recalibrate import wiener_error
     from cryowae.training.noise import (
         measured_shell_power,
@@ -41,7 +42,7 @@ def ratios(root: Path, seed: int) -> dict[str, np.ndarray]:
     c = load_case(root, seed, "family_nohalves")
     with read_volume(c["restored"]) as v:
         r = torch.from_numpy(np.array(v.numpy(), dtype=np.float32))
-    crop, geo = central_crop(tuple(r.shape)), c["geometry"]
+    crop, geo = central_box(tuple(r.shape), CHECK_EDGE, even=True), c["geometry"]
     d, t, rr, e, o = (x[crop] for x in (c["data"], c["truth"], r, c["even"], c["odd"]))
     power = {k: np.nan_to_num(measured_shell_power(v, geo)[0])
              for k, v in (("data", d), ("restored", rr), ("error", rr - t))}

@@ -83,7 +83,8 @@ def main() -> None:
         sparsification,
     )
     from cryowae.models.checkpoint import load_restorer
-    from cryowae.sampling.consistency import central_crop, crop_of
+    from cryowae.physics.crop import central_box, crop_of
+    from cryowae.sampling.consistency import CHECK_EDGE
     from cryowae.sampling.local_spread import (
         LocalSpreadSettings,
         extra_wedge_task,
@@ -116,7 +117,7 @@ def main() -> None:
     res: dict[str, Any] = {"local_fit": info, "restoration_only_gain": {
         "local_deviation": sparsification(local_deviation_map(centre), err).gain,
         "local_detail_power": sparsification(local_detail_power_map(centre), err).gain}}
-    crop = central_crop(tuple(data.shape))
+    crop = central_box(tuple(data.shape), CHECK_EDGE, even=True)
     task = extra_wedge_task(restore, crop_of(data, crop).numpy(), geo, None, st)
     mean = fam.mean(0)
     variants = {"per_shell": fam, "local": local, "per_shell_x2": mean + 2 * (fam - mean),

@@ -53,8 +53,9 @@ def shell_table(root: Path, seed: int, every: int) -> dict:
     from cryowae.io.stats import volume_stats
     from cryowae.metrics.calibration import SpectralGrid, shell_frequencies
     from cryowae.models.checkpoint import load_restorer
+    from cryowae.physics.crop import central_box, crop_of
     from cryowae.physics.geometry import TiltGeometry
-    from cryowae.sampling.consistency import central_crop, crop_of, noise_of_data
+    from cryowae.sampling.consistency import CHECK_EDGE, noise_of_data
     from cryowae.sampling.recalibrate import shell_error_estimate
     from cryowae.sampling.sure import sure_shell_error
     from cryowae.training.noise import measured_shell_power, noise_without_halves
@@ -69,7 +70,7 @@ def shell_table(root: Path, seed: int, every: int) -> dict:
     data, clean = vol(sim, "tomo.mrc"), vol(clean_dir, "tomo.mrc")
     even, odd = vol(sim, "tomo_even.mrc"), vol(sim, "tomo_odd.mrc")
     geo = TiltGeometry.from_file(sim / "tilts.tlt")
-    crop = central_crop(data.shape)
+    crop = central_box(data.shape, CHECK_EDGE, even=True)
     x, s = crop_of(data, crop).numpy(), crop_of(clean, crop).numpy()
     exact, _ = measured_shell_power(torch.from_numpy(x - s), geo)
     ramp = noise_without_halves(torch.from_numpy(x), geo).power

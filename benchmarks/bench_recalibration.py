@@ -152,16 +152,12 @@ def data_factors(c: dict[str, Any], samples: torch.Tensor, method: str) -> Any:
     one factor per shell for both regions. ``halves``: the error of each half's mean
     restoration against the other half (`halves_error`); ``wiener_halves`` /
     ``wiener_est``: `shell_error_estimate` with / without the halves."""
-    from cryowae.metrics.calibration import shell_frequencies
-    from cryowae.sampling.recalibrate import (
-        factors_from_data,
-        family_shell_spread,
-        shell_error_estimate,
-    )
+    from cryowae.metrics.calibration import family_spread, shell_frequencies
+    from cryowae.sampling.recalibrate import factors_from_data, shell_error_estimate
     from cryowae.training.noise import noise_from_halves
 
     geo = c["geometry"]
-    _, spread, _ = family_shell_spread(samples, geo)
+    spread = {"measured": family_spread(samples, geo).per_shell("measured")}
     if method == "halves":
         hn = noise_from_halves(c["even"], c["odd"], geo)
         if "r_even" not in c:

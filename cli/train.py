@@ -32,8 +32,9 @@ def train(
                                "(cpu-small, gpu-default, gpu-large). Default: by device "
                                "(gpu-default on CUDA, cpu-small on CPU; said in one line), "
                                "or the run's own config with --resume."),
-    divergence: str = typer.Option(None, "--divergence", help="mmd, sinkhorn, sliced, "
-                                   "adversarial or none."),
+    divergence: str = typer.Option(None, "--divergence", help="Latent matching of the "
+                                   "codes: mmd, sinkhorn, sliced, adversarial or none "
+                                   "[default: none]."),
     kernel: str = typer.Option(None, "--kernel", help="MMD kernel: imq (default) or rbf."),
     lam: float = typer.Option(None, "--lambda", help="Weight of the latent divergence "
                               "relative to the reconstruction term (auto-balanced)."),

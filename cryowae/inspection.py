@@ -29,14 +29,9 @@ import numpy as np
 import torch
 
 from cryowae.io import read_volume
+from cryowae.physics.crop import central_crop
 from cryowae.physics.fourier import hermitian_weights, radial_frequency
-from cryowae.physics.wedge_estimate import (
-    CROP_SIZE,
-    WedgeEstimate,
-    central_crop,
-    estimate_wedge,
-    tapered,
-)
+from cryowae.physics.wedge_estimate import CROP_SIZE, WedgeEstimate, estimate_wedge, tapered
 from cryowae.report import save_figure
 
 #: resolution (Angstrom) of the low-pass before the skewness of the polarity check

@@ -13,6 +13,7 @@ from cryowae.errors import CryowaeInputError
 from cryowae.metrics.calibration import (
     crps_ensemble,
     crps_report,
+    family_spread,
     interval_coverage,
     spread_skill,
     wedge_component,
@@ -26,6 +27,7 @@ from cryowae.metrics.calibration_checks import (
     measured_residual_ratio,
     truth_seen_by_data,
 )
+from cryowae.physics.crop import central_box, central_crop, crop_of
 from cryowae.physics.ctf import CTFParams, ctf_2d
 from cryowae.physics.fourier import radial_frequency, shell_index
 from cryowae.physics.geometry import TiltGeometry
@@ -103,6 +105,43 @@ def test_spread_skill_of_synthetic_families(scale):
         shells = res.ratio_per_shell("wedge")[2:]
         assert np.all(np.abs(shells - 1) < 0.35), shells
     assert len(res.to_dict()["per_shell"]) == len(res.frequency)
+
+
+def test_family_spread_of_one_known_mode():
+    """Samples mean + c_s g with g = cos(2 pi 3 x / 16), a mode on the kx axis (in the
+    measured plane of a Y tilt axis): by Parseval the variance summed over the
+    spectrum is var(c) sum g^2, all of it measured; the predictive spread is
+    (S + 1) / S times it."""
+    x = torch.arange(SHAPE[2], dtype=torch.float64)
+    g = torch.cos(2 * math.pi * 3 * x / SHAPE[2]).expand(SHAPE)
+    base = torch.randn(SHAPE, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    c = torch.tensor([0.5, -1.0, 2.0, 0.25], dtype=torch.float64)
+    samples = (base + c[:, None, None, None] * g).float()
+    plain = family_spread(samples, GEO, predictive=False)
+    want = float(c.var() * (g * g).sum())
+    assert plain.sums["measured"].sum() == pytest.approx(want, rel=1e-4)
+    assert plain.sums["wedge"].sum() == pytest.approx(0.0, abs=1e-4 * want)
+    assert plain.total("measured") == pytest.approx(want / plain.counts["measured"].sum(),
+                                                    rel=1e-4)
+    pred = family_spread(samples, GEO)
+    assert pred.sums["measured"].sum() == pytest.approx(want * 5 / 4, rel=1e-4)
+    shell = int(np.nanargmax(pred.per_shell("measured")))
+    assert shell == 3  # the mode's shell: 3 / 16 cycles per voxel
+
+
+def test_central_box_and_crop():
+    """The central box: start (n - e) // 2, the whole axis when shorter; `even` lowers
+    an odd edge by one; the crop reads exactly those voxels as float32."""
+    assert central_box((10, 7, 3), 4) == (slice(3, 7), slice(1, 5), slice(0, 3))
+    assert central_box((10, 7, 3), 5) == (slice(2, 7), slice(1, 6), slice(0, 3))
+    assert central_box((10, 7, 3), 5, even=True) == (slice(3, 7), slice(1, 5), slice(0, 2))
+    assert central_box((1, 9, 9), 96, even=True) == (slice(0, 1), slice(0, 8), slice(0, 8))
+    vol = np.arange(10 * 7 * 3, dtype=np.int64).reshape(10, 7, 3)
+    crop = central_crop(vol, 5)
+    assert crop.dtype == np.float32 and crop.shape == (5, 5, 3)
+    assert crop[0, 0, 0] == vol[2, 1, 0] and crop[-1, -1, -1] == vol[6, 5, 2]
+    t = crop_of(vol, central_box(vol.shape, 5))
+    assert t.dtype == torch.float32 and torch.equal(t, torch.from_numpy(crop))
 
 
 def test_coverage_of_a_calibrated_gaussian_family():

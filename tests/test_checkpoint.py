@@ -144,3 +144,39 @@ def test_new_model_roundtrip_and_wrong_kind(tmp_path):
     assert TrainConfig.from_dict(loaded.train_config).restorer == cfg.restorer
     with pytest.raises(CryowaeInputError, match="expected a cryowae-checkpoint"):
         load_state(tmp_path / "model.pt", KIND_CHECKPOINT)
+
+
+def test_stochastic_model_roundtrip_composed_at_construction(tmp_path):
+    """The family branch is built around the mean path (`StochasticRestorer(cfg,
+    mean=...)`): its state_dict keys are those of a model that built its own mean path
+    (so model.pt files written before load), model.pt stores the branch's keys alone,
+    and a saved-then-loaded model samples exactly as the original, around the loaded
+    mean path itself."""
+    from cryowae.models.stochastic import StochasticConfig, StochasticRestorer
+    from cryowae.physics.geometry import TiltGeometry
+    from cryowae.training.config import TrainConfig
+
+    cfg = TrainConfig(patch_size=16, restorer=RestorerConfig(4, 2, 8),
+                      geometry=TiltGeometry(-45, 55, "y"))
+    scfg = StochasticConfig(restorer=cfg.restorer, latent_channels=2, branch_channels=4)
+    torch.manual_seed(1)
+    mean = WAERestorer(cfg.restorer)
+    model = StochasticRestorer(scfg, mean=mean).eval()
+    assert model.mean is mean
+    assert list(model.state_dict()) == list(StochasticRestorer(scfg).state_dict())
+    with pytest.raises(ValueError, match="another mean path"):
+        StochasticRestorer(scfg, mean=WAERestorer(RestorerConfig(4, 1, 8)))
+    save_restorer(tmp_path / "model.pt", mean, cfg.to_dict(), 10.0, (0.0, 1.0),
+                  torch.zeros(2, 8), stochastic=model)
+    stored = load_state(tmp_path / "model.pt", KIND_MODEL)["stochastic"]["weights"]
+    assert stored and not any(k.startswith("mean.") for k in stored)
+    assert set(stored) | {f"mean.{k}" for k in mean.state_dict()} == set(model.state_dict())
+    loaded = load_restorer(tmp_path)
+    assert loaded.stochastic is not None and loaded.stochastic.mean is loaded.model
+    x = torch.randn(2, 1, 16, 16, 16)
+    z = model.draw_prior((16, 16, 16), 2, 3, torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        want, got = model(x, z=z), loaded.stochastic(x, z=z)
+    torch.testing.assert_close(got[0], want[0], rtol=0, atol=0)
+    torch.testing.assert_close(got[1], want[1], rtol=0, atol=0)
+    assert float(want[1].std(dim=1).mean()) > 0  # the samples depend on z

@@ -31,6 +31,8 @@ from .conftest import cancel_after, invoke_cli
 TINY = {"patch_size": 16, "channels": 4, "depth": 2, "latent_dim": 8, "batch_size": 2,
         "bank_size": 64, "log_every": 1, "checkpoint_every": 2, "steps": 6, "lr": 2e-3,
         "check_prior_preference": False,
+        # these tests exercise the latent penalty, which is off by default
+        "divergence": "mmd",
         # the mean path's tests: the family branch has its own (test_family_training.py)
         "family": False}
 
@@ -225,6 +227,39 @@ def test_balancer_gets_the_reconstruction_gradient_on_the_codes(tomo, tmp_path):
     assert len(a.latent.bank) == cfg.batch_size  # pooled features came back explicitly
     torch.testing.assert_close(a.latent.bank.codes(), out.pooled.detach())
     assert not hasattr(a.model, "last_pooled") and not hasattr(a.model, "decoder_code_grad")
+
+
+def test_default_path_has_no_latent_matching_end_to_end(tmp_path):
+    """The default is no latent matching: the presets train without it, a step has no
+    penalty (no `div`, the balancer never runs, no bank), and the run's model.pt
+    restores and samples (with the family branch)."""
+    assert TrainConfig().divergence == "none"
+    for name in ("cpu-small", "gpu-default", "gpu-large"):
+        assert load_config(name).divergence == "none"
+    tomo = tmp_path / "tomo.mrc"
+    write_mrc(tomo, _smooth_volume(), 10.0)
+    tiny = {k: v for k, v in TINY.items() if k not in ("divergence", "family")}
+    tiny["family"] = {"latent_channels": 2, "branch_channels": 4, "report_subtomograms": 4}
+    conf = tmp_path / "tiny.yaml"
+    conf.write_text(yaml.safe_dump({"train": tiny}))
+    tr = Trainer(load_sources([tomo], min_size=16), load_config(conf), tmp_path / "step")
+    out = tr.train_step()
+    assert "div" not in out and "fam_score" in out and tr.balancer.grad_count == 0
+    run = tmp_path / "run"
+    invoke_cli("train", tomo, "--out", run, "--config", conf, "--steps", "2", check=True)
+    with open(run / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert rows and all(r["div"] == "" for r in rows)
+    ck = load_state(run / "checkpoint.pt", KIND_CHECKPOINT)
+    assert ck["step"] == 2 and ck["bank"]["codes"].numel() == 0  # nothing banked
+    loaded = load_restorer(run / "model.pt")
+    assert loaded.stochastic is not None
+    assert TrainConfig.from_dict(loaded.train_config).divergence == "none"
+    invoke_cli("restore", run / "model.pt", tomo, "--out", tmp_path / "r.mrc", "--tile",
+               "16", "--overlap", "4", check=True)
+    invoke_cli("sample", run / "model.pt", tomo, "--n", "2", "--tile", "16", "--overlap",
+               "4", "--out", tmp_path / "fam", "--spread-calibration", "none", check=True)
+    assert (tmp_path / "fam" / "std.mrc").exists()
 
 
 def _metric_steps(run: Path) -> list[int]:

@@ -53,96 +53,22 @@ import torch
 
 from cryowae.errors import CryowaeInputError
 from cryowae.metrics._common import as_tensor
-from cryowae.physics.fourier import hermitian_weights, nyquist_sphere, shell_index
+from cryowae.metrics.spectral import (
+    FamilySpread,
+    SpectralGrid,
+    check_family,
+    family_spectra,
+    family_spread,
+    measured_mask,
+    predictive_spread,
+    shell_frequencies,
+    spectrum,
+)
 from cryowae.physics.geometry import TiltGeometry
 
 #: Z slices sorted at a time (bounds the memory of the per-voxel sort)
 _SLAB = 8
 _DIMS = (-3, -2, -1)
-
-
-# ------------------------------------------------------------------ spectral helpers
-def shell_frequencies(shape: Sequence[int]) -> np.ndarray:
-    """Frequency (cycles per voxel) of each shell of `cryowae.physics.fourier.shell_index`
-    (shell j: ``j / max(Z, Y, X)``)."""
-    n = max(int(s) for s in shape)
-    return np.arange(n // 2 + 1) / n
-
-
-def measured_mask(measured: TiltGeometry | torch.Tensor, shape: Sequence[int],
-                  device: torch.device | str | None = None) -> torch.Tensor:
-    """A boolean rfft-layout measured-region mask from a geometry or a given mask."""
-    shp = tuple(int(s) for s in shape)
-    m = measured.wedge_mask(shp, rfft=True, device=device) if isinstance(
-        measured, TiltGeometry) else torch.as_tensor(measured, device=device)
-    want = (*shp[:2], shp[2] // 2 + 1)
-    if tuple(m.shape) != want:
-        raise CryowaeInputError(f"measured mask has shape {tuple(m.shape)}, the rfft of a "
-                                f"{shp} volume needs {want}")
-    return m > 0.5
-
-
-def spectrum(v: Any, name: str) -> torch.Tensor:
-    """The ortho rfft (Z, Y, X // 2 + 1) of a (Z, Y, X) volume (tensor, array, memmap)."""
-    return torch.fft.rfftn(as_tensor(v, name), dim=_DIMS, norm="ortho")
-
-
-@dataclass
-class SpectralGrid:
-    """Per-coefficient bookkeeping of one (Z, Y, X) grid: shell labels, full-spectrum
-    multiplicities, and the measured / wedge regions (inside the sphere, no DC)."""
-
-    labels: torch.Tensor
-    n_shells: int
-    mult: torch.Tensor
-    measured: torch.Tensor
-    wedge: torch.Tensor
-
-    @classmethod
-    def of(cls, shape: Sequence[int], measured: TiltGeometry | torch.Tensor) -> SpectralGrid:
-        shp = tuple(int(s) for s in shape)
-        lab, n = shell_index(shp)  # type: ignore[arg-type]
-        m = measured_mask(measured, shp, device="cpu")
-        inside = nyquist_sphere(shp)  # type: ignore[arg-type]
-        mult = hermitian_weights(shp[-1]).expand(lab.shape)
-        return cls(lab, n, mult, inside & m, inside & ~m)
-
-    def shell_sums(self, values: torch.Tensor, region: torch.Tensor) -> np.ndarray:
-        """Full-spectrum sums of `values` (any device; summed on the CPU) per shell over
-        `region` (float64 (n_shells,))."""
-        sel = region.flatten()
-        v = values.detach().to("cpu", torch.float64) * self.mult
-        return torch.bincount(self.labels.flatten()[sel], v.flatten()[sel],
-                              minlength=self.n_shells).numpy()
-
-
-def check_family(shape: tuple[int, ...], truth_shape: tuple[int, ...]) -> int:
-    """S of an (S, Z, Y, X) family checked against a (Z, Y, X) truth (S >= 2)."""
-    if len(shape) != 4 or shape[1:] != truth_shape:
-        raise CryowaeInputError(f"samples must be (S, Z, Y, X) with (Z, Y, X) = "
-                                f"{truth_shape}, got {shape}")
-    if shape[0] < 2:
-        raise CryowaeInputError(f"need at least 2 samples, got {shape[0]}")
-    return shape[0]
-
-
-def family_spectra(samples: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    """Welford over samples (read one at a time): mean spectrum and the unbiased
-    per-coefficient variance sum_s |F_s - mean|^2 / (S - 1)."""
-    mean: torch.Tensor | None = None
-    m2: torch.Tensor | None = None
-    n = 0
-    for i in range(int(np.shape(samples)[0])):
-        f = spectrum(samples[i], "samples")
-        n += 1
-        if mean is None:
-            mean, m2 = f.clone(), torch.zeros(f.shape, device=f.device)
-            continue
-        d = f - mean
-        mean += d / n
-        m2 += (d.conj() * (f - mean)).real
-    assert mean is not None and m2 is not None
-    return mean, m2 / (n - 1)
 
 
 # ------------------------------------------------------------------ spread / skill
@@ -199,15 +125,13 @@ def spread_skill(samples: Any, truth: Any, measured: TiltGeometry | torch.Tensor
         The tilt geometry or an rfft-layout measured mask of the (Z, Y, X) grid.
     """
     g = as_tensor(truth, "truth")
-    s = check_family(tuple(int(v) for v in np.shape(samples)), tuple(g.shape))
-    mean, var = family_spectra(samples)
-    err = (mean - torch.fft.rfftn(g.to(mean.device), dim=_DIMS, norm="ortho")).abs().square()
-    grid = SpectralGrid.of(g.shape, measured)
-    spread = var * ((s + 1) / s)
-    sums = {}
-    for name, region in (("measured", grid.measured), ("wedge", grid.wedge)):
-        sums[name] = (grid.shell_sums(spread, region), grid.shell_sums(err, region),
-                      grid.shell_sums(torch.ones_like(err), region))
+    check_family(tuple(int(v) for v in np.shape(samples)), tuple(g.shape))
+    fs = family_spread(samples, measured)
+    err = (fs.mean - torch.fft.rfftn(g.to(fs.mean.device), dim=_DIMS, norm="ortho")
+           ).abs().square()
+    grid = fs.grid
+    sums = {name: (fs.sums[name], grid.shell_sums(err, getattr(grid, name)), fs.counts[name])
+            for name in ("measured", "wedge")}
 
     def ratio(sp: np.ndarray, er: np.ndarray) -> float:
         return float(np.sqrt(sp.sum() / er.sum())) if er.sum() > 0 else float("nan")
@@ -215,7 +139,7 @@ def spread_skill(samples: Any, truth: Any, measured: TiltGeometry | torch.Tensor
     with np.errstate(invalid="ignore", divide="ignore"):
         per = {k: (v[0] / v[2], v[1] / v[2]) for k, v in sums.items()}
     return SpreadSkill(
-        n_samples=s, ratio=ratio(sums["measured"][0] + sums["wedge"][0],
+        n_samples=fs.n_samples, ratio=ratio(sums["measured"][0] + sums["wedge"][0],
                                  sums["measured"][1] + sums["wedge"][1]),
         ratio_measured=ratio(*sums["measured"][:2]), ratio_wedge=ratio(*sums["wedge"][:2]),
         frequency=shell_frequencies(g.shape), spread_measured=per["measured"][0],
@@ -382,3 +306,12 @@ def crps_report(samples: Any, truth: Any, single: Any = None) -> dict[str, float
                                     f"{tuple(g.shape)} differ in shape")
         out["mae_single"] = float((r.double() - g.double()).abs().mean())
     return out
+
+
+#: this module's own names, and the spectral bookkeeping (`cryowae.metrics.spectral`)
+#: that its callers import from here
+__all__ = ["INTERVAL_METHODS", "FamilySpread", "SpectralGrid", "SpreadSkill", "check_family",
+           "crps_ensemble", "crps_report", "family_spectra", "family_spread",
+           "interval_coverage", "measured_mask", "predictive_spread", "shell_frequencies",
+           "spectrum", "spread_skill", "student_t_quantile", "wedge_component",
+           "wedge_coverage"]

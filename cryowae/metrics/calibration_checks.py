@@ -25,7 +25,7 @@ from cryowae.metrics._common import as_tensor
 from cryowae.metrics.calibration import (
     SpectralGrid,
     check_family,
-    family_spectra,
+    family_spread,
     shell_frequencies,
     spectrum,
 )
@@ -77,15 +77,15 @@ def halves_check(samples_a: Any, half_b: Any, noise_power_b: Sequence[float] | n
         shell has no measured coefficient).
     """
     b = as_tensor(half_b, "half_b")
-    s = check_family(tuple(int(v) for v in np.shape(samples_a)), tuple(b.shape))
-    mean, var = family_spectra(samples_a)
-    grid = SpectralGrid.of(b.shape, measured)
-    count = grid.shell_sums(torch.ones(var.shape), grid.measured)
+    check_family(tuple(int(v) for v in np.shape(samples_a)), tuple(b.shape))
+    fs = family_spread(samples_a, measured)
+    grid, count = fs.grid, fs.counts["measured"]
     noise = _noise_array(noise_power_b, grid.n_shells)
-    gap = (mean - torch.fft.rfftn(b.to(mean.device), dim=_DIMS, norm="ortho")).abs().square()
+    gap = (fs.mean - torch.fft.rfftn(b.to(fs.mean.device), dim=_DIMS, norm="ortho")
+           ).abs().square()
     with np.errstate(invalid="ignore", divide="ignore"):
         observed = grid.shell_sums(gap, grid.measured) / count
-        predicted = grid.shell_sums(var * ((s + 1) / s), grid.measured) / count + noise
+        predicted = fs.per_shell("measured") + noise
         return {"frequency": shell_frequencies(b.shape), "observed": observed,
                 "predicted": predicted, "ratio": observed / predicted}
 

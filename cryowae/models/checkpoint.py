@@ -232,11 +232,7 @@ def _stochastic_from(saved: dict[str, Any] | None, mean: WAERestorer) -> Any:
         return None
     from cryowae.models.stochastic import StochasticConfig, StochasticRestorer
 
-    cfg = StochasticConfig.from_dict(saved["architecture"])
-    if cfg.restorer != mean.config:
-        raise ValueError("the stochastic branch was built for another mean path")
-    model = StochasticRestorer(cfg)
-    model.mean = mean
+    model = StochasticRestorer(StochasticConfig.from_dict(saved["architecture"]), mean=mean)
     missing, unexpected = model.load_state_dict(saved["weights"], strict=False)
     if unexpected or any(not k.startswith("mean.") for k in missing):
         raise RuntimeError(f"stochastic weights do not fit (missing {missing[:3]}, "

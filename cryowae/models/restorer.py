@@ -109,17 +109,15 @@ class RestorerOutput(NamedTuple):
         The codes (B, latent_dim) (sampled for a Gaussian encoder in training mode).
     pooled
         The latent head's input (B, 2 C), see `Encoding`.
-    z_decoder
-        z as the decoder consumed it (a view of z): in a backward pass the gradient that
-        reaches it is the reconstruction's alone, apart from what a penalty on z adds.
-        The trainer calls ``z_decoder.retain_grad()`` before backward and hands
-        ``z_decoder.grad`` to its term balancer.
+    features
+        The decoder's features per level, coarsest first: the bottleneck block's
+        output, then each decoder block's (what the family branch reads).
     """
 
     restored: torch.Tensor
     z: torch.Tensor
     pooled: torch.Tensor
-    z_decoder: torch.Tensor
+    features: list[torch.Tensor]
 
 
 class WAERestorer(nn.Module):
@@ -128,7 +126,7 @@ class WAERestorer(nn.Module):
     ``forward(x) -> (restored, z)`` with x, restored of shape (B, 1, Z, Y, X) and z of
     shape (B, latent_dim); ``forward(x, with_features=True)`` returns a
     `RestorerOutput` that adds what training needs (pooled bottleneck features, the
-    decoder's view of z). `encode` and `decode` expose the two halves so a caller can
+    decoder's features per level). `encode` and `decode` expose the two halves so a caller can
     decode a subtomogram with codes other than its own.
     """
 
@@ -226,24 +224,38 @@ class WAERestorer(nn.Module):
     def decode(self, z: torch.Tensor, skips: list[torch.Tensor],
                x: torch.Tensor) -> torch.Tensor:
         """Restore `x` (B, 1, Z, Y, X) from its skip features, conditioned on codes z."""
+        return self.decode_features(z, skips, x)[0]
+
+    def decode_features(self, z: torch.Tensor, skips: list[torch.Tensor], x: torch.Tensor
+                        ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """`decode`, and the decoder's features per level (coarsest first)."""
         h = self.mid(skips[-1], self.film[0](z))
+        features = [h]
         for i, (up, block) in enumerate(zip(self.up, self.dec, strict=True)):
             skip = skips[-2 - i]
             h = block(torch.cat([up(h), skip], dim=1), self.film[i + 1](z))
+            features.append(h)
         base = x if self.skip_filter is None else self.skip_filter(x)
-        return base + self.head(h)
+        return base + self.head(h), features
 
-    def forward(self, x: torch.Tensor, with_features: bool = False
+    def forward(self, x: torch.Tensor, with_features: bool = False,
+                z_probe: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor] | RestorerOutput:
         """Restore x (B, 1, Z, Y, X): ``(restored, z)``, or with `with_features` a
-        `RestorerOutput` (restored, z, pooled, z_decoder) for the trainer. A Gaussian encoder
-        samples z in training mode and uses its mean in eval mode."""
+        `RestorerOutput` (restored, z, pooled, features) for the trainer. A Gaussian
+        encoder samples z in training mode and uses its mean in eval mode.
+
+        `z_probe`: a zero leaf tensor (B, latent_dim) of the caller's, added to z where
+        the decoder reads it (values unchanged); after a backward pass its ``.grad`` is
+        the gradient the decoder sent to z, i.e. the reconstruction's alone, apart from
+        what a penalty on z adds (the trainer's term balancer compares the two)."""
         enc = self.encode_features(x)
         z = self._codes(enc.stats, sample=self.training)
+        z_dec = z if z_probe is None else z + z_probe
         if not with_features:
-            return self.decode(z, enc.skips, x), z
-        z_dec = z.view_as(z)
-        return RestorerOutput(self.decode(z_dec, enc.skips, x), z, enc.pooled, z_dec)
+            return self.decode(z_dec, enc.skips, x), z
+        restored, features = self.decode_features(z_dec, enc.skips, x)
+        return RestorerOutput(restored, z, enc.pooled, features)
 
 
 def _gaussian_filter(sigma: float) -> nn.Conv3d:

@@ -153,15 +153,22 @@ class _Branch(nn.Module):
 class StochasticRestorer(nn.Module):
     """Mean path + latent-field branch (module docstring).
 
-    ``forward(x, z=None, n_samples=2, generator=None) -> (mean, samples, aux)`` with x
-    and mean (B, 1, Z, Y, X), samples (B, m, Z, Y, X) and aux a `StochasticAux`.
+    ``StochasticRestorer(config, mean=restorer)`` composes the branch around an existing
+    mean path at construction. ``forward(x, z=None, n_samples=2, generator=None) ->
+    (mean, samples, aux)`` with x and mean (B, 1, Z, Y, X), samples (B, m, Z, Y, X) and
+    aux a `StochasticAux`.
     """
 
-    def __init__(self, config: StochasticConfig | None = None) -> None:
+    def __init__(self, config: StochasticConfig | None = None,
+                 mean: WAERestorer | None = None) -> None:
+        """`mean`: the mean path to wrap (the same module object: a trainer's restorer, a
+        loaded model's), built of ``config.restorer``; None builds a fresh one."""
         super().__init__()
         cfg = config or StochasticConfig()
         self.config = cfg
-        self.mean = WAERestorer(cfg.restorer)
+        if mean is not None and mean.config != cfg.restorer:
+            raise ValueError("the stochastic branch was built for another mean path")
+        self.mean = WAERestorer(cfg.restorer) if mean is None else mean
         d = cfg.restorer.depth
         mean_ch = [cfg.restorer.channels * 2**i for i in reversed(range(d + 1))]
         widths = [cfg.branch_channels * 2**i for i in reversed(range(d + 1))]
@@ -207,22 +214,10 @@ class StochasticRestorer(nn.Module):
     def mean_and_features(self, x: torch.Tensor
                           ) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
         """The mean path's restoration (B, 1, Z, Y, X), its decoder features per level
-        (coarsest first: the bottleneck block's output, then each decoder block's) and
-        its code (B, latent_dim). The features are read by forward hooks on
-        ``mean.mid`` and ``mean.dec`` for this call only, so the mean path runs
-        unchanged."""
-        feats: list[torch.Tensor] = []
-        modules = [self.mean.mid, *self.mean.dec]
-        handles = [m.register_forward_hook(lambda _m, _i, out: feats.append(out))
-                   for m in modules]
-        try:
-            code, skips = self.mean.encode(x, sample=self.training)
-            mean = self.mean.decode(code, skips, x)
-        finally:
-            for h in handles:
-                h.remove()
-        if len(feats) != len(modules):
-            raise RuntimeError(f"expected {len(modules)} decoder features, got {len(feats)}")
+        (coarsest first: the bottleneck block's output, then each decoder block's,
+        `WAERestorer.decode_features`) and its code (B, latent_dim)."""
+        code, skips = self.mean.encode(x, sample=self.training)
+        mean, feats = self.mean.decode_features(code, skips, x)
         return mean, feats, code
 
     def decode_branch(self, features: list[torch.Tensor], z: Field) -> torch.Tensor:

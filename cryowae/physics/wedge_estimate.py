@@ -53,6 +53,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from cryowae.physics.crop import central_crop
 from cryowae.physics.fourier import fourier_grid, hermitian_weights, shell_index
 from cryowae.physics.geometry import TiltGeometry
 from cryowae.physics.wedge import _elevation_deg
@@ -148,15 +149,6 @@ class WedgeEstimate:
                 "band": [round(self.band[0], 4), round(self.band[1], 4)],
                 "separation_by_axis": {k.upper(): round(v, 4)
                                        for k, v in self.separation_by_axis.items()}}
-
-
-def central_crop(data: Any, size: int = CROP_SIZE) -> np.ndarray:
-    """The central block of a (Z, Y, X) array-like, at most `size` voxels along each
-    axis, as float32 (only that block is read from a memory map or Zarr array)."""
-    sl = tuple(slice((int(n) - min(int(n), size)) // 2,
-                     (int(n) - min(int(n), size)) // 2 + min(int(n), size))
-               for n in data.shape)
-    return np.array(data[sl], dtype=np.float32)  # a copy: never a view of the file
 
 
 def tapered(crop: np.ndarray) -> torch.Tensor:
@@ -351,5 +343,5 @@ def spectrum_warning(data: Any, geometry: TiltGeometry, name: str = "") -> str |
     return estimate_mismatch(geometry, estimate_wedge(data), name)
 
 
-__all__ = ["BAND", "CANDIDATE_AXES", "CROP_SIZE", "WedgeEstimate", "central_crop",
+__all__ = ["BAND", "CANDIDATE_AXES", "CROP_SIZE", "WedgeEstimate",
            "estimate_wedge", "estimate_wedge_file", "spectrum_warning", "tapered"]

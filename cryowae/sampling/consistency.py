@@ -22,14 +22,14 @@ measured-region power above 0.35 cycles per voxel as a |k|).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import torch
 
-from cryowae.metrics.calibration import SpectralGrid, family_spectra, shell_frequencies
+from cryowae.metrics.calibration import family_spread, shell_frequencies
 from cryowae.metrics.calibration_checks import measured_residual_ratio
+from cryowae.physics.crop import central_box, crop_of, family_crop_of
 from cryowae.physics.geometry import TiltGeometry
 from cryowae.training.noise import NoiseSpectrum, noise_from_halves, noise_without_halves
 
@@ -39,28 +39,6 @@ CHECK_EDGE = 96
 HIGH_SHELLS = 0.25
 #: consistency choices of `cryowae sample` (no overwrite of the measured region)
 CONSISTENCY = ("check", "none")
-
-Crop = tuple[slice, slice, slice]
-
-
-def central_crop(shape: Sequence[int], edge: int = CHECK_EDGE) -> Crop:
-    """The central box of at most `edge` voxels per axis (even sizes where possible)."""
-    out = []
-    for n in (int(s) for s in shape):
-        e = min(n, int(edge))
-        if e > 1 and e % 2:
-            e -= 1
-        z0 = (n - e) // 2
-        out.append(slice(z0, z0 + e))
-    return tuple(out)  # type: ignore[return-value]
-
-
-def crop_of(volume: Any, crop: tuple[Any, ...]) -> torch.Tensor:
-    """float32 tensor of ``volume[crop]`` (numpy, memmap, zarr, tensor): only the crop
-    is read."""
-    v = volume[crop]
-    return torch.from_numpy(np.array(v, dtype=np.float32))
-
 
 def noise_of_data(data: torch.Tensor, geometry: TiltGeometry, even: torch.Tensor | None,
                   odd: torch.Tensor | None) -> NoiseSpectrum:
@@ -77,13 +55,8 @@ def noise_of_data(data: torch.Tensor, geometry: TiltGeometry, even: torch.Tensor
 def region_spread(samples: Any, geometry: TiltGeometry) -> dict[str, float]:
     """Mean per-coefficient variance of the family (unbiased, ortho FFT, the samples'
     units squared) in the wedge and in the measured region: where the family varies."""
-    _, var = family_spectra(samples)
-    grid = SpectralGrid.of(tuple(int(v) for v in np.shape(samples)[1:]), geometry)
-    ones = torch.ones(var.shape)
-    out = {}
-    for name, region in (("wedge", grid.wedge), ("measured", grid.measured)):
-        n = grid.shell_sums(ones, region).sum()
-        out[name] = float(grid.shell_sums(var, region).sum() / n) if n else float("nan")
+    fs = family_spread(samples, geometry, predictive=False)
+    out = {name: fs.total(name) for name in ("wedge", "measured")}
     m = out["measured"]
     out["wedge_over_measured"] = out["wedge"] / m if m > 0 else float("nan")
     return out
@@ -114,12 +87,12 @@ def consistency_check(samples: Any, data: Any, geometry: TiltGeometry,
         ``verdict``, ``spread`` (`region_spread`).
     """
     shape = tuple(int(s) for s in np.shape(data))
-    crop = central_crop(shape, edge)
+    crop = central_box(shape, edge, even=True)
     d = crop_of(data, crop)
     halves = (crop_of(even, crop), crop_of(odd, crop)) if even is not None else (None, None)
     noise = noise_of_data(d, geometry, *halves)
     s_count = int(np.shape(samples)[0])
-    fam = torch.stack([crop_of(samples, (i, *crop)) for i in range(s_count)])  # type: ignore[arg-type]
+    fam = family_crop_of(samples, crop)
     res = measured_residual_ratio(fam, d, noise.power, geometry)
     freq, ratio = shell_frequencies(d.shape), res["ratio"]
     high = ratio[(freq >= HIGH_SHELLS) & np.isfinite(ratio)]
@@ -162,5 +135,5 @@ def family_lines(meta: dict[str, Any]) -> list[str]:
     return lines
 
 
-__all__ = ["CHECK_EDGE", "CONSISTENCY", "central_crop", "consistency_check", "crop_of",
+__all__ = ["CHECK_EDGE", "CONSISTENCY", "consistency_check",
            "family_lines", "noise_of_data", "region_spread"]

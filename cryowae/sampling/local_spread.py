@@ -246,10 +246,10 @@ def fit_on_crop(restore: Callable[[np.ndarray], Any], data: Any, geometry: TiltG
                 settings: LocalSpreadSettings | None = None) -> tuple[ErrorModel, dict[str, Any]]:
     """The error model fitted on the extra-wedge task of the data's central crop (at
     most `FIT_EDGE` voxels per axis), and where it was fitted."""
-    from cryowae.sampling.consistency import central_crop, crop_of
+    from cryowae.physics.crop import central_box, crop_of
 
     settings = settings or LocalSpreadSettings()
-    crop = central_crop(tuple(int(v) for v in np.shape(data)), FIT_EDGE)
+    crop = central_box(np.shape(data), FIT_EDGE, even=True)
     task = extra_wedge_task(restore, crop_of(data, crop).numpy(), geometry, None, settings)
     model = fit_error_model(detail_power(task.restoration, settings), task.error_power,
                             task.noise_power, settings)

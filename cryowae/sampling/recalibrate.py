@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from cryowae.errors import CryowaeInputError
-from cryowae.metrics.calibration import SpectralGrid, check_family, family_spectra
+from cryowae.metrics.calibration import FamilySpread, check_family, family_spread
 from cryowae.metrics.calibration import shell_frequencies as _shell_frequencies
 from cryowae.physics.fourier import radial_frequency
 from cryowae.physics.geometry import TiltGeometry
@@ -94,22 +94,9 @@ class ShellFactors:
                    np.asarray(data["wedge"]), str(data.get("source", "")))
 
 
-def family_shell_spread(samples: Any, geometry: TiltGeometry | torch.Tensor
-                        ) -> tuple[torch.Tensor, dict[str, np.ndarray], SpectralGrid]:
-    """Mean spectrum of the family, and per shell the predictive spread
-    ``(S + 1) / S`` x unbiased family variance (per-coefficient mean, ortho FFT) of the
-    ``"measured"`` and ``"wedge"`` regions, with the grid."""
-    shape = tuple(int(v) for v in np.shape(samples))
-    s = check_family(shape, shape[1:])
-    mean, var = family_spectra(samples)
-    grid = SpectralGrid.of(shape[1:], geometry)
-    spread = {}
-    with np.errstate(invalid="ignore", divide="ignore"):
-        for name in ("measured", "wedge"):
-            region = getattr(grid, name)
-            count = grid.shell_sums(torch.ones(var.shape), region)
-            spread[name] = grid.shell_sums(var * ((s + 1) / s), region) / count
-    return mean, spread, grid
+def _per_shell(fs: FamilySpread) -> dict[str, np.ndarray]:
+    """The family's spread per shell of each region (per-coefficient means)."""
+    return {name: fs.per_shell(name) for name in ("measured", "wedge")}
 
 
 def _factor(error: np.ndarray, spread: np.ndarray, max_factor: float) -> np.ndarray:
@@ -124,7 +111,7 @@ def factors_from_errors(spread: dict[str, np.ndarray], error: dict[str, np.ndarr
                         frequency: np.ndarray, source: str,
                         max_factor: float = MAX_FACTOR) -> ShellFactors:
     """Factors a = sqrt(error / spread) per shell and region (``"measured"``,
-    ``"wedge"``: per-coefficient means, as `family_shell_spread`), clipped to
+    ``"wedge"``: per-coefficient means, as `FamilySpread.per_shell`), clipped to
     `max_factor`; 1 where a shell has no coefficient."""
     return ShellFactors(frequency, _factor(error["measured"], spread["measured"], max_factor),
                         _factor(error["wedge"], spread["wedge"], max_factor), source)
@@ -134,9 +121,10 @@ def factors_from_truth(samples: Any, truth: Any, geometry: TiltGeometry | torch.
                        max_factor: float = MAX_FACTOR) -> ShellFactors:
     """Oracle factors: per shell and region, the family mean's squared error against
     `truth` (Z, Y, X, on the samples' scale) over the family's predictive spread."""
-    mean, spread, grid = family_shell_spread(samples, geometry)
+    fs = family_spread(samples, geometry)
+    spread, grid = _per_shell(fs), fs.grid
     g = torch.as_tensor(np.asarray(truth, dtype=np.float32))
-    err = (mean - torch.fft.rfftn(g, dim=_DIMS, norm="ortho")).abs().square()
+    err = (fs.mean - torch.fft.rfftn(g, dim=_DIMS, norm="ortho")).abs().square()
     error = {}
     with np.errstate(invalid="ignore", divide="ignore"):
         for name in ("measured", "wedge"):
@@ -225,7 +213,7 @@ class _CropView:
         self.shape = (int(samples.shape[0]), *(c.stop - c.start for c in crop))
 
     def __getitem__(self, i: int) -> torch.Tensor:
-        from cryowae.sampling.consistency import crop_of
+        from cryowae.physics.crop import crop_of
 
         return crop_of(self.samples, (int(i), *self.crop))
 
@@ -235,7 +223,7 @@ def estimate_factors(samples: Any, data: Any, geometry: TiltGeometry, mode: str,
                      wedge_floor: bool = True,
                      restore: Callable[[np.ndarray], Any] | None = None
                      ) -> tuple[ShellFactors, dict[str, Any]]:
-    """`factors_from_data` on the central crop (`central_crop`, at most 96 voxels per
+    """`factors_from_data` on the central crop (`central_box`, at most 96 voxels per
     axis) of the family, the data and (``mode == "halves"``) the halves; with the
     per-shell error estimate and spread it used. The error estimate is the SURE of
     `restore` (the family's centre, e.g. ``restore_array`` of the mean path) on the
@@ -245,11 +233,13 @@ def estimate_factors(samples: Any, data: Any, geometry: TiltGeometry, mode: str,
     (`cryowae.sampling.wedge_ratio`; from the halves in ``halves`` mode).
     `wedge_floor`: no shell leaves the wedge, where nothing was measured, with less
     spread per coefficient than the measured region (`cryowae.sampling.wedge_floor`)."""
-    from cryowae.sampling.consistency import central_crop, crop_of
+    from cryowae.physics.crop import central_box, crop_of
+    from cryowae.sampling.consistency import CHECK_EDGE
 
-    crop = central_crop(tuple(int(v) for v in samples.shape[1:]))
+    crop = central_box(samples.shape[1:], CHECK_EDGE, even=True)
     view = _CropView(samples, crop)
-    _, spread, grid = family_shell_spread(view, geometry)
+    fs = family_spread(view, geometry)
+    spread, grid = _per_shell(fs), fs.grid
     info: dict[str, Any] = {}
     if restore is not None:
         from cryowae.sampling.sure import sure_shell_error
@@ -288,5 +278,5 @@ def estimate_factors(samples: Any, data: Any, geometry: TiltGeometry, mode: str,
 
 __all__ = ["MAX_FACTOR", "SPREAD_CALIBRATIONS", "ShellFactors", "estimate_factors",
            "factors_from_data", "factors_from_errors", "factors_from_truth",
-           "family_shell_spread", "recalibrate_family", "recalibrate_sample",
+           "recalibrate_family", "recalibrate_sample",
            "resolve_mode", "shell_error_estimate", "wiener_error"]

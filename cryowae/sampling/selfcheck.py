@@ -1,7 +1,7 @@
 """Does a family's spread agree with what the data can check? A self-check without
 ground truth (issue 21, item 4).
 
-On a central crop (`cryowae.sampling.consistency.central_crop`) the family's predictive
+On a central crop (`cryowae.physics.crop.central_box`) the family's predictive
 spread per Fourier coefficient, ``(S + 1) / S`` x the unbiased family variance (as
 `cryowae.metrics.calibration.spread_skill` counts it against a truth), is compared
 with two error estimates of the restoration R that the data give:
@@ -102,22 +102,21 @@ def self_check(samples: Any, data: Any, geometry: TiltGeometry,
         ``spread_skill`` {measured, wedge}, ``verdict`` (``"agrees"`` or ``"disagrees"``),
         ``line`` (one line for the user), ``local_rank_correlation``, per-shell columns.
     """
-    from cryowae.metrics.calibration import shell_frequencies
-    from cryowae.sampling.consistency import central_crop, crop_of
-    from cryowae.sampling.recalibrate import family_shell_spread
+    from cryowae.metrics.calibration import family_spread, shell_frequencies
+    from cryowae.physics.crop import central_box, crop_of, family_crop_of
     from cryowae.sampling.sure import sure_shell_error
     from cryowae.training.noise import noise_without_halves
 
     st = settings or LocalSpreadSettings()
-    crop = central_crop(tuple(int(v) for v in np.shape(data)), edge)
+    crop = central_box(np.shape(data), edge, even=True)
     d = crop_of(data, crop)
     if noise is None:
         noise = noise_without_halves(d, geometry)
     n = int(np.shape(samples)[0])
-    fam = torch.stack([crop_of(samples, (i, *crop)) for i in range(n)])  # type: ignore[arg-type]
-    _, spread, grid = family_shell_spread(fam, geometry)
-    ones = torch.ones(grid.measured.shape)
-    count = {k: grid.shell_sums(ones, getattr(grid, k)) for k in ("measured", "wedge")}
+    fam = family_crop_of(samples, crop)
+    fs = family_spread(fam, geometry)
+    spread = {k: fs.per_shell(k) for k in ("measured", "wedge")}
+    count = fs.counts
     sure = sure_shell_error(restore, d.numpy(), geometry, noise, seed=seed)
     if task is None:
         task = extra_wedge_task(restore, d.numpy(), geometry, noise, st)

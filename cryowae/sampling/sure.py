@@ -79,6 +79,21 @@ def _spectrum(v: Any) -> torch.Tensor:
                            norm="ortho")
 
 
+def probe_divergence(probe: torch.Tensor, moved: torch.Tensor, base: torch.Tensor,
+                     epsilon: float = EPSILON) -> torch.Tensor:
+    """Per coefficient, the Monte Carlo estimate of ``N(k) dR_k/dx_k`` (module
+    docstring): ``Re[conj(b_k) (R(x + eps b) - R(x))_k] / eps`` from the spectra of the
+    probe b (`probe`), of R(x + eps b) (`moved`) and of R(x) (`base`)."""
+    return (probe.conj() * (moved - base)).real / epsilon
+
+
+def sure_error(residual: Any, noise: Any, divergence: Any) -> Any:
+    """SURE of the squared error: ``|R - x|^2 - N + 2 N dR/dx`` (per coefficient, or
+    per shell of means), from the residual power, the noise power and
+    `probe_divergence`."""
+    return residual - noise + 2.0 * divergence
+
+
 def sure_shell_error(restore: Callable[[np.ndarray], Any], data: Any,
                      geometry: TiltGeometry, noise: NoiseSpectrum | None = None,
                      probes: int = 1, epsilon: float = EPSILON,
@@ -122,11 +137,11 @@ def sure_shell_error(restore: Callable[[np.ndarray], Any], data: Any,
     for _ in range(max(1, int(probes))):
         b = draw_noise(noise, x.shape, generator=gen, measured=region)[0, 0].numpy()
         fr = _spectrum(np.asarray(restore(x + epsilon * b), dtype=np.float32))
-        divergence += shell_mean((_spectrum(b).conj() * (fr - frx)).real / epsilon)
+        divergence += shell_mean(probe_divergence(_spectrum(b), fr, frx, epsilon))
     divergence /= max(1, int(probes))
-    error = residual - noise_shell + 2.0 * divergence
+    error = sure_error(residual, noise_shell, divergence)
     return SureEstimate(_shell_frequencies(x.shape), error, residual, noise_shell,
                         divergence, noise.source)
 
 
-__all__ = ["EPSILON", "SureEstimate", "sure_shell_error"]
+__all__ = ["EPSILON", "SureEstimate", "probe_divergence", "sure_error", "sure_shell_error"]

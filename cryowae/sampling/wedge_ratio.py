@@ -97,10 +97,11 @@ def wedge_ratio(model: Any, data: Any, even: Any, odd: Any, geometry: TiltGeomet
         reproducible.
     """
     from cryowae.io.stats import volume_stats
-    from cryowae.metrics.calibration import SpectralGrid, shell_frequencies
+    from cryowae.metrics.calibration import SpectralGrid, predictive_spread, shell_frequencies
+    from cryowae.physics.crop import central_box, crop_of
     from cryowae.physics.fourier import radial_frequency
-    from cryowae.sampling.consistency import central_crop, crop_of
-    from cryowae.sampling.sure import EPSILON
+    from cryowae.sampling.consistency import CHECK_EDGE
+    from cryowae.sampling.sure import EPSILON, probe_divergence, sure_error
     from cryowae.training.augment import make_batch
     from cryowae.training.data import (
         SubtomogramSampler,
@@ -130,7 +131,7 @@ def wedge_ratio(model: Any, data: Any, even: Any, odd: Any, geometry: TiltGeomet
     target = even if halves else data
     std = 0.5 * (src.stats["even"][1] + src.stats["odd"][1]) if halves \
         else src.stats["full"][1]
-    crop = central_crop(tuple(int(v) for v in np.shape(target)))
+    crop = central_box(np.shape(target), CHECK_EDGE, even=True)
     noise = noise_without_halves(crop_of(target, crop), geometry).scaled(1.0 / std**2)
     shape = (patch, patch, patch)
     grid = SpectralGrid.of(shape, geometry)  # shells and Hermitian multiplicities
@@ -150,8 +151,9 @@ def wedge_ratio(model: Any, data: Any, even: Any, odd: Any, geometry: TiltGeomet
         ft = torch.fft.rfftn(b.targets[:, 0].double().cpu(), dim=dims, norm="ortho")
         fs = torch.fft.rfftn(samples.double().cpu(), dim=dims, norm="ortho")
         var = (fs - fs.mean(1, keepdim=True)).abs().square().sum(1) / (n_samples - 1)
-        spread = var * (n_samples + 1) / n_samples
-        err = (fm - ft).abs().square() - n_target
+        spread = predictive_spread(var, n_samples)
+        residual = (fm - ft).abs().square()
+        err = residual - n_target
         m_in = b.input_measured.bool().cpu()
         if not halves:
             # input and target share the noise where both are measured: the error there
@@ -162,8 +164,8 @@ def wedge_ratio(model: Any, data: Any, even: Any, odd: Any, geometry: TiltGeomet
             moved = model.mean(b.inputs + EPSILON * probe[:, None].to(device))[0]
             fmp = torch.fft.rfftn(moved[:, 0].double().cpu(), dim=dims, norm="ortho")
             fp = torch.fft.rfftn(probe.double(), dim=dims, norm="ortho")
-            div = (fp.conj() * (fmp - fm)).real / EPSILON
-            err = torch.where(m_in, err + 2.0 * div, err)
+            div = probe_divergence(fp, fmp, fm, EPSILON)
+            err = torch.where(m_in, sure_error(residual, n_target, div), err)
         m_tg = b.target_measured.bool().cpu()
         # patches (nearly) inside the data: a rotated patch larger than the volume's
         # crop has empty corners, where the target is no measurement

@@ -59,8 +59,12 @@ class TrainConfig:
     wedge_weight: float = 4.0  # loss weight of the missing-wedge region vs. measured
     structure_bias: float = 0.7  # fraction of subtomograms drawn from structured regions
     refill_every: int = 0  # refill the stored inputs' wedges with predictions (0: never)
-    # latent matching
-    divergence: str = "mmd"
+    # latent matching of the mean path's codes: off by default, since the decoder
+    # ignores z (codes varied at sampling moved the output by about 1% of its std) and
+    # nothing downstream reads the matched codes, while restoration without it was at
+    # least as good (docs/benchmarks.md, "Earlier posterior families: code samplers" and
+    # "IMQ-MMD over 10 minutes"); mmd, sinkhorn, sliced or adversarial by option
+    divergence: str = "none"
     kernel: str = "imq"
     lambda_: float = 1.0  # relative weight after automatic balancing (see loss.py)
     balance_steps: int = 10  # steps over which the term scales are measured

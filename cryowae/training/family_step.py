@@ -3,8 +3,8 @@
 `FamilyTrainer` owns the `StochasticRestorer` around the trainer's mean path, its own
 random generator, the target-noise spectrum, the joint matching divergence and the
 balancers of its terms. Each step, given the mean path's forward pass of the batch
-(restoration and decoder features, read by `capture` hooks, so the mean path runs once
-and unchanged), it adds
+(restoration and decoder features, `RestorerOutput`, so the mean path runs once and
+unchanged), it adds
 
 - the energy score (`cryowae.training.scoring.family_score`, variant ``score``) of m
   samples ``mean + r(features, z)``, z ~ prior, with simulated target noise of the
@@ -27,9 +27,7 @@ reconstruction by the gradients both send to z_q ("at least as strong").
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -83,6 +81,17 @@ def _grad(value: torch.Tensor, wrt: torch.Tensor) -> float:
     return 0.0 if g is None else float(g.norm())
 
 
+class FamilyLoss(NamedTuple):
+    """`FamilyTrainer.loss` of one step: the loss (its graph reaches the branch only),
+    the figures for the log, and the joint codes [s(x), z_q] (detached) that the WAE-GAN
+    critic of an adversarial matching divergence trains on in `after_step` (None
+    without posterior matching)."""
+
+    loss: torch.Tensor
+    figures: dict[str, float]
+    joint: torch.Tensor | None
+
+
 class FamilyTrainer:
     """The family branch of one run (module docstring).
 
@@ -91,7 +100,8 @@ class FamilyTrainer:
     cfg
         The run's settings (``cfg.family`` enabled).
     mean
-        The trainer's mean path: it becomes ``self.model.mean`` (the same object).
+        The trainer's mean path: the branch is built around it (``self.model.mean`` is
+        the same object).
     device
         Where the branch lives.
     noise
@@ -108,8 +118,7 @@ class FamilyTrainer:
         # without the family
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed + _INIT_SEED)
-            model = StochasticRestorer(self.fam.stochastic_config(cfg.restorer))
-        model.mean = mean
+            model = StochasticRestorer(self.fam.stochastic_config(cfg.restorer), mean=mean)
         self.model = model.to(device)
         self.gen = torch.Generator(device=device).manual_seed(cfg.seed + _GEN_SEED)
         dim = self.fam.summary_dim + self.fam.latent_channels
@@ -118,33 +127,18 @@ class FamilyTrainer:
         self.score_balancer = TermBalancer(self.fam.weight, cfg.balance_steps)
         self.rec_balancer = TermBalancer(1.0, cfg.balance_steps)
         self.match_balancer = TermBalancer(self.fam.matching_weight, cfg.balance_steps)
-        self._joint: torch.Tensor | None = None
 
     def branch_parameters(self) -> list[torch.nn.Parameter]:
         """Everything the family trains (the branch, posterior encoder): not the mean."""
         return [p for n, p in self.model.named_parameters() if not n.startswith("mean.")]
 
-    @contextlib.contextmanager
-    def capture(self) -> Iterator[list[torch.Tensor]]:
-        """Collect the mean path's decoder features (coarsest first, as
-        `StochasticRestorer.mean_and_features`) during one forward pass of the mean."""
-        feats: list[torch.Tensor] = []
-        mods = [self.model.mean.mid, *self.model.mean.dec]
-        handles = [m.register_forward_hook(lambda _m, _i, out: feats.append(out))
-                   for m in mods]
-        try:
-            yield feats
-        finally:
-            for h in handles:
-                h.remove()
-
     def _draw(self, batch: int, m: int, shape: tuple[int, ...]) -> list[torch.Tensor]:
         return self.model.draw_prior(shape, batch, m, self.gen, self.device)
 
     def loss(self, batch: TrainingBatch, restored: torch.Tensor, feats: list[torch.Tensor],
-             rec_value: float) -> tuple[torch.Tensor, dict[str, float]]:
-        """The family's loss of one step (with its graph to the branch only) and the
-        figures for the log."""
+             rec_value: float) -> FamilyLoss:
+        """The family's loss of one step from the mean path's restoration and decoder
+        features (`RestorerOutput`) of the batch."""
         self.model.branch.train()
         k = self.fam.branch_batch
         if 0 < k < restored.shape[0]:  # the branch trains on the first k patches only
@@ -173,16 +167,17 @@ class FamilyTrainer:
         s_meas, s_wedge = sample_spread(spread_src.detach(), batch.input_measured)
         out = {"fam_score": float(score.detach()), "fam_weight": sw,
                "fam_spread_measured": s_meas, "fam_spread_wedge": s_wedge}
+        joint = None
         if self.divergence is not None:
-            part, figures = self._posterior_terms(batch, mean, feats, rec_value)
+            part, figures, joint = self._posterior_terms(batch, mean, feats, rec_value)
             loss = loss + part
             out |= figures
         out["fam_loss"] = float(loss.detach())
-        return loss, out
+        return FamilyLoss(loss, out, joint)
 
     def _posterior_terms(self, batch: TrainingBatch, mean: torch.Tensor,
                          feats: list[torch.Tensor], rec_value: float
-                         ) -> tuple[torch.Tensor, dict[str, float]]:
+                         ) -> tuple[torch.Tensor, dict[str, float], torch.Tensor]:
         enc = self.model.posterior_encoder
         assert enc is not None and self.divergence is not None
         enc.train()
@@ -196,7 +191,6 @@ class FamilyTrainer:
                                        batch, self.cfg.wedge_weight)
         summary = self.model.summary(feats[0])
         match = latent_matching(self.divergence, summary, z_q, self.gen)
-        self._joint = joint_codes(summary, z_q.detach())
         rw = self.rec_balancer.weight(rec_value, float(rec_q.detach()))
         # the matching weight from the gradients both terms send to z_q (an unbiased
         # MMD starts near 0 while q is still the prior, so its value cannot set a scale)
@@ -206,7 +200,8 @@ class FamilyTrainer:
                                         value_scale=0.0)
         return rw * rec_q + mw * match, {"fam_rec_q": float(rec_q.detach()),
                                          "fam_match": float(match.detach()),
-                                         "fam_match_weight": mw}
+                                         "fam_match_weight": mw}, \
+            joint_codes(summary, z_q.detach())
 
     def after_backward(self, grad_clip: float, dist_enabled: bool) -> None:
         """Average the branch's gradients over processes (it is outside DDP) and clip
@@ -221,15 +216,16 @@ class FamilyTrainer:
         if grad_clip > 0 and params:
             torch.nn.utils.clip_grad_norm_(params, grad_clip)
 
-    def after_step(self) -> dict[str, float]:
-        """The WAE-GAN critic's update for an adversarial matching divergence."""
-        if self.divergence is None or self._joint is None \
+    def after_step(self, joint: torch.Tensor | None) -> dict[str, float]:
+        """The WAE-GAN critic's update for an adversarial matching divergence, on the
+        step's joint codes (`FamilyLoss.joint`)."""
+        if self.divergence is None or joint is None \
                 or self.fam.matching_divergence != "adversarial":
             return {}
-        eps = torch.randn(self._joint.shape, generator=self.gen, device=self.device)
-        prior = torch.cat([self._joint[:, :self.fam.summary_dim],
+        eps = torch.randn(joint.shape, generator=self.gen, device=self.device)
+        prior = torch.cat([joint[:, :self.fam.summary_dim],
                            eps[:, self.fam.summary_dim:]], dim=1)
-        return {"fam_disc": float(self.divergence.discriminator_step(self._joint, prior))}
+        return {"fam_disc": float(self.divergence.discriminator_step(joint, prior))}
 
     # -- checkpoints -----------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -256,4 +252,4 @@ class FamilyTrainer:
             self.divergence.load_state_dict(state["divergence"])
 
 
-__all__ = ["FamilyTrainer", "matching_divergence", "sample_spread"]
+__all__ = ["FamilyLoss", "FamilyTrainer", "matching_divergence", "sample_spread"]

@@ -147,13 +147,14 @@ class LatentMatcher:
     def after_step(self, z: torch.Tensor, pooled: torch.Tensor) -> dict[str, float]:
         """After the optimiser step: train the WAE-GAN critic (``adversarial`` only) on
         the codes z (B, latent_dim) and the bank, then bank the step's pooled features
-        (B, F). Returns figures for the log (``disc``: the critic's loss)."""
+        (B, F) (without a penalty, nothing). Returns figures for the log (``disc``: the
+        critic's loss)."""
         out: dict[str, float] = {}
         if self.cfg.divergence == "adversarial":
             z_all = torch.cat([z.detach(), self.banked_codes()], dim=0)
             z_p = self.prior.sample(z_all.shape[0], generator=self.gen, device=self.device)
             out["disc"] = float(self.divergence.discriminator_step(z_all, z_p))
-        if self.cfg.bank_size > 0:
+        if self.active and self.cfg.bank_size > 0:  # only a penalty reads the bank
             self.bank.push(pooled.detach())
         return out
 

@@ -13,7 +13,6 @@ path, and `family_report.matching_figure` gives the final latent-matching figure
 
 from __future__ import annotations
 
-import contextlib
 import math
 import random
 import time
@@ -140,8 +139,9 @@ class Trainer:
         self.family_figure: dict[str, float] = {}
         self.latent = LatentMatcher(cfg, self.model, self.device, self.gen, references,
                                     prior_state=saved.get("prior") if saved else None)
-        # the last codes seen (detached), for the monitoring figure during training; the
-        # final figure and model.pt use codes of fresh subtomograms (`fresh_codes`)
+        # the last codes seen (detached), for the monitoring figure during training; with
+        # a latent penalty the final figure and model.pt use codes of fresh subtomograms
+        # (`fresh_codes`)
         self.recent = CodeBank(capacity=256)
         self.balancer = TermBalancer(cfg.lambda_, cfg.balance_steps)
         self.step = 0
@@ -151,11 +151,7 @@ class Trainer:
             self.net = torch.nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda"
                 else None)
-        if cfg.compile and self.family is not None:
-            self.progress.log("warning: --compile is not used with the family branch (it "
-                              "reads the mean path's features through forward hooks, "
-                              "which a compiled graph skips); training eagerly")
-        elif cfg.compile:  # eager fallback, said in one line, if compiling fails
+        if cfg.compile:  # eager fallback, said in one line, if compiling fails
             self.net = compiled(self.net, cfg.compile_backend, self.progress.log)
         self.prior_check = "not run"
         if saved is not None:
@@ -206,13 +202,16 @@ class Trainer:
         # mean, whose steps are the same with the branch, without it, or between its steps
         family = self.family if self.family is not None and \
             self.step % cfg.family.branch_every == 0 else None
-        capture = family.capture() if family else contextlib.nullcontext([])
+        # with a latent penalty, a zero leaf added to z where the decoder reads it: its
+        # gradient after backward is the reconstruction's on z, for the balancer (no
+        # second backward pass needed)
+        probe = torch.zeros(batch.inputs.shape[0], self.model.latent_dim, device=self.device,
+                            requires_grad=True) if self.latent.active else None
         # bf16 autocast (CUDA) around the network only: the losses and their FFTs run
         # in float32 on the outputs' .float()
-        with capture as feats, autocast(self.device, cfg.amp):
+        with autocast(self.device, cfg.amp):
             fwd: RestorerOutput = self.net(to_layout(batch.inputs, cfg.channels_last),
-                                           with_features=True)
-        feats = [f.float() for f in feats]
+                                           with_features=True, z_probe=probe)
         rec, parts = masked_fourier_loss(fwd.restored, batch, cfg.wedge_weight)
         z = fwd.z.float()
         out = {"rec": rec.item(), **parts}
@@ -234,25 +233,20 @@ class Trainer:
             loss = rec + weight * div
             out |= {"div": div.item(), "div_weight": weight}
         out["loss"] = loss.item()
-        fam_loss = None
+        fam = None
         if family is not None:
-            fam_loss, fam_out = family.loss(batch, fwd.restored.float(), feats, out["rec"])
-            out |= fam_out
+            fam = family.loss(batch, fwd.restored.float(),
+                              [f.float() for f in fwd.features], out["rec"])
+            out |= fam.figures
         if not math.isfinite(out["loss"] + out.get("fam_loss", 0.0)):
             raise FloatingPointError(f"loss became {out['loss']} at step {self.step}; "
                                      "the last checkpoint is intact (lower --lr?)")
         for group in self.opt.param_groups:
             group["lr"] = learning_rate(self.step, self.total_steps, cfg.lr)
         self.opt.zero_grad(set_to_none=True)
-        # the decoder's view of z receives the reconstruction's gradient alone: keep it
-        # for the balancer (no second backward pass needed)
-        observe = g_div is not None and fwd.z_decoder.requires_grad
-        if observe:
-            fwd.z_decoder.retain_grad()
-        (loss if fam_loss is None else loss + fam_loss).backward()
-        if observe and fwd.z_decoder.grad is not None:
-            self.balancer.observe_grads(float(fwd.z_decoder.grad.norm()),
-                                        float(g_div.norm()))
+        (loss if fam is None else loss + fam.loss).backward()
+        if g_div is not None and probe is not None and probe.grad is not None:
+            self.balancer.observe_grads(float(probe.grad.norm()), float(g_div.norm()))
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
         if family is not None:
@@ -260,7 +254,7 @@ class Trainer:
         self.opt.step()
         out |= self.latent.after_step(z, fwd.pooled.float())
         if family is not None:
-            out |= family.after_step()
+            out |= family.after_step(fam.joint if fam is not None else None)
         self.recent.push(z.detach())
         out["lr"] = self.opt.param_groups[0]["lr"]
         self.step += 1
@@ -386,7 +380,11 @@ class Trainer:
             shutdown_distributed(self.dist)
             raise Cancelled(f"training cancelled at step {self.step}; its checkpoint is "
                             f"kept in {self.run_dir} (continue with --resume)")
-        codes = self.fresh_codes() if self.dist.is_main else None
+        # model.pt's codes: of fresh subtomograms under the final weights where a latent
+        # penalty shaped them; without one nothing reads them, so the recent training
+        # codes are stored instead of an extra encoding pass
+        codes = (self.fresh_codes() if self.latent.active else self.recent.codes()) \
+            if self.dist.is_main else None
         if self.family is not None and self.dist.is_main:
             self.family_figure = matching_figure(
                 self.family.model, self.sampler, cfg, self.device, self.gen,

@@ -46,6 +46,7 @@ import torch
 from cryowae.errors import CryowaeInputError
 from cryowae.metrics._common import as_tensor
 from cryowae.metrics.calibration import SpectralGrid, shell_frequencies
+from cryowae.physics.crop import central_crop
 from cryowae.physics.fourier import radial_frequency
 from cryowae.physics.geometry import TiltGeometry
 
@@ -209,13 +210,6 @@ def draw_noise(spectrum: NoiseSpectrum, shape: tuple[int, int, int], batch: int 
     return torch.fft.irfftn(spec, s=shp, dim=_DIMS, norm="ortho")[:, None]
 
 
-def _central(volume: Any, edge: int) -> np.ndarray:
-    """The central cube (at most `edge` voxels per axis) of a (Z, Y, X) volume, float32."""
-    sl = tuple(slice(max(0, (n - edge) // 2), max(0, (n - edge) // 2) + min(n, edge))
-               for n in volume.shape)
-    return np.asarray(volume[sl], dtype=np.float32)
-
-
 def target_noise(sources: Sequence[Any], geometry: TiltGeometry, how: str = "auto",
                  edge: int = 128) -> NoiseSpectrum:
     """The noise power per shell of the training *targets*, in the normalised units the
@@ -235,11 +229,11 @@ def target_noise(sources: Sequence[Any], geometry: TiltGeometry, how: str = "aut
         if how == "halves" and not src.has_halves:
             raise CryowaeInputError(f"{src.name}: family noise 'halves' needs --even/--odd")
         if halves:
-            e, o = _central(src.even, edge), _central(src.odd, edge)
+            e, o = central_crop(src.even, edge), central_crop(src.odd, edge)
             var = 0.5 * (src.stats["even"][1] ** 2 + src.stats["odd"][1] ** 2)
             spec = noise_from_halves(e, o, geometry).half.scaled(1.0 / var)
         else:
-            full = _central(src.full, edge)
+            full = central_crop(src.full, edge)
             spec = noise_without_halves(full, geometry).scaled(1.0 / src.stats["full"][1] ** 2)
         if freq is None:
             freq, source = spec.frequency, spec.source
