@@ -46,6 +46,9 @@ def sample(
     overlap: int = typer.Option(32, "--overlap", help="Tile overlap (voxels)."),
     batch_size: int = typer.Option(4, "--batch-size", help="Tiles per network call."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    amp: bool = typer.Option(None, "--amp/--no-amp", help="bf16 autocast: on CUDA "
+                             "[default: on]; on a CPU with bf16 instructions when given "
+                             "[default: off], else ignored (said in one line)."),
     seed: int = typer.Option(0, "--seed", help="Sample s is drawn from (seed, s)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out."),
 ) -> None:
@@ -63,6 +66,7 @@ def sample(
     from cryowae.errors import CryowaeInputError
     from cryowae.io.atomic import check_output_path
     from cryowae.models.checkpoint import load_restorer
+    from cryowae.precision import amp_note
     from cryowae.sampling import CONSISTENCY, SAMPLERS, sample_file
     from cryowae.sampling.consistency import family_lines
 
@@ -96,6 +100,9 @@ def sample(
     for out_dir in out_dirs:
         check_output_path(out_dir, overwrite)  # refuse early, before any computation
     dev = resolve_device(device)
+    note = amp_note(dev, amp)
+    if note:
+        err_console.print(note, soft_wrap=True, highlight=False, markup=False)
     restorers = [load_restorer(p, dev) for p in [model, *(ensemble_model or [])]]
     for tomogram, out_dir in zip(inputs.paths, out_dirs, strict=True):
         geometry = resolve_geometry(tomogram, tilt_min, tilt_max, tilt_file, tilt_axis,
@@ -105,7 +112,7 @@ def sample(
                              overlap=overlap, batch_size=batch_size, seed=seed, device=device,
                              even=even, odd=odd, geometry=geometry, consistency=consistency,
                              overwrite=overwrite, progress=RichProgress(),
-                             spread_calibration=spread_calibration)
+                             spread_calibration=spread_calibration, amp=amp)
         meta = json.loads((result / "family.json").read_text())
         out_console.print(f"{tomogram}: {meta['n_samples']} samples ({sampler}): mean voxel "
                           f"std {meta['voxel_std_relative']:.3g} x the tomogram's std",

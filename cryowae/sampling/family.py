@@ -115,14 +115,15 @@ def _restorers(restorer: Restorer | Sequence[Restorer]) -> list[Any]:
 def plan_family(restorer: Restorer | Sequence[Restorer], shape: Sequence[int],
                 n_samples: int = 16, sampler: str = DEFAULT_SAMPLER,
                 settings: TileSettings | None = None, seed: int = 0,
-                geometry: TiltGeometry | None = None, group: int | None = None
-                ) -> FamilyPlan:
+                geometry: TiltGeometry | None = None, group: int | None = None,
+                amp: bool | None = None) -> FamilyPlan:
     """Validate the choices and set up the sampler for a (Z, Y, X) volume of `shape`.
 
     `restorer` is a `LoadedRestorer` (its ``stochastic`` attribute holds the branch for
     ``prior``), or a list of them for ``ensemble``. `geometry` defaults to the first
     model's. `group`: samples per engine pass (``prior`` only; default: as many as
-    `GROUP_BUFFER_BYTES` of slab buffer allow, at most `MAX_GROUP`).
+    `GROUP_BUFFER_BYTES` of slab buffer allow, at most `MAX_GROUP`). `amp`: bf16
+    autocast of the networks (`cryowae.precision.amp_active`; None: the device's default).
     """
     models = _restorers(restorer)
     first = models[0]
@@ -135,13 +136,13 @@ def plan_family(restorer: Restorer | Sequence[Restorer], shape: Sequence[int],
     plan = aligned_plan(settings, shape, multiple, cubic=sampler == "rotations")
     src: FieldSampler | RotationSampler | EnsembleSampler
     if sampler == "prior":
-        src = FieldSampler(stochastic, plan, int(seed), device)
+        src = FieldSampler(stochastic, plan, int(seed), device, amp)
         slab = plan.tile[0] * plan.shape[1] * plan.shape[2] * 4
         g = group if group is not None else max(1, GROUP_BUFFER_BYTES // max(1, slab))
     elif sampler == "rotations":
-        src, g = RotationSampler(first.model, plan, geometry, device), 1
+        src, g = RotationSampler(first.model, plan, geometry, device, amp), 1
     else:
-        src, g = EnsembleSampler([m.model for m in models], device), 1
+        src, g = EnsembleSampler([m.model for m in models], device, amp), 1
     if int(g) < 1:
         raise CryowaeInputError(f"samples per pass must be >= 1, got {g}")
     return FamilyPlan(sampler, n, plan, src, device, settings.batch_size,

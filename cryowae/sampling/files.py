@@ -139,7 +139,7 @@ def sample_file(model: Any, tomogram: str | os.PathLike, out_dir: str | os.PathL
                 geometry: TiltGeometry | None = None, consistency: str = "check",
                 group: int | None = None, overwrite: bool = False,
                 progress: ProgressReporter | None = None,
-                spread_calibration: str = "auto") -> Path:
+                spread_calibration: str = "auto", amp: bool | None = None) -> Path:
     """Sample a family of a tomogram file into `out_dir` (module docstring).
 
     Parameters
@@ -158,6 +158,9 @@ def sample_file(model: Any, tomogram: str | os.PathLike, out_dir: str | os.PathL
         ``data`` or ``none``: the per-shell widening of the finished samples about their
         mean before the moments are written (`cryowae.sampling.recalibrate.calibrate_store`),
         recorded in ``family.json`` under ``spread_calibration``.
+    amp
+        bf16 autocast of the networks (`cryowae.precision.amp_active`; None: the
+        device's default).
     Other parameters as `cryowae.sampling.family.sample_array`.
     """
     from cryowae.inference.restore import voxel_size_warning
@@ -190,7 +193,7 @@ def sample_file(model: Any, tomogram: str | os.PathLike, out_dir: str | os.PathL
         if seen:
             prog.log(seen)
         fp = plan_family(restorers if many else restorers[0], vol.shape, n_samples,
-                         sampler, settings, seed, geometry, group)
+                         sampler, settings, seed, geometry, group, amp)
         norm = volume_stats(page_releasing(vol.data))
         params = fp.describe() | {"seed": int(seed), "overlap": int(overlap),
                                   "spread_calibration": spread_calibration,
