@@ -94,6 +94,12 @@ def run_one(out: Path, seed: int, variant: str, minutes: float, n: int,
     from cryowae.physics.geometry import TiltGeometry
     from cryowae.sampling.evaluate import evaluate_family
     from cryowae.sampling.files import sample_file
+    from cryowae.sampling.settings import (
+        CalibrationSettings,
+        SamplerSettings,
+        StorageSettings,
+    )
+    from cryowae.tiling.settings import TileSettings
 
     run = out / f"run_seed{seed}_{variant}"
     done = run / "result.json"
@@ -139,9 +145,12 @@ def run_one(out: Path, seed: int, variant: str, minutes: float, n: int,
             fam = run / f"family_{label}"
             t0 = time.time()
             if not (fam / "family.json").exists():
-                sample_file(train_dir / "model.pt", sim / "tomo.mrc", fam, n_samples=n,
-                            seed=0, tile=tile, overlap=tile // 3, overwrite=True,
-                            spread_calibration=spread_calibration, **halves)
+                # float32 samples and std: the figures of earlier runs were of such
+                sample_file(train_dir / "model.pt", sim / "tomo.mrc", fam,
+                            SamplerSettings(n, tiles=TileSettings(tile, tile // 3), seed=0),
+                            CalibrationSettings(spread_calibration),
+                            StorageSettings(sample_dtype="float32", std_dtype="float32",
+                                            overwrite=True), **halves)
             t_sample = time.time() - t0
             rep = evaluate_family(fam, sim / "gt.mrc", restored=run / "restored.mrc",
                                   geometry=geo, tomogram=sim / "tomo.mrc",

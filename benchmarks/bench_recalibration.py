@@ -33,7 +33,7 @@ def load_case(root: Path, seed: int, family: str, variant: str = "default"
     from cryowae.io import read_volume
     from cryowae.metrics.calibration_checks import truth_seen_by_data
     from cryowae.physics.geometry import TiltGeometry
-    from cryowae.sampling.evaluate import _ctf_of, truth_on_data_scale
+    from cryowae.sampling.evaluate import truth_ctf, truth_on_data_scale
 
     sim, run = root / f"sim_seed{seed}", root / f"run_seed{seed}_{variant}"
     fam = run / family
@@ -50,7 +50,7 @@ def load_case(root: Path, seed: int, family: str, variant: str = "default"
     d, _ = vol("tomo.mrc")
     e, _ = vol("tomo_even.mrc")
     o, _ = vol("tomo_odd.mrc")
-    params, _ = _ctf_of(sim / "gt.mrc", None)
+    params = truth_ctf(sim / "gt.mrc").params
     truth, _, _ = truth_on_data_scale(truth_seen_by_data(g, vs, params, "abs_ctf"), d, geo)
     return {"samples": samples, "truth": truth, "data": d, "even": e, "odd": o,
             "geometry": geo, "voxel_size": vs, "model": run / "train" / "model.pt",
@@ -189,7 +189,7 @@ def store_family(c: dict[str, Any], samples: torch.Tensor, mode: str,
 
     from cryowae.io import read_volume
     from cryowae.models.checkpoint import load_restorer
-    from cryowae.sampling.recalibrate import calibrate_store
+    from cryowae.sampling.store_calibration import calibrate_store
 
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)

@@ -72,6 +72,8 @@ def bench_family(shape: tuple[int, int, int], n: int, model: str | None, device:
     from cryowae.io import open_mrc_writer
     from cryowae.models.checkpoint import load_restorer
     from cryowae.sampling import sample_file
+    from cryowae.sampling.settings import SamplerSettings
+    from cryowae.tiling.settings import TileSettings
 
     r = load_restorer(model, device) if model else _random_model(16, 3, device)
     with tempfile.TemporaryDirectory() as tmp:
@@ -82,8 +84,8 @@ def bench_family(shape: tuple[int, int, int], n: int, model: str | None, device:
                 mm[z:z + 8] = rng.normal(size=(min(8, shape[0] - z), *shape[1:]))
         base = _peak_rss()
         t0 = time.perf_counter()
-        sample_file(r, src, Path(tmp) / "fam", n_samples=n, tile=tile, overlap=overlap,
-                    batch_size=batch, group=group)
+        sample_file(r, src, Path(tmp) / "fam",
+                    SamplerSettings(n, tiles=TileSettings(tile, overlap, batch), group=group))
         seconds = time.perf_counter() - t0
         meta = json.loads((Path(tmp) / "fam" / "family.json").read_text())
     return {"shape": list(shape), "n": n, "device": device, "seconds": round(seconds, 1),

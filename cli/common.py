@@ -1,10 +1,13 @@
-"""Helpers shared by the command modules: console output, tilt geometry with a warning."""
+"""Helpers shared by the command modules: console output, tilt geometry with a warning,
+the input voxel size (``--voxel-size``)."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import typer
 from rich.console import Console
 
 if TYPE_CHECKING:
@@ -12,6 +15,27 @@ if TYPE_CHECKING:
 
 err_console = Console(stderr=True)
 out_console = Console()
+
+#: ``--voxel-size``: one definition for every command that reads tomograms
+VOXEL_SIZE_OPTION = typer.Option(
+    None, "--voxel-size", help="Voxel size of the input tomograms in Angstrom, for files "
+    "that store none (TIFF without metadata, MRC with 0 or 1 in the header) [default: "
+    "the file's, else 1.0, said in one line]; replaces a stored one (said in one line).")
+
+
+def use_voxel_size(ctx: typer.Context, voxel_size: float | None,
+                   *inputs: str | os.PathLike) -> None:
+    """For the rest of the command running in `ctx`, read every tomogram with
+    `voxel_size` where given (`cryowae.io.given_voxel_size`, left when the command
+    ends), and say on stderr, one line per input, where its voxel size is assumed or
+    replaced."""
+    from cryowae.io import given_voxel_size, voxel_size_of
+
+    ctx.with_resource(given_voxel_size(voxel_size))
+    for path in inputs:
+        note = voxel_size_of(path)[1]
+        if note:
+            err_console.print(note, soft_wrap=True, highlight=False, markup=False)
 
 
 def resolve_geometry(tomogram: str | Path | None, tilt_min: float | None = None,

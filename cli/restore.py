@@ -6,8 +6,11 @@ from pathlib import Path
 
 import typer
 
+from cryowae.cli.common import VOXEL_SIZE_OPTION
+
 
 def restore(
+    ctx: typer.Context,
     model: Path = typer.Argument(..., help="Trained model: model.pt or its run directory.",
                                  show_default=False),
     tomogram: Path = typer.Argument(..., help="Tomogram to restore (MRC or OME-Zarr).",
@@ -45,12 +48,13 @@ def restore(
     tilt_axis: str = typer.Option(None, "--tilt-axis", help="Tilt axis: y or x."),
     tilt_file: Path = typer.Option(None, "--tilt-file", help="Tilt angles (.tlt/.rawtlt) "
                                    "[default: <name>.tlt next to the tomogram]."),
+    voxel_size: float = VOXEL_SIZE_OPTION,
 ) -> None:
     """Restore TOMOGRAM with MODEL: missing-wedge filling and denoising, tile by tile with
     blended overlaps, in memory bounded by one slab of tiles."""
     import time
 
-    from cryowae.cli.common import err_console, out_console
+    from cryowae.cli.common import err_console, out_console, use_voxel_size
     from cryowae.cli.progress import RichProgress
     from cryowae.devices import resolve_device
     from cryowae.inference.restore import DEFAULT_HALVES_MODE, restore_file, throughput
@@ -70,6 +74,7 @@ def restore(
         geometry = TiltGeometry.resolve(tilt_min=tilt_min, tilt_max=tilt_max,
                                         tilt_file=tilt_file, axis=tilt_axis,
                                         tomogram=tomogram)
+    use_voxel_size(ctx, voxel_size, tomogram)
     t0 = time.perf_counter()
     path = restore_file(model, tomogram, out, even=even, odd=odd, tile=tile, overlap=overlap,
                         batch_size=batch_size, device=device, overwrite=overwrite,

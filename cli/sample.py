@@ -6,8 +6,11 @@ from pathlib import Path
 
 import typer
 
+from cryowae.cli.common import VOXEL_SIZE_OPTION
+
 
 def sample(
+    ctx: typer.Context,
     model: Path = typer.Argument(..., help="Trained model (model.pt or its run directory).",
                                  show_default=False),
     tomograms: list[Path] = typer.Argument(..., help="Tomogram(s) to sample (MRC or "
@@ -50,16 +53,32 @@ def sample(
                              "[default: on]; on a CPU with bf16 instructions when given "
                              "[default: off], else ignored (said in one line)."),
     seed: int = typer.Option(0, "--seed", help="Sample s is drawn from (seed, s)."),
+    keep: int = typer.Option(None, "--keep", help="Store the first K samples in "
+                             "samples.zarr [default: all N]; mean, std, calibration and "
+                             "check still use all N."),
+    sample_dtype: str = typer.Option("float16", "--sample-dtype", help="dtype of "
+                                     "samples.zarr: float16 (half the size; float32 when "
+                                     "the tomogram's values would lose precision) or "
+                                     "float32. Mean and std come from float32 samples."),
+    std_dtype: str = typer.Option("float16", "--std-dtype", help="dtype of std.mrc: "
+                                  "float16 (MRC mode 12) or float32; mean.mrc is float32."),
+    compression: str = typer.Option("zstd", "--compression", help="Chunk codec of "
+                                    "samples.zarr: zstd or none."),
+    pyramid: bool = typer.Option(False, "--pyramid/--no-pyramid", help="Also store 2x "
+                                 "and 4x downsampled samples (about 14% more)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out."),
+    voxel_size: float = VOXEL_SIZE_OPTION,
 ) -> None:
     """Sample N plausible restorations of TOMOGRAMS with MODEL: each a coherent whole,
     differing where the missing wedge leaves the structure undetermined. Writes
-    samples.zarr (s, z, y, x), mean.mrc, std.mrc and family.json to --out (one such
-    folder per tomogram under --out when there are several); an interrupted run
+    samples.zarr (s, z, y, x; float16, zstd, chunks of one sample x 4 slices x 256 x
+    256 voxels, no pyramid), mean.mrc (float32), std.mrc (float16) and family.json to
+    --out (one such folder per tomogram under --out when there are several): 16 samples
+    take about 9 tomogram sizes or less on disk (docs/benchmarks.md). An interrupted run
     continues where it stopped when run again."""
     import json
 
-    from cryowae.cli.common import err_console, out_console, resolve_geometry
+    from cryowae.cli.common import err_console, out_console, resolve_geometry, use_voxel_size
     from cryowae.cli.progress import RichProgress
     from cryowae.data.inputs import expand_inputs, output_names
     from cryowae.devices import resolve_device
@@ -67,15 +86,20 @@ def sample(
     from cryowae.io.atomic import check_output_path
     from cryowae.models.checkpoint import load_restorer
     from cryowae.precision import amp_note
-    from cryowae.sampling import CONSISTENCY, SAMPLERS, sample_file
+    from cryowae.sampling import sample_file
     from cryowae.sampling.consistency import family_lines
+    from cryowae.sampling.settings import (
+        CalibrationSettings,
+        SamplerSettings,
+        StorageSettings,
+    )
+    from cryowae.tiling.settings import TileSettings
 
-    if sampler not in SAMPLERS:
-        raise CryowaeInputError(f"unknown --sampler {sampler!r}: choose from "
-                                f"{', '.join(SAMPLERS)}")
-    if consistency not in CONSISTENCY:
-        raise CryowaeInputError(f"unknown --consistency {consistency!r}: choose from "
-                                f"{', '.join(CONSISTENCY)}")
+    sampling = SamplerSettings(n, sampler, TileSettings(tile, overlap, batch_size), seed,
+                               amp=amp)
+    calibration = CalibrationSettings(spread_calibration, consistency)
+    storage = StorageSettings(sample_dtype=sample_dtype, keep=keep, compression=compression,
+                              pyramid=pyramid, std_dtype=std_dtype, overwrite=overwrite)
     if (even is None) != (odd is None):
         raise CryowaeInputError("give both --even and --odd, or neither")
     for p in [model, even, odd, tilt_file, *(ensemble_model or [])]:
@@ -104,17 +128,16 @@ def sample(
     if note:
         err_console.print(note, soft_wrap=True, highlight=False, markup=False)
     restorers = [load_restorer(p, dev) for p in [model, *(ensemble_model or [])]]
+    use_voxel_size(ctx, voxel_size, *inputs.paths)
     for tomogram, out_dir in zip(inputs.paths, out_dirs, strict=True):
         geometry = resolve_geometry(tomogram, tilt_min, tilt_max, tilt_file, tilt_axis,
                                     fallback=restorers[0].geometry)
         result = sample_file(restorers if sampler == "ensemble" else restorers[0], tomogram,
-                             out_dir, n_samples=n, sampler=sampler, tile=tile,
-                             overlap=overlap, batch_size=batch_size, seed=seed, device=device,
-                             even=even, odd=odd, geometry=geometry, consistency=consistency,
-                             overwrite=overwrite, progress=RichProgress(),
-                             spread_calibration=spread_calibration, amp=amp)
+                             out_dir, sampling, calibration, storage, even=even, odd=odd,
+                             geometry=geometry, device=device, progress=RichProgress())
         meta = json.loads((result / "family.json").read_text())
-        out_console.print(f"{tomogram}: {meta['n_samples']} samples ({sampler}): mean voxel "
+        out_console.print(f"{tomogram}: {meta['n_samples']} samples ({sampler}, "
+                          f"{meta['samples_stored']} stored as {meta['sample_dtype']}): mean voxel "
                           f"std {meta['voxel_std_relative']:.3g} x the tomogram's std",
                           soft_wrap=True, highlight=False)
         for line in family_lines(meta):

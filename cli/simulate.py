@@ -37,17 +37,27 @@ def simulate(
                                "(e/A^2)."),
     no_noise: bool = typer.Option(False, "--no-noise", help="No counting noise."),
     no_ctf: bool = typer.Option(False, "--no-ctf", help="Ideal transfer instead of a CTF."),
+    pipeline: str = typer.Option("wbp", "--pipeline", help="Acquisition and "
+                                 "reconstruction pipeline by name (wbp: the default "
+                                 "simulator; fourier: direct Fourier insertion; ...); "
+                                 "'--pipeline list' prints every name and what it does."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUT_DIR if it "
                                    "exists."),
 ) -> None:
     """Simulate a tilt series of a crowded cell-like scene and reconstruct it: writes
     tomo.mrc, tomo_even.mrc, tomo_odd.mrc, gt.mrc, tilt_series.mrc, tilts.tlt and
-    meta.json to OUT_DIR."""
+    meta.json (with the pipeline's settings) to OUT_DIR."""
     from cryowae.cli.common import out_console
     from cryowae.cli.progress import RichProgress
     from cryowae.io import read_tilt_angles
     from cryowae.physics.geometry import TiltGeometry
     from cryowae.simulation import SimulationConfig, check_output_dir, write_simulation
+    from cryowae.simulation.pipelines import get_pipeline, pipeline_table
+
+    if pipeline == "list":
+        out_console.print(pipeline_table(), soft_wrap=True, highlight=False)
+        return
+    chosen = get_pipeline(pipeline)
 
     geometry = TiltGeometry.resolve(tilt_min=tilt_min, tilt_max=tilt_max,
                                     tilt_file=tilt_file, axis=tilt_axis)
@@ -62,13 +72,15 @@ def simulate(
     check_output_dir(out_dir, overwrite)
     progress = RichProgress(transient=True)
     try:
-        out = write_simulation(out_dir, cfg, overwrite=overwrite, progress=progress)
+        out = write_simulation(out_dir, cfg, overwrite=overwrite, progress=progress,
+                               pipeline=chosen)
     finally:
         progress.finish()
     z, y, x = cfg.shape
     out_console.print(f"simulated {z}x{y}x{x} voxels at {voxel_size:g} A, "
                       f"{len(cfg.tilt_angles())} tilts {geometry.tilt_min:g}.."
-                      f"{geometry.tilt_max:g} degrees about {geometry.axis.upper()}: {out}/ "
+                      f"{geometry.tilt_max:g} degrees about {geometry.axis.upper()}, "
+                      f"pipeline {chosen.name}: {out}/ "
                       "(tomo.mrc, tomo_even.mrc, tomo_odd.mrc, gt.mrc, tilt_series.mrc, "
                       "tilts.tlt, meta.json)", soft_wrap=True)
 

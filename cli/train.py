@@ -6,8 +6,11 @@ from pathlib import Path
 
 import typer
 
+from cryowae.cli.common import VOXEL_SIZE_OPTION
+
 
 def train(
+    ctx: typer.Context,
     tomograms: list[Path] = typer.Argument(..., help="Tomogram(s) to learn from (MRC or "
                                            "OME-Zarr): paths, quoted globs, @list.txt or "
                                            "CryoET Data Portal dataset/run folders."),
@@ -66,6 +69,21 @@ def train(
     family_noise: str = typer.Option(None, "--family-noise", help="Target noise of the "
                                      "score: auto (halves when given, else estimated), "
                                      "halves or estimate."),
+    validation: bool = typer.Option(None, "--validation/--no-validation", help="Hold a "
+                                    "slab of each tomogram out of training and log the "
+                                    "loss on it (val_loss) [default: the config's, on]."),
+    until_plateau: bool = typer.Option(None, "--until-plateau/--no-until-plateau",
+                                       help="Stop when the "
+                                       "validation loss has plateaued (--minutes or "
+                                       "--steps is the ceiling); model.pt is written as "
+                                       "at a normal end."),
+    val_every: int = typer.Option(None, "--val-every", help="Steps between validation "
+                                  "evaluations [default: 10]."),
+    val_crops: int = typer.Option(None, "--val-crops", help="Held-out subtomograms the "
+                                  "validation loss averages [default: 8]."),
+    holdout: float = typer.Option(None, "--holdout", help="Fraction of the longest "
+                                  "lateral axis held out for validation, at least one "
+                                  "patch [default: 0.1]."),
     seed: int = typer.Option(None, "--seed"),
     device: str = typer.Option(None, "--device", help="auto, cpu or cuda."),
     amp: bool = typer.Option(None, "--amp/--no-amp", help="bf16 autocast: on CUDA "
@@ -81,17 +99,19 @@ def train(
                                        help="channels_last_3d memory layout "
                                        "[default: off]."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out."),
+    voxel_size: float = VOXEL_SIZE_OPTION,
 ) -> None:
     """Train a restorer on TOMOGRAMS alone (no ground truth needed)."""
     import dataclasses
 
-    from cryowae.cli.common import err_console, out_console, resolve_geometry
+    from cryowae.cli.common import err_console, out_console, resolve_geometry, use_voxel_size
     from cryowae.cli.progress import RichProgress
     from cryowae.data.inputs import expand_inputs, input_stem
     from cryowae.devices import preset_for, resolve_device
     from cryowae.errors import CryowaeInputError
     from cryowae.io import read_volume
     from cryowae.precision import amp_note
+    from cryowae.report import training_curve
     from cryowae.training.config import load_config
     from cryowae.training.data import load_sources
     from cryowae.training.loop import train as run_training
@@ -142,9 +162,16 @@ def train(
                               "noise": family_noise}.items() if v is not None}
     if fam:
         cfg = cfg.replace(family=cfg.family.to_dict() | fam)
+    val = {k: v for k, v in {"enabled": validation, "every": val_every, "crops": val_crops,
+                              "holdout": holdout,
+                              "until_plateau": until_plateau}.items()
+           if v is not None}
+    if val:
+        cfg = cfg.replace(validation=cfg.validation.to_dict() | val)
     if minutes is not None and steps is None:
         cfg = cfg.replace(steps=10**9)
     progress = RichProgress()
+    use_voxel_size(ctx, voxel_size, *tomograms)
     sources = load_sources(list(tomograms), list(even or []), list(odd or []),
                            min_size=cfg.patch_size, geometry=cfg.geometry, progress=progress)
     refs = [read_volume(r, check_nan=True).numpy() for r in (reference or [])]
@@ -158,7 +185,15 @@ def train(
                       + (f"; family MMD {result.final['family_mmd']:.3g} (null band "
                          f"{result.final['family_mmd_null']:.3g})"
                          if "family_mmd" in result.final else ""))
-    out_console.print(f"model: {run_dir / 'model.pt'}   metrics: {run_dir / 'metrics.csv'}")
+    if "val_loss" in result.final:
+        plateau = result.final["plateau_step"]
+        out_console.print(f"validation loss {result.final['val_loss']:.4g}; "
+                          + (f"plateau at step {int(plateau)}" if plateau == plateau
+                             else "no plateau yet"))
+    curve = training_curve(run_dir / "metrics.csv", run_dir / "training_curve.png",
+                           plateau_step=result.final.get("plateau_step"))
+    out_console.print(f"model: {run_dir / 'model.pt'}   metrics: {run_dir / 'metrics.csv'}"
+                      f"   curve: {curve}")
 
 
 def register(app: typer.Typer) -> None:

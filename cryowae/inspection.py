@@ -82,15 +82,18 @@ class InspectionReport:
     stats: IntensityStats
     polarity: Polarity
     wedge: WedgeEstimate
+    voxel_note: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """Plain values for JSON: ``tilt_axis`` (``"Y"``, ``"X"``, or ``"Z"`` when Y and
         Z are swapped), ``tilt_min``, ``tilt_max`` (degrees), ``voxel_size`` (A) at the
-        top level, the estimate's figures under ``wedge``."""
+        top level (``voxel_size_note``: the line when it is assumed or replaced, else
+        null), the estimate's figures under ``wedge``."""
         w = self.wedge.to_dict()
         return {"path": self.path, "shape": list(self.shape), "voxel_size": self.voxel_size,
-                "dtype": self.dtype, "tilt_axis": w.pop("tilt_axis"),
-                "tilt_min": w.pop("tilt_min"), "tilt_max": w.pop("tilt_max"), "wedge": w,
+                "voxel_size_note": self.voxel_note, "dtype": self.dtype,
+                "tilt_axis": w.pop("tilt_axis"), "tilt_min": w.pop("tilt_min"),
+                "tilt_max": w.pop("tilt_max"), "wedge": w,
                 "stats": {k: v if math.isfinite(v) else None
                           for k, v in asdict(self.stats).items()},
                 "polarity": asdict(self.polarity)}
@@ -104,8 +107,7 @@ class InspectionReport:
                 wedge += ("; the wedge lies in the YX plane: Y and Z look swapped (an IMOD "
                           "reconstruction that was not rotated)")
         else:
-            wedge = (f"missing wedge: none clear in the spectrum (separation "
-                     f"{w.separation:.2f}, {w.decades:.1f} decades)")
+            wedge = f"missing wedge: none clear in the spectrum ({w.figures()})"
         polarity = {"dark": "protein dark (lower values), as in raw reconstructions",
                     "bright": "protein bright (higher values): inverted relative to raw "
                               "reconstructions",
@@ -169,14 +171,17 @@ def contrast_polarity(crop: np.ndarray, voxel_size: float) -> Polarity:
     return Polarity(protein, skew, z)
 
 
-def inspect_tomogram(path: str | os.PathLike, crop: int = CROP_SIZE) -> InspectionReport:
-    """Inspect an MRC file or OME-Zarr store (memory-mapped; module docstring)."""
-    with read_volume(path) as vol:
+def inspect_tomogram(path: str | os.PathLike, crop: int = CROP_SIZE,
+                     voxel_size: float | None = None) -> InspectionReport:
+    """Inspect an MRC file, TIFF stack or OME-Zarr store (memory-mapped where the format
+    allows; module docstring). `voxel_size` (Angstrom) replaces the file's
+    (`cryowae.io.read_volume`)."""
+    with read_volume(path, voxel_size=voxel_size) as vol:
         block = central_crop(vol.data, crop)
         return InspectionReport(str(path), vol.shape, float(vol.voxel_size),
                                 str(np.dtype(vol.data.dtype)), intensity_stats(vol.data),
                                 contrast_polarity(block, float(vol.voxel_size)),
-                                estimate_wedge(block, crop))
+                                estimate_wedge(block, crop), vol.meta.get("voxel_note"))
 
 
 #: the (Z, Y, X) axis summed to get the section perpendicular to each tilt axis, and the

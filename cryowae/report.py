@@ -50,6 +50,47 @@ def slice_figure(path: str | os.PathLike, volumes: Mapping[str, Any],
     return save_figure(fig, path, dpi=110)
 
 
+def read_curve(metrics_csv: str | os.PathLike, column: str) -> tuple[np.ndarray, np.ndarray]:
+    """(steps, values) of one column of a run's ``metrics.csv``, rows where it is empty
+    left out."""
+    import csv
+
+    steps, values = [], []
+    with open(metrics_csv, newline="") as f:
+        for row in csv.DictReader(f):
+            if row.get(column) not in (None, "") and row.get("step") not in (None, ""):
+                steps.append(int(float(row["step"])))
+                values.append(float(row[column]))
+    return np.asarray(steps, dtype=np.int64), np.asarray(values, dtype=np.float64)
+
+
+def training_curve(metrics_csv: str | os.PathLike, path: str | os.PathLike,
+                   plateau_step: float | None = None) -> Path:
+    """A PNG of a run's training curve: the training loss (``loss``) and the held-out
+    validation loss (``val_loss``, when logged) against the step, log-scaled, with the
+    step of the plateau call (`plateau_step`; None or NaN: none) as a dashed line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for column, label in (("loss", "train loss"), ("val_loss", "validation loss")):
+        x, y = read_curve(metrics_csv, column)
+        if len(x):
+            ax.plot(x, y, label=label, marker="." if column == "val_loss" else None)
+    if plateau_step is not None and plateau_step == plateau_step:
+        ax.axvline(float(plateau_step), color="grey", linestyle="--",
+                   label=f"plateau (step {int(plateau_step)})")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    if ax.has_data() and all(v > 0 for line in ax.get_lines()[:2] for v in line.get_ydata()):
+        ax.set_yscale("log")
+    ax.legend(fontsize=8)
+    ax.set_title("training curve", fontsize=10)
+    return save_figure(fig, path, dpi=100)
+
+
 def save_figure(fig: Any, path: str | os.PathLike, dpi: int = 100) -> Path:
     """Lay out a matplotlib figure, write it as PNG atomically (temporary name, then
     rename) and close it."""

@@ -189,6 +189,8 @@ def sample_job(checkpoint: str | Path, inp: JobInput, n_samples: int = 8,
     consistency check."""
     from cryowae.sampling.family import sample_array
     from cryowae.sampling.samplers import resolve_sampler
+    from cryowae.sampling.settings import SamplerSettings
+    from cryowae.tiling.settings import TileSettings
 
     prog = progress if progress is not None else ThreadProgress()
     restorer = load_checkpoint(checkpoint)
@@ -207,9 +209,9 @@ def sample_job(checkpoint: str | Path, inp: JobInput, n_samples: int = 8,
         prog.log(f"test-time rotations give at most 24 samples: sampling 24, not "
                  f"{n_samples}")
         n_samples = 24
-    fam = sample_array(restorer, inp.data, n_samples=int(n_samples), sampler=sampler,
-                       tile=tile, overlap=overlap, batch_size=batch_size, seed=seed,
-                       progress=prog, geometry=geometry)
+    sampling = SamplerSettings(int(n_samples), sampler,
+                               TileSettings(tile, overlap, batch_size), int(seed))
+    fam = sample_array(restorer, inp.data, sampling, prog, geometry=geometry)
     prog.check_cancelled("sampling")
     info = dict(fam.info) | {"source_layer": inp.name, "checkpoint": str(checkpoint)}
     layers = family_layers(fam.samples, fam.mean, fam.std, inp.name, inp.voxel_size,

@@ -1,6 +1,9 @@
-"""napari reader: MRC-family files, OME-Zarr stores and posterior-family directories.
+"""napari reader: MRC-family files, TIFF stacks, OME-Zarr stores and posterior-family
+directories.
 
 Everything opens lazily: MRC data stay the memory map `cryowae.io.read_mrc` returns,
+uncompressed TIFF stacks the memory map of `cryowae.io.read_tiff` (a compressed one is
+read into memory),
 Zarr data the zarr arrays of `cryowae.io.read_ome_zarr` (all pyramid levels, shown as
 multiscale), and a family's mean and std, when only ``samples.zarr`` is at hand, dask
 reductions over the sample axis. Contrast limits are computed from a small subsample.
@@ -18,6 +21,8 @@ from ._layers import LayerData, family_layers, volume_layer
 
 #: file suffixes read as MRC
 MRC_SUFFIXES = (".mrc", ".rec", ".map", ".st", ".mrcs", ".ali")
+#: file suffixes read as TIFF stacks (when the file is a grey stack of several slices)
+TIFF_SUFFIXES = (".tif", ".tiff")
 FAMILY_FILES = ("samples.zarr", "mean.mrc", "std.mrc")
 
 PathLike = str | os.PathLike
@@ -31,8 +36,9 @@ def is_family_dir(path: PathLike) -> bool:
 
 
 def path_kind(path: PathLike) -> str | None:
-    """'family', 'zarr', 'mrc' or None (not for this reader)."""
+    """'family', 'zarr', 'mrc', 'tiff' or None (not for this reader)."""
     from cryowae.io import is_zarr_path
+    from cryowae.io.tiff import is_tiff_stack
 
     p = Path(path)
     if is_family_dir(p):
@@ -41,6 +47,8 @@ def path_kind(path: PathLike) -> str | None:
         return "zarr"
     if p.is_file() and p.suffix.lower() in MRC_SUFFIXES:
         return "mrc"
+    if p.is_file() and p.suffix.lower() in TIFF_SUFFIXES and is_tiff_stack(p):
+        return "tiff"
     return None
 
 
@@ -69,9 +77,12 @@ def read_path(path: PathLike) -> list[LayerData]:
         return read_zarr(path)
     if kind == "mrc":
         return [read_mrc_layer(path)]
+    if kind == "tiff":
+        return [read_tiff_layer(path)]
     from cryowae.errors import CryowaeInputError
 
-    raise CryowaeInputError(f"{path}: not an MRC file, OME-Zarr store or family directory")
+    raise CryowaeInputError(f"{path}: not an MRC file, TIFF stack, OME-Zarr store or "
+                            "family directory")
 
 
 def read_mrc_layer(path: PathLike, name: str | None = None, kind: str = "tomogram") -> LayerData:
@@ -83,6 +94,18 @@ def read_mrc_layer(path: PathLike, name: str | None = None, kind: str = "tomogra
     # the numpy memmap holds its own reference to the file's map: no handle to keep
     return volume_layer(vol.data, name or p.stem, vol.voxel_size, vol.origin, kind=kind,
                         extra={"source": str(p)})
+
+
+def read_tiff_layer(path: PathLike) -> LayerData:
+    """One TIFF stack; scale = its stored voxel size (1 A when it stores none, the
+    layer's ``voxel_size_note`` saying so)."""
+    from cryowae.io import read_volume
+
+    p = Path(path)
+    vol = read_volume(p)
+    note = {"voxel_size_note": vol.meta["voxel_note"]} if "voxel_note" in vol.meta else {}
+    return volume_layer(vol.data, p.stem, vol.voxel_size, vol.origin,
+                        extra={"source": str(p)} | note)
 
 
 def _family_info(directory: Path) -> dict[str, Any]:

@@ -104,13 +104,14 @@ def _bad_inputs(d: Path, gt: Path) -> dict[str, list]:
         "unknown option": [gt, "--gt", gt, "--frobnicate"],
         "bad tilt axis": [gt, "--gt", gt, "--tilt-axis", "z"],
         "missing tilt file": [gt, "--gt", gt, "--tilt-file", d / "absent.tlt"],
-        "no gt": [gt],
+        "--normals with --gt": [gt, "--gt", gt, "--normals", d / "absent.npy"],
     }
 
 
 @pytest.mark.parametrize("case", [
     "missing file", "missing gt", "not MRC", "NaN volume", "shape mismatch",
-    "tilt-min >= tilt-max", "unknown option", "bad tilt axis", "missing tilt file", "no gt",
+    "tilt-min >= tilt-max", "unknown option", "bad tilt axis", "missing tilt file",
+    "--normals with --gt",
 ])
 def test_evaluate_bad_input_exits_2_with_one_line(pair, tmp_path, case):
     _, gt = pair

@@ -19,13 +19,14 @@ from cryowae.physics.fourier import radial_frequency
 from cryowae.physics.geometry import TiltGeometry
 from cryowae.sampling import sample_file
 from cryowae.sampling.recalibrate import (
-    calibrate_store,
     estimate_factors,
     factors_from_truth,
     recalibrate_family,
 )
+from cryowae.sampling.settings import CalibrationSettings, StorageSettings
+from cryowae.sampling.store_calibration import calibrate_store
 
-from .test_sampling import _tomogram, stochastic_restorer
+from .test_sampling import _settings, _tomogram, stochastic_restorer
 
 GEO = TiltGeometry(-60.0, 60.0, "y", "model")
 SHAPE = (32, 32, 32)
@@ -162,8 +163,11 @@ def test_sample_file_records_the_calibration_and_centres_on_the_restoration(tmp_
     r = stochastic_restorer()
     tomo = tmp_path / "tomo.mrc"
     write_mrc(tomo, _tomogram(), voxel_size=10.0)
-    kw = dict(n_samples=3, tile=16, overlap=8)
-    raw = sample_file(r, tomo, tmp_path / "raw", spread_calibration="none", **kw)
+    # float32 samples and std: the figures below compare the stored family exactly
+    kw = dict(sampling=_settings(3), storage=StorageSettings(sample_dtype="float32",
+                                                             std_dtype="float32"))
+    raw = sample_file(r, tomo, tmp_path / "raw", calibration=CalibrationSettings("none"),
+                      **kw)
     cal = sample_file(r, tomo, tmp_path / "cal", **kw)
     m_raw, m_cal = (json.loads((d / "family.json").read_text()) for d in (raw, cal))
     # the centre's restoration is a working file: the output holds the family only
@@ -249,8 +253,8 @@ def test_sample_file_with_halves_uses_the_wedge_ratio(tmp_path):
         paths[name] = tmp_path / f"{name}.mrc"
         write_mrc(paths[name], _tomogram(seed=0) + 0.2 * np.random.default_rng(seed).normal(
             size=(24, 40, 36)).astype(np.float32), voxel_size=10.0)
-    fam = sample_file(r, paths["tomo"], tmp_path / "fam", n_samples=3, tile=16, overlap=8,
-                      even=paths["even"], odd=paths["odd"])
+    fam = sample_file(r, paths["tomo"], tmp_path / "fam", _settings(3), even=paths["even"],
+                      odd=paths["odd"])
     info = json.loads((fam / "family.json").read_text())["spread_calibration"]
     assert info["mode"] == "halves" and info["centre"] == "restoration"
     wr = info["estimate"]["wedge_ratio"]

@@ -30,11 +30,17 @@ from cryowae.sampling import (
     sample_array,
     sample_file,
 )
+from cryowae.sampling.settings import SamplerSettings
 from cryowae.tiling.settings import TileSettings
 
 from .conftest import MMAP_ENV, cancel_after, invoke_cli
 
 GEO = TiltGeometry(-60.0, 60.0, "y", "model")
+
+
+def _settings(n: int, sampler: str = "prior", tile: int = 16, overlap: int = 8,
+              seed: int = 0, group: int | None = None) -> SamplerSettings:
+    return SamplerSettings(n, sampler, TileSettings(tile, overlap), seed, group)
 
 
 def stochastic_restorer(seed: int = 0, zero_branch: bool = False) -> LoadedRestorer:
@@ -94,7 +100,7 @@ def test_zero_branch_sampling_equals_restoration():
     x = _tomogram((32, 64, 64))
     settings = TileSettings(32, 16)
     assert aligned_plan(settings, x.shape, 4) == settings.plan(x.shape, 4)
-    fam = sample_array(r, x, n_samples=2, tile=32, overlap=16)
+    fam = sample_array(r, x, _settings(2, tile=32, overlap=16))
     ref = restore_array(r, x, tile=32, overlap=16)
     np.testing.assert_allclose(fam.samples[0], ref, atol=1e-5)
     np.testing.assert_allclose(fam.samples[1], ref, atol=1e-5)
@@ -103,11 +109,11 @@ def test_zero_branch_sampling_equals_restoration():
 
 def test_samples_reproducible_and_independent_of_family_size_and_grouping():
     r, x = stochastic_restorer(), _tomogram((16, 24, 28))
-    a = sample_array(r, x, n_samples=3, tile=16, overlap=8)
+    a = sample_array(r, x, _settings(3))
     assert a.info["samples_per_pass"] == 3
-    b = sample_array(r, x, n_samples=5, tile=16, overlap=8, group=1)
+    b = sample_array(r, x, _settings(5, group=1))
     np.testing.assert_allclose(a.samples, b.samples[:3], atol=1e-5)
-    c = sample_array(r, x, n_samples=3, tile=16, overlap=8, seed=1)
+    c = sample_array(r, x, _settings(3, seed=1))
     assert np.abs(a.samples - c.samples).max() > 10 * 1e-5
     assert float(np.abs(a.samples[0] - a.samples[1]).mean()) > 1e-3  # samples differ
     np.testing.assert_allclose(a.mean, a.samples.mean(0), atol=1e-5)
@@ -119,7 +125,7 @@ def test_overlapping_tiles_of_one_sample_agree():
     minus mean path) agrees in the middle of their overlap, far better than with
     independent fields."""
     r = stochastic_restorer()
-    fp = plan_family(r, (16, 16, 96), 2, settings=TileSettings(64, 32))
+    fp = plan_family(r, (16, 16, 96), _settings(2, tile=64, overlap=32))
     ax = fp.plan.axes[2]
     assert len(ax.starts) >= 2
     x = torch.from_numpy(_smooth((16, 16, 96)) * 3)
@@ -151,16 +157,16 @@ def test_sampler_errors():
     plain = LoadedRestorer(model=r.model, voxel_size=10.0, norm=(0.0, 1.0), geometry=GEO,
                            patch_size=16, codes=torch.zeros(0, 8), train_config={})
     with pytest.raises(CryowaeInputError, match="no stochastic branch"):
-        sample_array(plain, x, n_samples=2, tile=16, overlap=4)
+        sample_array(plain, x, _settings(2, overlap=4))
     with pytest.raises(CryowaeInputError, match="at most 24"):
-        sample_array(plain, x, n_samples=25, sampler="rotations", tile=16, overlap=4)
-    with pytest.raises(CryowaeInputError, match="unknown sampler"):
-        sample_array(r, x, sampler="ot", tile=16, overlap=4)
+        sample_array(plain, x, _settings(25, "rotations", overlap=4))
+    with pytest.raises(CryowaeInputError, match="unknown --sampler"):
+        sample_array(r, x, _settings(2, "ot", overlap=4))
     with pytest.raises(CryowaeInputError, match="check, none"):
-        sample_array(r, x, n_samples=2, tile=16, overlap=4, consistency="hard")
-    rot = sample_array(plain, x, n_samples=3, sampler="rotations", tile=16, overlap=4)
+        sample_array(r, x, _settings(2, overlap=4), consistency="hard")
+    rot = sample_array(plain, x, _settings(3, "rotations", overlap=4))
     assert rot.samples.shape == (3, 16, 16, 16)
-    ens = sample_array([plain, r], x, sampler="ensemble", tile=16, overlap=4)
+    ens = sample_array([plain, r], x, _settings(2, "ensemble", overlap=4))
     assert ens.samples.shape[0] == 2
 
 
@@ -191,10 +197,11 @@ def test_consistency_check_flags_a_family_that_carries_the_measured_noise():
 def test_sample_file_resume_equals_uninterrupted(tmp_path):
     r = stochastic_restorer()
     tomo = tmp_path / "tomo.mrc"
-    write_mrc(tomo, _tomogram(), voxel_size=10.0, origin=(1.0, 2.0, 3.0))
-    kw = dict(n_samples=3, tile=16, overlap=8, group=1)
+    # centred on 0: float16 holds it (`float16_fits`), as it does real tomograms
+    write_mrc(tomo, _tomogram() - 7.0, voxel_size=10.0, origin=(1.0, 2.0, 3.0))
+    kw = dict(sampling=_settings(3, group=1))
     whole = sample_file(r, tomo, tmp_path / "whole", **kw)
-    fp = plan_family(r, (24, 40, 36), 3, settings=TileSettings(16, 8))
+    fp = plan_family(r, (24, 40, 36), _settings(3))
     out = tmp_path / "resumed"
     with pytest.raises(Cancelled):
         sample_file(r, tomo, out, progress=cancel_after(fp.plan.n_tiles + 2), **kw)
@@ -207,13 +214,19 @@ def test_sample_file_resume_equals_uninterrupted(tmp_path):
     sample_file(r, tomo, out, progress=log, **kw)
     assert any("1 of 3 samples already done" in m for m in messages)
     a, b = read_ome_zarr(whole / "samples.zarr"), read_ome_zarr(out / "samples.zarr")
+    assert b.data.dtype == np.float16  # the default storage
     np.testing.assert_array_equal(np.asarray(a.data), np.asarray(b.data))
+    for name in ("mean.mrc", "std.mrc"):
+        np.testing.assert_array_equal(read_mrc(whole / name).numpy(),
+                                      read_mrc(out / name).numpy())
     meta = json.loads((out / "family.json").read_text())
     assert meta["n_samples"] == 3 and meta["geometry"]["tilt_min"] == -60.0
     assert meta["consistency"]["per_shell"] and meta["consistency"]["spread"]["wedge"] > 0
     mean = read_mrc(out / "mean.mrc")
     assert mean.voxel_size == pytest.approx(10.0)
-    np.testing.assert_allclose(mean.numpy(), np.asarray(b.data).mean(0), atol=1e-5)
+    stored = np.asarray(b.data, np.float32)  # float16 rounds by 2^-11 of the value
+    np.testing.assert_allclose(mean.numpy(), stored.mean(0),
+                               atol=2.0 ** -10 * float(np.abs(stored).max()))
     with pytest.raises(CryowaeInputError, match="exists"):
         sample_file(r, tomo, out, **kw)
 
@@ -234,6 +247,8 @@ MEMORY_SCRIPT = textwrap.dedent("""
     from cryowae.physics.geometry import TiltGeometry
     from cryowae.physics.wedge_estimate import spectrum_warning
     from cryowae.sampling import sample_file
+    from cryowae.sampling.settings import SamplerSettings
+    from cryowae.tiling.settings import TileSettings
 
     src, out, warm = sys.argv[1:4]
     m = StochasticRestorer(StochasticConfig(restorer=RestorerConfig(4, 2, 8),
@@ -242,7 +257,7 @@ MEMORY_SCRIPT = textwrap.dedent("""
     geometry = TiltGeometry(-60.0, 60.0, "y", "model")
     r = LoadedRestorer(model=m.mean, voxel_size=10.0, norm=(0.0, 1.0), geometry=geometry,
                        patch_size=16, codes=torch.zeros(0, 8), train_config={}, stochastic=m)
-    kw = dict(n_samples=2, tile=48, overlap=8, batch_size=2)
+    kw = dict(sampling=SamplerSettings(2, tiles=TileSettings(48, 8, 2)))
     rng = np.random.default_rng(0)
     # pay the fixed working sets first: the network and the allocator's pools, the
     # check's 96^3 crops (a 96-slice warm-up family) and the wedge self-check's 128^3

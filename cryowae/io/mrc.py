@@ -101,14 +101,17 @@ def _header_meta(mrc: Any) -> dict[str, Any]:
     }
 
 
-def read_mrc(path: str | os.PathLike, mmap: bool = True) -> Volume:
+def read_mrc(path: str | os.PathLike, mmap: bool = True,
+             voxel_size: float | None = None) -> Volume:
     """Read an MRC file as a `Volume` (Z, Y, X), memory-mapped by default.
 
     ``data`` keeps the file's dtype (int8, int16, float32, uint16, float16; uint8 for
     mode-0 files of unsigned bytes, see `mode0_unsigned`): readers convert blocks to
-    float32 as they read them. Raises `CryowaeInputError` for a missing, non-MRC,
-    truncated or unsupported-mode file and for a zero voxel size. The data is not
-    checked for NaNs here (that would read the whole file): call `check_finite`.
+    float32 as they read them. ``meta["voxel_stored"]`` is the header's voxel size;
+    `voxel_size` (Angstrom), when given, replaces it. Raises `CryowaeInputError` for a
+    missing, non-MRC, truncated or unsupported-mode file and for a zero voxel size when
+    none is given. The data is not checked for NaNs here (that would read the whole
+    file): call `check_finite`.
     """
     path = Path(path)
     mrc = _open_mmap(path)
@@ -127,19 +130,20 @@ def read_mrc(path: str | os.PathLike, mmap: bool = True) -> Volume:
         data = data[None]
     vs = mrc.voxel_size
     voxel = (float(vs.z), float(vs.y), float(vs.x))
-    if min(voxel) <= 0 or not np.all(np.isfinite(voxel)):
+    if voxel_size is None and (min(voxel) <= 0 or not np.all(np.isfinite(voxel))):
         mrc.close()
         raise CryowaeInputError(
             f"{path}: the header gives voxel size {voxel[2]:g} A (zero or invalid); "
-            "fix the header, e.g. with `alterheader` or mrcfile"
+            "pass --voxel-size, or fix the header (e.g. with `alterheader` or mrcfile)"
         )
-    if max(voxel) - min(voxel) > 1e-3 * max(voxel):
+    if voxel_size is None and max(voxel) - min(voxel) > 1e-3 * max(voxel):
         warnings.warn(
             f"{path}: anisotropic voxel size {voxel} (z, y, x); cryowae uses x = {voxel[2]:g} A",
             stacklevel=2,
         )
     o = mrc.header.origin
-    meta = _header_meta(mrc) | {"source": str(path)}
+    meta = _header_meta(mrc) | {"source": str(path), "voxel_stored": voxel[2],
+                                "voxel_source": "header"}
     if unsigned:
         meta["mrc_mode0_unsigned"] = True
     if not mmap:
@@ -147,8 +151,8 @@ def read_mrc(path: str | os.PathLike, mmap: bool = True) -> Volume:
         mrc.close()
     else:
         meta["_mrc_handle"] = mrc  # keeps the memory map alive as long as the Volume
-    return Volume(data=data, voxel_size=voxel[2], origin=(float(o.z), float(o.y), float(o.x)),
-                  meta=meta)
+    return Volume(data=data, voxel_size=voxel[2] if voxel_size is None else float(voxel_size),
+                  origin=(float(o.z), float(o.y), float(o.x)), meta=meta)
 
 
 def read_mrc_header(path: str | os.PathLike) -> dict[str, Any]:
@@ -210,15 +214,18 @@ def write_volume_mrc(path: str | os.PathLike, volume: Volume, overwrite: bool = 
 def open_mrc_writer(path: str | os.PathLike, shape: tuple[int, int, int], voxel_size: float,
                     origin: tuple[float, float, float] = (0.0, 0.0, 0.0),
                     meta: dict[str, Any] | None = None,
-                    overwrite: bool = True) -> Iterator[np.memmap]:
-    """A memory-mapped float32 (Z, Y, X) output to fill block by block.
+                    overwrite: bool = True, mode: int = 2) -> Iterator[np.memmap]:
+    """A memory-mapped (Z, Y, X) output to fill block by block: float32 (`mode` 2) or
+    float16 (`mode` 12).
 
     The file lives under a temporary name until the `with` block ends without error;
     header statistics are then computed slab by slab (bounded memory) and the file is
     renamed into place.
     """
     with atomic_path(path, overwrite=overwrite) as tmp:
-        with mrcfile.new_mmap(tmp, shape=tuple(int(s) for s in shape), mrc_mode=2,
+        if mode not in (2, 12):
+            raise ValueError(f"open_mrc_writer writes MRC modes 2 and 12, not {mode}")
+        with mrcfile.new_mmap(tmp, shape=tuple(int(s) for s in shape), mrc_mode=mode,
                               overwrite=True) as mrc:
             yield mrc.data
             _apply_header(mrc, voxel_size, origin, meta)

@@ -84,12 +84,15 @@ class OmeZarrWriter:
 
     `name` is the multiscale's name in the NGFF metadata (default: `store_name(path)`);
     a store written under a temporary or ``.partial`` path is given its final name.
+    `dtype` is every level's dtype; `compressor` a numcodecs codec, None for raw chunks,
+    or ``"default"`` (zarr's default, Blosc lz4).
     """
 
     def __init__(self, path: Path, shape: Sequence[int], voxel_size: float, levels: int,
                  chunks: Sequence[int], extra_axes: Sequence[str],
                  origin: tuple[float, float, float], attrs: dict[str, Any] | None,
-                 name: str | None = None) -> None:
+                 name: str | None = None, dtype: str = "float32",
+                 compressor: Any = "default") -> None:
         if len(shape) != 3 + len(extra_axes):
             raise ValueError(f"shape {tuple(shape)} does not fit axes {list(extra_axes)} + zyx")
         self.path, self.voxel_size, self.origin = path, float(voxel_size), origin
@@ -101,8 +104,9 @@ class OmeZarrWriter:
         for lev in range(self.levels):
             lshape = _level_shape(shape, lev)
             lchunks = tuple(min(c, s) for c, s in zip(chunks, lshape, strict=True))
+            codec = {} if isinstance(compressor, str) else {"compressors": compressor}
             arr = self.group.require_array(str(lev), shape=lshape, chunks=lchunks,
-                                           dtype="float32", fill_value=0.0)
+                                           dtype=dtype, fill_value=0.0, **codec)
             self.arrays.append(arr)
         if attrs:
             self.group.attrs.update(attrs)

@@ -1,7 +1,8 @@
-"""Helpers shared by the metric modules: array conversion and input checks."""
+"""Helpers shared by the metric modules: array conversion, input checks, moments."""
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -63,3 +64,14 @@ def as_geometry(geometry: TiltGeometry | None) -> TiltGeometry:
         raise TypeError(f"expected a TiltGeometry, got {type(geometry).__name__}; build one "
                         "with TiltGeometry.from_range(tilt_min, tilt_max, axis)")
     return geometry
+
+
+def volume_moments(v: torch.Tensor) -> tuple[float, float]:
+    """Mean and population std of a (Z, Y, X) tensor, summed in float64 a slab of 16
+    Z slices at a time (no float64 copy of the whole volume)."""
+    n = v.numel()
+    mean = sum(float(v[z:z + 16].sum(dtype=torch.float64))
+               for z in range(0, v.shape[0], 16)) / n
+    var = sum(float((v[z:z + 16].double() - mean).square().sum())
+              for z in range(0, v.shape[0], 16)) / n
+    return mean, math.sqrt(var)

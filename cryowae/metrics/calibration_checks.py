@@ -206,14 +206,22 @@ def truth_seen_by_data(gt: Any, voxel_size: float, params: CTFParams | None,
     return torch.fft.irfftn(spec, s=tuple(g.shape), dim=_DIMS)
 
 
-def ctf_params_from_meta(meta: dict[str, Any]) -> CTFParams | None:
-    """CTF parameters from a simulation's ``meta.json`` (its ``config``), or None when
-    the simulation had the CTF switched off."""
-    cfg = meta.get("config", meta)
-    if not cfg.get("ctf", True):
+def ctf_params_from_meta(meta: Any) -> CTFParams | None:
+    """CTF parameters from a cryowae simulation's ``meta.json`` (its ``config``: ``ctf``,
+    ``defocus`` (um), ``voltage`` (kV), ``cs`` (mm), ``amplitude_contrast``), or None
+    when the simulation had the CTF switched off. Raises `CryowaeInputError` for
+    metadata cryowae does not understand (not a JSON object, a CTF setting missing or
+    not a number), e.g. another simulator's."""
+    cfg = meta.get("config", meta) if isinstance(meta, dict) else None
+    if not isinstance(cfg, dict):
+        raise CryowaeInputError("simulation metadata is not a JSON object with a config")
+    if cfg.get("ctf", True) is False:
         return None
     try:
         return CTFParams(float(cfg["defocus"]), float(cfg["voltage"]), float(cfg["cs"]),
                          float(cfg["amplitude_contrast"]))
     except KeyError as exc:
         raise CryowaeInputError(f"simulation metadata lacks the CTF setting {exc}") from None
+    except (TypeError, ValueError):
+        raise CryowaeInputError("simulation metadata has a CTF setting that is not a "
+                                "number") from None

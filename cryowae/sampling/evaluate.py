@@ -2,23 +2,35 @@
 
 Reads the family (``samples.zarr``, ``family.json``) and the ground truth into memory
 (an evaluation of simulated data; sampling itself is bounded) and reports, with the
-conventions of `cryowae.metrics.calibration`:
+conventions of `cryowae.metrics.calibration`, `cryowae.metrics.uncertainty` and
+`cryowae.metrics.sparsification`:
 
-- **the truth the data can show**: the ground truth filtered by |CTF(|k|)|
-  (`truth_seen_by_data`, mode ``abs_ctf``) when the simulation's ``meta.json`` (beside
-  the ground truth, or given) has the CTF on; the raw truth otherwise. It is put on
-  the samples' intensity scale by least squares of the sampled tomogram on it over the
-  measured Fourier region without DC (the data's noise is independent of the truth, so
-  the fit is unbiased), plus the mean offset;
+- **the truth the data can show** (`truth_ctf`, `CTF_MODES`): under ``auto`` the ground
+  truth filtered by |CTF(|k|)| (`truth_seen_by_data`, mode ``abs_ctf``) when a
+  meta.json cryowae understands (beside the ground truth, or given) has the CTF on, the
+  raw truth otherwise (another program's meta.json is ignored with one warning line).
+  It is put on the samples' intensity scale by least squares of the sampled tomogram
+  on it over the measured Fourier region without DC (the data's noise is independent
+  of the truth, so the fit is unbiased), plus the mean offset (`truth_on_data_scale`).
+  Every error below is of that fitted truth;
 - spread/skill (S/(S+1) corrected) overall, in the measured and the wedge region and
   per shell;
+- the fraction of voxels whose truth lies outside [min, max] of the S samples (ideal
+  2 / (S + 1)), raw and after the low-pass below;
 - coverage of the 50% and 90% central intervals over all voxels after a low-pass at
   `LOWPASS_A` (a sharp spherical cut at voxel_size / 30 A cycles per voxel, none when
   that is beyond Nyquist), and of the wedge component (unfiltered); the intervals are
   the Gaussian prediction intervals of `interval_coverage` (Student t, S - 1 degrees
   of freedom), which a calibrated family fills to their level whatever S;
-- the fair CRPS of the family against the single restoration's mean absolute error
-  (with `restored`);
+- the ENCE over `ENCE_BINS` std-quantile bins of the family's predicted std
+  (std sqrt((S + 1) / S)) against the family mean's error, and the bins (reliability
+  diagram);
+- sparsification curves of the error of the family mean: ordered by the std map, by
+  the oracle |error|, and by two maps of the restoration alone (`--restored`, else the
+  family mean: its local deviation and local detail power, Gaussian of
+  `DETAIL_SIGMA_VOXELS`), with their gains (1 = oracle, 0 = random order);
+- the fair CRPS of the family beside the mean absolute error of the family mean and,
+  with `restored`, of the single restoration;
 - the family mean's Pearson correlation and wedge CC to the raw ground truth
   (`evaluate_volumes`, as ``cryowae evaluate TOMO --gt GT``);
 - with even/odd halves, the halves check per shell (`halves_check`): for a family
@@ -30,6 +42,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +50,7 @@ import numpy as np
 import torch
 
 from cryowae.errors import CryowaeInputError
+from cryowae.physics.ctf import CTFParams
 from cryowae.physics.geometry import TiltGeometry
 
 #: low-pass (Angstrom) before the all-voxel coverage
@@ -72,24 +86,76 @@ def truth_on_data_scale(truth: torch.Tensor, data: torch.Tensor,
     return (a * truth.double() + b).float(), a, b
 
 
-def _ctf_of(gt: Path, sim_meta: Path | None) -> tuple[Any, str]:
+#: how the ground truth's CTF is treated: ``auto`` filters by |CTF| when a meta.json
+#: that cryowae understands (a `cryowae simulate` output) names the CTF, else uses the
+#: raw truth; ``none`` always the raw truth; ``abs`` always |CTF| (a meta.json needed)
+CTF_MODES = ("auto", "none", "abs")
+
+
+@dataclass(frozen=True)
+class TruthCTF:
+    """The CTF applied to the ground truth: `params` (None: raw truth), `note` (what
+    truth the report uses), `warning` (one line for stderr, e.g. a meta.json ignored)."""
+
+    params: CTFParams | None
+    note: str
+    warning: str | None = None
+
+
+def truth_ctf(gt: str | os.PathLike, sim_meta: str | os.PathLike | None = None,
+              mode: str = "auto") -> TruthCTF:
+    """The CTF of the ground truth `gt` under `mode` (`CTF_MODES`), read from
+    `sim_meta` or from ``meta.json`` beside `gt`. A meta.json found beside `gt` that
+    cryowae does not understand is ignored under ``auto`` (with a warning line); one
+    given as `sim_meta`, or any under ``abs``, must be understood."""
     from cryowae.metrics.calibration_checks import ctf_params_from_meta
 
-    meta_path = sim_meta if sim_meta is not None else gt.parent / "meta.json"
-    if not meta_path.is_file():
+    if mode not in CTF_MODES:
+        raise CryowaeInputError(f"unknown CTF mode {mode!r}: use {', '.join(CTF_MODES)}")
+    if mode == "none":
+        return TruthCTF(None, "raw ground truth (--ctf none)")
+    path = Path(sim_meta) if sim_meta is not None else Path(gt).parent / "meta.json"
+    if not path.is_file():
         if sim_meta is not None:
             raise CryowaeInputError(f"{sim_meta}: no such file")
-        return None, "raw ground truth (no meta.json beside it: CTF not known)"
-    params = ctf_params_from_meta(json.loads(meta_path.read_text()))
+        if mode == "abs":
+            raise CryowaeInputError(f"--ctf abs needs the simulation's meta.json (none "
+                                    f"beside {Path(gt).name}; give --sim-meta)")
+        return TruthCTF(None, "raw ground truth (no meta.json beside it: CTF not known)")
+    try:
+        params = ctf_params_from_meta(json.loads(path.read_text(encoding="utf-8")))
+    except (CryowaeInputError, ValueError, UnicodeDecodeError) as exc:
+        reason = str(exc) if isinstance(exc, CryowaeInputError) else "not valid JSON"
+        if sim_meta is not None or mode == "abs":
+            raise CryowaeInputError(f"{path}: not a cryowae simulation's meta.json "
+                                    f"({reason})") from None
+        return TruthCTF(None, f"raw ground truth ({path.name} beside it ignored)",
+                        f"{path}: not a cryowae simulation's meta.json ({reason}); "
+                        "ignored, the raw ground truth is used (--ctf none to say so)")
     if params is None:
-        return None, f"raw ground truth (CTF off in {meta_path.name})"
-    return params, f"ground truth filtered by |CTF| ({meta_path})"
+        if mode == "abs":
+            raise CryowaeInputError(f"--ctf abs: {path} says the simulation had no CTF")
+        return TruthCTF(None, f"raw ground truth (CTF off in {path.name})")
+    return TruthCTF(params, f"ground truth filtered by |CTF| ({path})")
 
 
 def _median(v: np.ndarray) -> float:
     v = np.asarray(v, dtype=np.float64)
     v = v[np.isfinite(v)]
     return float(np.median(v)) if v.size else float("nan")
+
+
+def _read(path: str | os.PathLike, what: str, shape: tuple[int, ...] | None = None
+          ) -> tuple[torch.Tensor, float]:
+    from cryowae.io import read_volume
+
+    with read_volume(path, check_nan=True) as vol:
+        v = torch.from_numpy(vol.numpy().astype(np.float32))
+        vs = float(vol.voxel_size)
+    if shape is not None and tuple(v.shape) != shape:
+        raise CryowaeInputError(f"{path}: shape {tuple(v.shape)} differs from the "
+                                f"family's {shape} ({what})")
+    return v, vs
 
 
 def evaluate_family(family: str | os.PathLike, gt: str | os.PathLike,
@@ -99,14 +165,15 @@ def evaluate_family(family: str | os.PathLike, gt: str | os.PathLike,
                     tomogram: str | os.PathLike | None = None,
                     sim_meta: str | os.PathLike | None = None,
                     even: str | os.PathLike | None = None,
-                    odd: str | os.PathLike | None = None) -> dict[str, Any]:
+                    odd: str | os.PathLike | None = None,
+                    ctf: str = "auto") -> dict[str, Any]:
     """Calibration report of a family directory against the ground truth (module
     docstring). `geometry` defaults to the family's, `tomogram` (the sampled data, for
     the intensity scale) to the one ``family.json`` names, `voxel_size` to the ground
-    truth's header."""
+    truth's header, `ctf` is one of `CTF_MODES`. Lines for stderr (a meta.json
+    ignored) are in ``report["warnings"]``."""
     import zarr
 
-    from cryowae.io import read_volume
     from cryowae.metrics.calibration import (
         crps_report,
         interval_coverage,
@@ -115,68 +182,77 @@ def evaluate_family(family: str | os.PathLike, gt: str | os.PathLike,
     )
     from cryowae.metrics.calibration_checks import halves_check, truth_seen_by_data
     from cryowae.metrics.report import evaluate_volumes
+    from cryowae.metrics.uncertainty import (
+        ENCE_BINS,
+        family_mean_std,
+        outside_range_fraction,
+        predicted_std,
+        reliability,
+    )
     from cryowae.training.noise import noise_from_halves
 
     fam = Path(family)
     if not (fam / "family.json").is_file():
         raise CryowaeInputError(f"{fam}: not a family directory (no family.json)")
+    if (even is None) != (odd is None):
+        raise CryowaeInputError("give both --even and --odd, or neither")
+    if voxel_size is not None and not voxel_size > 0:
+        raise CryowaeInputError(f"voxel size must be positive, got {voxel_size:g}")
+    tc = truth_ctf(gt, sim_meta, ctf)
     meta = json.loads((fam / "family.json").read_text())
     geo = geometry or TiltGeometry.from_dict(meta["geometry"])
     samples = torch.from_numpy(np.asarray(zarr.open_array(str(fam / "samples.zarr" / "0"),
                                                           mode="r")[:], dtype=np.float32))
-    with read_volume(gt) as gvol:
-        g = torch.from_numpy(gvol.numpy().astype(np.float32))
-        vs = float(voxel_size) if voxel_size is not None else float(gvol.voxel_size)
-    if tuple(g.shape) != tuple(samples.shape[1:]):
-        raise CryowaeInputError(f"{gt}: shape {tuple(g.shape)} differs from the family's "
-                                f"{tuple(samples.shape[1:])}")
+    shape = tuple(int(v) for v in samples.shape[1:])
+    g, gt_vs = _read(gt, "ground truth", shape)
+    vs = float(voxel_size) if voxel_size is not None else gt_vs
     tomo = Path(tomogram) if tomogram is not None else Path(meta["tomogram"])
     if not tomo.is_file() and not tomo.is_dir():
         raise CryowaeInputError(f"{tomo}: the sampled tomogram is needed for the intensity "
                                 "scale (give --tomogram)")
-    with read_volume(tomo) as tvol:
-        d = torch.from_numpy(tvol.numpy().astype(np.float32))
-    params, truth_note = _ctf_of(Path(gt), Path(sim_meta) if sim_meta else None)
-    seen = truth_seen_by_data(g, vs, params, "abs_ctf")
-    truth, a, b = truth_on_data_scale(seen, d, geo)
+    d, _ = _read(tomo, "sampled tomogram", shape)
+    r = _read(restored, "restoration", shape)[0] if restored is not None else None
+    truth, a, b = truth_on_data_scale(truth_seen_by_data(g, vs, tc.params, "abs_ctf"), d, geo)
     s_count = int(samples.shape[0])
     ss = spread_skill(samples, truth, geo)
     cut = vs / LOWPASS_A
-    cov = interval_coverage(_lowpass(samples, cut), _lowpass(truth, cut))
+    low_samples, low_truth = _lowpass(samples, cut), _lowpass(truth, cut)
+    cov = interval_coverage(low_samples, low_truth)
     wcov = wedge_coverage(samples, truth, geo)
-    mean = samples.mean(dim=0)
+    rng = outside_range_fraction(samples, truth)
+    mean, std = family_mean_std(samples)
+    error = mean - truth
+    pred = predicted_std(std, s_count)
     fam_scores = evaluate_volumes(mean, g, vs, geo)
     report: dict[str, Any] = {
         "family": str(fam), "gt": str(gt), "n_samples": s_count, "voxel_size_A": vs,
-        "geometry": geo.to_dict(), "truth": truth_note,
+        "geometry": geo.to_dict(), "truth": tc.note, "ctf_mode": ctf,
         "truth_scale": {"a": a, "b": b, "fitted_on": str(tomo)},
         "spread_skill": ss.to_dict(),
+        "outside_range": {**rng, "fraction_lowpass": outside_range_fraction(
+            low_samples, low_truth)["fraction"], "lowpass_A": LOWPASS_A},
         "coverage": {"lowpass_A": LOWPASS_A, "all_50": cov[0.5], "all_90": cov[0.9],
                      "wedge_50": wcov[0.5], "wedge_90": wcov[0.9],
                      "interval": "Gaussian prediction interval mean +- t s sqrt(1 + 1/S) "
                                  "(covers its level for a calibrated family at any S)",
                      "expected_50": 0.5, "expected_90": 0.9},
+        "reliability": {**reliability(pred, error, ENCE_BINS).to_dict(),
+                        "predicted_std": "family std * sqrt((S + 1) / S)",
+                        "error": "family mean - truth"},
+        "sparsification": _sparsification(pred, error, r if r is not None else mean,
+                                          "restored" if r is not None else "family mean"),
+        "crps": crps_report(samples, truth, r),
         "family_mean": {"pearson": fam_scores["pearson"], "cc_wedge": fam_scores["cc_wedge"],
                         "cc_measured": fam_scores["cc_measured"]},
     }
-    if restored is not None:
-        with read_volume(restored) as rvol:
-            r = torch.from_numpy(rvol.numpy().astype(np.float32))
-        if tuple(r.shape) != tuple(g.shape):
-            raise CryowaeInputError(f"{restored}: shape {tuple(r.shape)} differs from the "
-                                    f"ground truth's {tuple(g.shape)}")
-        report["crps"] = crps_report(samples, truth, r)
+    if tc.warning:
+        report["warnings"] = [tc.warning]
+    if r is not None:
         single = evaluate_volumes(r, g, vs, geo)
         report["single"] = {"pearson": single["pearson"], "cc_wedge": single["cc_wedge"],
                             "cc_measured": single["cc_measured"]}
-    if (even is None) != (odd is None):
-        raise CryowaeInputError("give both --even and --odd, or neither")
     if even is not None and odd is not None:
-        with read_volume(even) as ev, read_volume(odd) as od:
-            e = torch.from_numpy(ev.numpy().astype(np.float32))
-            o = torch.from_numpy(od.numpy().astype(np.float32))
-        if tuple(e.shape) != tuple(g.shape) or tuple(o.shape) != tuple(g.shape):
-            raise CryowaeInputError("--even/--odd must have the family's shape")
+        e, o = _read(even, "--even", shape)[0], _read(odd, "--odd", shape)[0]
         noise = noise_from_halves(e, o, geo).half
         hc = halves_check(samples, o, noise.power, geo)
         report["halves_check"] = {
@@ -189,18 +265,41 @@ def evaluate_family(family: str | os.PathLike, gt: str | os.PathLike,
     return report
 
 
+def _sparsification(pred: torch.Tensor, error: torch.Tensor, restoration: torch.Tensor,
+                    source: str) -> dict[str, Any]:
+    """Sparsification curves of the family mean's error by the std map and by the two
+    restoration-only maps (module docstring)."""
+    from cryowae.metrics.sparsification import (
+        DETAIL_SIGMA_VOXELS,
+        local_detail_power_map,
+        local_deviation_map,
+        sparsification,
+    )
+
+    maps = {"std": pred, "local_deviation": local_deviation_map(restoration),
+            "local_detail_power": local_detail_power_map(restoration)}
+    return {"error": "family mean - truth", "restoration_maps_from": source,
+            "smoothing_sigma_voxels": DETAIL_SIGMA_VOXELS,
+            "gain": "1 = ordered as the oracle |error|, 0 = random order",
+            **{k: sparsification(v, error).to_dict() for k, v in maps.items()}}
+
+
 def calibration_line(report: dict[str, Any]) -> str:
     """One line of the main calibration figures."""
     ss, cov, fm = report["spread_skill"], report["coverage"], report["family_mean"]
+    rng, sp = report["outside_range"], report["sparsification"]
     line = (f"spread/skill {ss['spread_skill']:.2f} (measured "
             f"{ss['spread_skill_measured']:.2f}, wedge {ss['spread_skill_wedge']:.2f}); "
-            f"coverage 90% {cov['all_90']:.2f} (after {cov['lowpass_A']:g} A low-pass), "
-            f"wedge 90% {cov['wedge_90']:.2f}; "
+            f"outside range {rng['fraction']:.3f} (ideal {rng['ideal']:.3f}); "
+            f"coverage 50/90% {cov['all_50']:.2f}/{cov['all_90']:.2f} (after "
+            f"{cov['lowpass_A']:g} A low-pass), wedge 90% {cov['wedge_90']:.2f}; "
+            f"ENCE {report['reliability']['ence']:.2f}; sparsification gain "
+            f"{sp['std']['gain']:.2f}; CRPS {report['crps']['crps_family']:.4g}; "
             f"family mean Pearson {fm['pearson']:.3f}, wedge CC {fm['cc_wedge']:.3f}")
-    if "crps" in report:
-        line += (f"; CRPS {report['crps']['crps_family']:.4g} vs single MAE "
-                 f"{report['crps']['mae_single']:.4g}")
+    if "mae_single" in report["crps"]:
+        line += f"; single MAE {report['crps']['mae_single']:.4g}"
     return line
 
 
-__all__ = ["LOWPASS_A", "calibration_line", "evaluate_family", "truth_on_data_scale"]
+__all__ = ["CTF_MODES", "LOWPASS_A", "TruthCTF", "calibration_line", "evaluate_family",
+           "truth_ctf", "truth_on_data_scale"]

@@ -32,20 +32,20 @@ import torch
 from cryowae.errors import CryowaeInputError
 from cryowae.models.protocol import Restorer
 from cryowae.physics.geometry import TiltGeometry
+from cryowae.precision import amp_active
 from cryowae.progress import ProgressReporter, ensure_progress
 from cryowae.sampling.consistency import CONSISTENCY, consistency_check
 from cryowae.sampling.samplers import (
-    DEFAULT_SAMPLER,
     EnsembleSampler,
     FieldSampler,
     RotationSampler,
     aligned_plan,
     check_sampler,
 )
+from cryowae.sampling.settings import SamplerSettings
 from cryowae.tiling.engine import Sink, array_sink, run_tiles
 from cryowae.tiling.pages import release_pages
 from cryowae.tiling.plan import TilePlan
-from cryowae.tiling.settings import TileSettings
 
 #: bytes of slab buffer (G samples x tile x Y x X float32) that choose the group size:
 #: each group runs the mean path once, so larger groups restore fewer times (16 samples
@@ -102,7 +102,8 @@ class FamilyPlan:
         return {"sampler": self.sampler, "n_samples": self.n_samples,
                 "tile": list(self.plan.tile), "n_tiles": self.plan.n_tiles,
                 "tile_starts": [list(a.starts) for a in self.plan.axes],
-                "samples_per_pass": self.group, "geometry": self.geometry.to_dict()}
+                "samples_per_pass": self.group, "geometry": self.geometry.to_dict(),
+                "bf16_autocast": amp_active(self.device, self.source.amp)}
 
 
 def _restorers(restorer: Restorer | Sequence[Restorer]) -> list[Any]:
@@ -113,30 +114,29 @@ def _restorers(restorer: Restorer | Sequence[Restorer]) -> list[Any]:
 
 
 def plan_family(restorer: Restorer | Sequence[Restorer], shape: Sequence[int],
-                n_samples: int = 16, sampler: str = DEFAULT_SAMPLER,
-                settings: TileSettings | None = None, seed: int = 0,
-                geometry: TiltGeometry | None = None, group: int | None = None,
-                amp: bool | None = None) -> FamilyPlan:
+                sampling: SamplerSettings | None = None,
+                geometry: TiltGeometry | None = None) -> FamilyPlan:
     """Validate the choices and set up the sampler for a (Z, Y, X) volume of `shape`.
 
     `restorer` is a `LoadedRestorer` (its ``stochastic`` attribute holds the branch for
     ``prior``), or a list of them for ``ensemble``. `geometry` defaults to the first
-    model's. `group`: samples per engine pass (``prior`` only; default: as many as
-    `GROUP_BUFFER_BYTES` of slab buffer allow, at most `MAX_GROUP`). `amp`: bf16
-    autocast of the networks (`cryowae.precision.amp_active`; None: the device's default).
+    model's. ``sampling.group``: samples per engine pass (``prior`` only; default: as
+    many as `GROUP_BUFFER_BYTES` of slab buffer allow, at most `MAX_GROUP`).
     """
+    sampling = sampling or SamplerSettings()
+    sampler, settings, group = sampling.sampler, sampling.tiles, sampling.group
+    amp = sampling.amp
     models = _restorers(restorer)
     first = models[0]
     stochastic = getattr(first, "stochastic", None)
-    n = check_sampler(sampler, n_samples, len(models), stochastic is not None)
-    settings = settings or TileSettings()
+    n = check_sampler(sampler, sampling.n_samples, len(models), stochastic is not None)
     geometry = geometry or first.geometry
     device = torch.device(first.device)
     multiple = max(int(m.model.multiple) for m in models)
     plan = aligned_plan(settings, shape, multiple, cubic=sampler == "rotations")
     src: FieldSampler | RotationSampler | EnsembleSampler
     if sampler == "prior":
-        src = FieldSampler(stochastic, plan, int(seed), device, amp)
+        src = FieldSampler(stochastic, plan, sampling.seed, device, amp)
         slab = plan.tile[0] * plan.shape[1] * plan.shape[2] * 4
         g = group if group is not None else max(1, GROUP_BUFFER_BYTES // max(1, slab))
     elif sampler == "rotations":
@@ -181,17 +181,18 @@ def run_family(fp: FamilyPlan, data: Any, norm: tuple[float, float],
 
 
 def family_moments(samples: Any, mean_out: Any, std_out: Any,
-                   block: int = MOMENT_BLOCK) -> tuple[Any, Any]:
+                   block: int | Sequence[int] = MOMENT_BLOCK) -> tuple[Any, Any]:
     """Per-voxel mean and standard deviation (ddof = 0) of (S, Z, Y, X) `samples`
-    (numpy, zarr), written into (Z, Y, X) `mean_out` and `std_out` (arrays or memory
-    maps) in blocks of `block` voxels per axis (the zarr store's chunk edge), so that
-    memory holds S blocks in float64 and every chunk is read once."""
+    (numpy, zarr; any float dtype), written into (Z, Y, X) `mean_out` and `std_out`
+    (arrays or memory maps) in blocks of `block` voxels (one edge, or (Z, Y, X) edges:
+    a whole number of the store's chunks), so that memory holds S blocks in float64 and
+    every chunk is read once."""
     s, z, y, x = (int(v) for v in np.shape(samples))
-    for z0 in range(0, z, block):
-        for y0 in range(0, y, block):
-            for x0 in range(0, x, block):
-                where = (slice(z0, z0 + block), slice(y0, y0 + block),
-                         slice(x0, x0 + block))
+    bz, by, bx = (block,) * 3 if isinstance(block, int) else (int(b) for b in block)
+    for z0 in range(0, z, bz):
+        for y0 in range(0, y, by):
+            for x0 in range(0, x, bx):
+                where = (slice(z0, z0 + bz), slice(y0, y0 + by), slice(x0, x0 + bx))
                 blk = np.asarray(samples[(slice(None), *where)], dtype=np.float64)
                 m = blk.mean(axis=0)
                 mean_out[where] = m.astype(np.float32)
@@ -224,12 +225,11 @@ def family_figures(samples: Any, mean_std: tuple[Any, Any], data: Any,
     return out
 
 
-def sample_array(restorer: Restorer | Sequence[Restorer], data: Any, n_samples: int = 16,
-                 sampler: str = DEFAULT_SAMPLER, tile: int = 96, overlap: int = 32,
-                 batch_size: int = 4, seed: int = 0,
+def sample_array(restorer: Restorer | Sequence[Restorer], data: Any,
+                 sampling: SamplerSettings | None = None,
                  progress: ProgressReporter | None = None, *,
                  geometry: TiltGeometry | None = None, even: Any = None, odd: Any = None,
-                 consistency: str = "check", group: int | None = None,
+                 consistency: str = "check",
                  norm: tuple[float, float] | None = None) -> FamilyResult:
     """A posterior family of tomogram `data` in memory.
 
@@ -241,22 +241,14 @@ def sample_array(restorer: Restorer | Sequence[Restorer], data: Any, n_samples: 
     data
         (Z, Y, X) tomogram (numpy, memmap, zarr), any intensity scale; samples come back
         in the same units.
-    n_samples
-        Family size S (``ensemble``: one sample per model; ``rotations``: at most 24).
-    sampler
-        ``prior`` (default), ``rotations`` or ``ensemble`` (`cryowae.sampling.samplers`).
-    tile, overlap, batch_size
-        `TileSettings`; tile starts are aligned to the model's multiple.
-    seed
-        Sample s is drawn from the generator of (seed, s): the same on every run.
+    sampling
+        Family size, sampler, tiles, seed, samples per pass (`SamplerSettings`).
     geometry
         Tilt geometry of the data; default: the model's training geometry.
     even, odd
         Optional halves of `data`, for the noise power of the consistency check.
     consistency
         ``check`` (default: residual-to-noise ratio per shell) or ``none``.
-    group
-        Samples per engine pass (see `plan_family`).
     norm
         (mean, std) normalisation; default: the tomogram's global statistics.
     """
@@ -267,15 +259,15 @@ def sample_array(restorer: Restorer | Sequence[Restorer], data: Any, n_samples: 
     shape = tuple(int(s) for s in np.shape(data))
     if len(shape) != 3:
         raise CryowaeInputError(f"expected a (Z, Y, X) tomogram, got shape {shape}")
-    fp = plan_family(restorer, shape, n_samples, sampler,
-                     TileSettings(tile, overlap, batch_size), seed, geometry, group)
+    sampling = sampling or SamplerSettings()
+    fp = plan_family(restorer, shape, sampling, geometry)
     norm = norm or volume_stats(data)
     t0 = time.perf_counter()
     samples = np.empty((fp.n_samples, *shape), dtype=np.float32)
     run_family(fp, data, norm, lambda s: array_sink(samples[s]), progress=progress)
     mean, std = family_moments(samples, np.empty(shape, np.float32),
                                np.empty(shape, np.float32))
-    info = fp.describe() | {"seed": int(seed), "overlap": int(overlap),
+    info = fp.describe() | {"seed": sampling.seed, "overlap": sampling.tiles.overlap,
                             "shape": list(shape),
                             "normalisation": {"mean": norm[0], "std": norm[1]},
                             "seconds": round(time.perf_counter() - t0, 2)}

@@ -2,13 +2,19 @@
 
 Output directory (appears complete, by one rename, or not at all):
 
-    OUT/samples.zarr   OME-Zarr, axes (s, z, y, x), one sample per chunk along s
-    OUT/mean.mrc       per-voxel mean of the samples
-    OUT/std.mrc        per-voxel standard deviation (ddof = 0)
+    OUT/samples.zarr   OME-Zarr, axes (s, z, y, x): the first K of the N samples
+                       (`StorageSettings.keep`, default all), float16 by default, one
+                       sample x 4 slices x 256 x 256 voxels per chunk, Blosc zstd
+    OUT/mean.mrc       per-voxel mean of all N float32 samples (float32)
+    OUT/std.mrc        per-voxel standard deviation of all N (ddof = 0; float16)
     OUT/family.json    parameters, the consistency check per shell, the spread, the
                        spread calibration (`cryowae.sampling.recalibrate`)
 
-While it runs, the work lives in ``.OUT.partial/`` beside OUT: the zarr store and
+Every figure comes from the N float32 samples: they stream into samples.zarr itself
+when it is float32 and keeps all N, otherwise into a float32 working store
+(``work.zarr``) from which the first K are copied into samples.zarr once calibrated.
+
+While it runs, the work lives in ``.OUT.partial/`` beside OUT: the stores and
 ``state.json`` (the run's fingerprint and the finished samples, rewritten atomically
 after each group). A rerun with the same model, tomogram and settings continues from
 the finished samples and, since sample s depends only on (seed, s), gives the same
@@ -17,37 +23,60 @@ family as an uninterrupted run; a rerun with other settings starts over (and say
 Memory: the tomogram and the halves are memory-mapped and read slab by slab (the tile
 engine), each sample streams into the zarr store, the spread calibration estimates its
 factors on a central crop and filters each sample tile by tile in place, the mean and std
-are computed from the store slab by slab into memory-mapped MRC files, and the check
-reads a central crop.
+are computed from the store block by block into memory-mapped MRC files, and the check
+reads a central crop. Disk: N float32 samples while it runs (the working store).
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
-import json
-import math
 import os
 import shutil
 import time
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import zarr
+from numcodecs import Blosc
 
 from cryowae import __version__
 from cryowae.errors import CryowaeInputError
 from cryowae.io.atomic import atomic_path, check_output_path
+from cryowae.io.omezarr import OmeZarrWriter
 from cryowae.physics.geometry import TiltGeometry
 from cryowae.physics.wedge_estimate import spectrum_warning
 from cryowae.progress import ProgressReporter, ensure_progress
-from cryowae.sampling.family import family_figures, family_moments, plan_family, run_family
-from cryowae.sampling.recalibrate import calibrate_store, resolve_mode
-from cryowae.sampling.samplers import DEFAULT_SAMPLER
+from cryowae.sampling.family import (
+    MOMENT_BLOCK,
+    family_figures,
+    family_moments,
+    plan_family,
+    run_family,
+)
+from cryowae.sampling.family_state import FamilyRun, fingerprint, write_json
+from cryowae.sampling.recalibrate import resolve_mode
+from cryowae.sampling.settings import (
+    FLOAT16_TOLERANCE,
+    CalibrationSettings,
+    SamplerSettings,
+    StorageSettings,
+    float16_fits,
+)
+from cryowae.sampling.store_calibration import calibrate_store
 from cryowae.tiling.engine import array_sink
 from cryowae.tiling.pages import page_releasing, release_pages
 from cryowae.tiling.settings import TileSettings
+
+#: zstd level of samples.zarr's chunks (Blosc, bit-shuffled: the sign and exponent bits
+#: of neighbouring float16 values are alike and compress; the low mantissa bits do not)
+ZSTD_LEVEL = 5
+#: float64 bytes of one block of `family_moments` over all samples (at least one chunk
+#: row), and float32 bytes of one slab copied into samples.zarr
+MOMENT_BYTES = 4 << 20
+#: MRC modes of std.mrc's dtypes
+MRC_MODES = {"float32": 2, "float16": 12}
 
 
 class _SampleView:
@@ -61,37 +90,11 @@ class _SampleView:
         self.arr[(self.s, *key)] = value
 
 
-def _json_ready(o: Any) -> Any:
-    """Plain JSON values: numpy scalars unwrapped, inf/nan as null, paths as text."""
-    if isinstance(o, dict):
-        return {str(k): _json_ready(v) for k, v in o.items()}
-    if isinstance(o, list | tuple):
-        return [_json_ready(v) for v in o]
-    if isinstance(o, np.floating | np.integer):
-        o = o.item()
-    if isinstance(o, float):
-        return o if math.isfinite(o) else None
-    if o is None or isinstance(o, bool | int | str):
-        return o
-    return str(o)
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(_json_ready(obj), indent=2, allow_nan=False) + "\n")
-
-
 def _pyramid_levels(shape: tuple[int, ...], max_levels: int = 3, min_size: int = 16) -> int:
     levels = 1
     while levels < max_levels and min(shape) // 2**levels >= min_size:
         levels += 1
     return levels
-
-
-def _fingerprint(paths: Sequence[Path], params: dict[str, Any]) -> dict[str, Any]:
-    files = [[str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns]
-             for p in paths if p.is_file()]
-    return _json_ready({"files": files, "params": params})
 
 
 def _open(path: str | os.PathLike, what: str, stack: contextlib.ExitStack) -> Any:
@@ -131,15 +134,43 @@ def _centre(restorer: Any, data: Any, norm: tuple[float, float], settings: TileS
     return page_releasing(np.load(path, mmap_mode="r"))
 
 
+def _moment_block(samples: Any) -> tuple[int, int, int]:
+    """Blocks of `family_moments`: whole chunks of the store, about `MOMENT_BYTES` of
+    float64 over all samples."""
+    n = int(samples.shape[0])
+    cz, cy, cx = (int(c) for c in samples.chunks[1:])
+    per_chunk_slice = n * cy * cx * 8
+    return (cz * max(1, MOMENT_BYTES // max(1, per_chunk_slice * cz)), cy, cx)
+
+
+def _export(work: Any, folder: Path, level0: Any, keep: int, run: FamilyRun) -> None:
+    """Samples 0..keep-1 of the float32 working store (at `folder`) into samples.zarr,
+    whole chunk rows along Z at a time; each sample's working chunks are removed once
+    it is copied (and recorded in `run`), those of the others at once, so the disk
+    holds the working store or samples.zarr, not both."""
+    cz = int(level0.chunks[1])
+    shape = tuple(int(v) for v in work.shape[1:])
+    step = cz * max(1, MOMENT_BYTES // max(1, 4 * cz * shape[1] * shape[2]))
+    exported = run.output.setdefault("exported", [])
+    for i in range(int(work.shape[0])):
+        if i < keep and i not in exported:
+            for z in range(0, shape[0], step):
+                level0[i, z:z + step] = np.asarray(work[i, z:z + step], np.float32)
+            exported.append(i)
+            run.save()
+        # zarr format 2 keys: "s.z.y.x" under the store's folder
+        for chunk in folder.glob(f"{i}.*"):
+            chunk.unlink()
+
+
 def sample_file(model: Any, tomogram: str | os.PathLike, out_dir: str | os.PathLike,
-                n_samples: int = 16, sampler: str = DEFAULT_SAMPLER, tile: int = 96,
-                overlap: int = 32, batch_size: int = 4, seed: int = 0,
-                device: str = "auto", even: str | os.PathLike | None = None,
+                sampling: SamplerSettings | None = None,
+                calibration: CalibrationSettings | None = None,
+                storage: StorageSettings | None = None, *,
+                even: str | os.PathLike | None = None,
                 odd: str | os.PathLike | None = None,
-                geometry: TiltGeometry | None = None, consistency: str = "check",
-                group: int | None = None, overwrite: bool = False,
-                progress: ProgressReporter | None = None,
-                spread_calibration: str = "auto", amp: bool | None = None) -> Path:
+                geometry: TiltGeometry | None = None, device: str = "auto",
+                progress: ProgressReporter | None = None) -> Path:
     """Sample a family of a tomogram file into `out_dir` (module docstring).
 
     Parameters
@@ -149,33 +180,36 @@ def sample_file(model: Any, tomogram: str | os.PathLike, out_dir: str | os.PathL
         list of either for ``sampler="ensemble"``.
     tomogram, even, odd
         MRC or OME-Zarr files (memory-mapped); the halves serve the noise power of the
-        consistency check.
+        consistency check and the ``halves`` spread calibration.
+    sampling
+        Family size, sampler, tiles, seed (`SamplerSettings`).
+    calibration
+        Spread calibration and consistency check (`CalibrationSettings`): the per-shell
+        widening of the finished samples about their mean before the moments are
+        written (`cryowae.sampling.store_calibration.calibrate_store`), recorded in
+        ``family.json`` under ``spread_calibration``.
+    storage
+        Sample dtype, samples kept, codec, chunks, pyramid, std dtype, overwrite
+        (`StorageSettings`).
     geometry
         Tilt geometry; default: the model's (resolve options with `TiltGeometry.resolve`).
         One the tomogram's own spectrum contradicts is reported (`spectrum_warning`).
-    spread_calibration
-        ``auto`` (``halves`` when the halves are given, else ``data``), ``halves``,
-        ``data`` or ``none``: the per-shell widening of the finished samples about their
-        mean before the moments are written (`cryowae.sampling.recalibrate.calibrate_store`),
-        recorded in ``family.json`` under ``spread_calibration``.
-    amp
-        bf16 autocast of the networks (`cryowae.precision.amp_active`; None: the
-        device's default).
-    Other parameters as `cryowae.sampling.family.sample_array`.
     """
     from cryowae.inference.restore import voxel_size_warning
-    from cryowae.io import open_mrc_writer
-    from cryowae.io.omezarr import OmeZarrWriter
     from cryowae.io.stats import volume_stats
 
+    sampling = sampling or SamplerSettings()
+    calibration = calibration or CalibrationSettings()
+    storage = storage or StorageSettings()
     prog = ensure_progress(progress)
-    out = check_output_path(out_dir, overwrite)
+    out = check_output_path(out_dir, storage.overwrite)
     if (even is None) != (odd is None):
         raise CryowaeInputError("give both --even and --odd, or neither")
-    resolve_mode(spread_calibration, even is not None)
+    spread = calibration.spread
+    resolve_mode(spread, even is not None)
     many = isinstance(model, list | tuple)
     restorers = [_load(m, device) for m in (model if many else [model])]
-    settings = TileSettings(tile, overlap, batch_size)
+    settings = sampling.tiles
     partial = out.with_name(f".{out.name}.partial")
     with contextlib.ExitStack() as stack:
         vol = _open(tomogram, "tomogram", stack)
@@ -192,60 +226,55 @@ def sample_file(model: Any, tomogram: str | os.PathLike, out_dir: str | os.PathL
                                 Path(tomogram).name)
         if seen:
             prog.log(seen)
-        fp = plan_family(restorers if many else restorers[0], vol.shape, n_samples,
-                         sampler, settings, seed, geometry, group, amp)
+        fp = plan_family(restorers if many else restorers[0], vol.shape, sampling,
+                         geometry)
+        keep = storage.kept(fp.n_samples)
         norm = volume_stats(page_releasing(vol.data))
-        params = fp.describe() | {"seed": int(seed), "overlap": int(overlap),
-                                  "spread_calibration": spread_calibration,
+        dtype = storage.sample_dtype
+        if dtype == "float16" and not float16_fits(norm):
+            prog.log(f"samples stored as float32: float16 would round the tomogram's "
+                     f"values (mean {norm[0]:.4g}, std {norm[1]:.4g}) by more than "
+                     f"{FLOAT16_TOLERANCE:g} of its std")
+            dtype = "float32"
+        # float32 and every sample kept: the samples are calibrated where they are
+        # stored; otherwise in a float32 working store that holds all N
+        direct = dtype == "float32" and keep == fp.n_samples
+        params = fp.describe() | {"seed": sampling.seed, "overlap": settings.overlap,
+                                  "spread_calibration": spread,
                                   "norm": list(norm), "models": [str(getattr(r, "path", ""))
                                                                  for r in restorers]}
+        params |= {"storage": storage.describe() | {"sample_dtype": dtype,
+                                                    "samples_stored": keep}}
         paths = [Path(p) for p in (tomogram, even, odd) if p is not None]
         paths += [Path(getattr(r, "path", "")) for r in restorers if getattr(r, "path", "")]
-        finger = _fingerprint(paths, params)
-        state_path = partial / "state.json"
-        done: list[int] = []
-        calib_state: dict[str, Any] = {}
-        if state_path.is_file():
-            state = json.loads(state_path.read_text())
-            if state.get("fingerprint") == finger:
-                done = sorted(int(s) for s in state.get("done", []))
-                calib_state = state.get("calibration", {})
-                prog.log(f"resuming: {len(done)} of {fp.n_samples} samples already done")
-            else:
-                prog.log(f"{partial}: left by a run with other settings; starting over")
-                shutil.rmtree(partial)
-        elif partial.exists():
-            shutil.rmtree(partial)
-        partial.mkdir(parents=True, exist_ok=True)
+        run = FamilyRun(partial, fingerprint(paths, params), fp.n_samples, prog)
         shape = vol.shape
-        writer = OmeZarrWriter(partial / "samples.zarr", (fp.n_samples, *shape),
-                               vol.voxel_size, _pyramid_levels(shape),
-                               (1, *(min(64, s) for s in shape)), ("s",), vol.origin,
+        # NGFF 0.4 stores are zarr format 2: the codec is numcodecs' Blosc
+        codec = Blosc("zstd", ZSTD_LEVEL, Blosc.BITSHUFFLE) \
+            if storage.compression == "zstd" else None
+        writer = OmeZarrWriter(partial / "samples.zarr", (keep, *shape), vol.voxel_size,
+                               _pyramid_levels(shape) if storage.pyramid else 1,
+                               storage.chunks(shape), ("s",), vol.origin,
                                {"cryowae": {"kind": "posterior-family",
-                                            "version": __version__, "sampler": sampler}})
-        level0 = writer.level0
-
-        def save_state() -> None:
-            _write_json(state_path, {"fingerprint": finger, "done": sorted(done),
-                                     "calibration": calib_state})
-
-        def finished(s: int) -> None:
-            done.append(int(s))
-            save_state()
+                                            "version": __version__, "sampler": fp.sampler}},
+                               dtype=dtype, compressor=codec)
+        work = writer.level0 if direct else zarr.open_array(
+            str(partial / "work.zarr"), mode="a", shape=(fp.n_samples, *shape),
+            chunks=(1, *(min(MOMENT_BLOCK, s) for s in shape)), dtype="float32",
+            fill_value=0.0, zarr_format=2, compressor=None)
 
         t0 = time.perf_counter()
-        todo = [s for s in range(fp.n_samples) if s not in set(done)]
-        run_family(fp, vol.data, norm, lambda s: array_sink(_SampleView(level0, s)),
-                   todo, prog, finished)
-        if spread_calibration != "none":
-            prog.log(f"spread calibration ({resolve_mode(spread_calibration, even is not None)})"
+        run_family(fp, vol.data, norm, lambda s: array_sink(_SampleView(work, s)),
+                   run.todo(), prog, run.finished)
+        if spread != "none":
+            prog.log(f"spread calibration ({resolve_mode(spread, even is not None)})"
                      f": per-shell factors, then {fp.n_samples} samples filtered")
         stochastic = getattr(restorers[0], "stochastic", None) if fp.sampler == "prior" \
             else None
         centre, restore = None, None
-        if stochastic is not None and spread_calibration != "none":
-            centre = _centre(restorers[0], vol.data, norm, settings, partial, calib_state,
-                             save_state, prog)
+        if stochastic is not None and spread != "none":
+            centre = _centre(restorers[0], vol.data, norm, settings, partial,
+                             run.calibration, run.save, prog)
             from cryowae.inference.restore import restore_array
 
             # the centre's restoration as a function of an array (same tiles and
@@ -255,42 +284,63 @@ def sample_file(model: Any, tomogram: str | os.PathLike, out_dir: str | os.PathL
                                         batch_size=settings.batch_size, norm=norm)
         # page-releasing views: the wedge ratio scans the whole tomogram (statistics,
         # structure map), which would otherwise leave its pages resident
-        calibration = calibrate_store(level0, page_releasing(vol.data), fp.geometry,
-                                      spread_calibration, calib_state, save_state, partial,
-                                      *(None if h is None else page_releasing(h)
-                                        for h in halves),
-                                      model=stochastic, centre=centre, restore=restore)
+        calibrated = calibrate_store(work, page_releasing(vol.data), fp.geometry, spread,
+                                     run.calibration, run.save, partial,
+                                     *(None if h is None else page_releasing(h)
+                                       for h in halves),
+                                     model=stochastic, centre=centre, restore=restore)
         del centre
-        per_slice = 2 * fp.n_samples * shape[1] * shape[2] * 4  # pyramid: ~8 MiB slabs
+        figures = run.output.get("figures")
+        if figures is None:  # mean.mrc and std.mrc are complete once figures are saved
+            figures = _moments(partial, work, vol, fp.geometry, norm,
+                               calibration.consistency, halves, storage.std_dtype)
+            run.output["figures"] = figures
+            run.save()
+        if not direct:
+            _export(work, partial / "work.zarr", writer.level0, keep, run)
+        per_slice = 2 * keep * shape[1] * shape[2] * 4  # pyramid: ~8 MiB slabs
         writer.finish(slab=max(1, min(32, (8 << 20) // max(1, per_slice))))
-        for name in ("mean.mrc", "std.mrc"):
-            (partial / name).unlink(missing_ok=True)
-        with open_mrc_writer(partial / "mean.mrc", shape, vol.voxel_size, origin=vol.origin,
-                             overwrite=True) as m_out, \
-                open_mrc_writer(partial / "std.mrc", shape, vol.voxel_size,
-                                origin=vol.origin, overwrite=True) as s_out:
-            family_moments(level0, m_out, s_out)
-            release_pages(m_out, flush=True)
-            release_pages(s_out, flush=True)
-            figures = family_figures(level0, (m_out, s_out), vol.data, fp.geometry, norm,
-                                     consistency, *halves)
         meta = {"cryowae_version": __version__, "kind": "posterior-family",
                 "tomogram": str(tomogram), "even": str(even) if even else None,
                 "odd": str(odd) if odd else None, "voxel_size": vol.voxel_size,
                 "origin": list(vol.origin), "std_ddof": 0, "shape": list(shape),
                 "files": {"samples": "samples.zarr", "mean": "mean.mrc", "std": "std.mrc"},
-                "parameters": params | {"tile_setting": tile, "batch_size": batch_size,
+                "parameters": params | {"tile_setting": settings.tile,
+                                        "batch_size": settings.batch_size,
                                         "device": str(fp.device),
-                                        "consistency": consistency},
+                                        "consistency": calibration.consistency},
                 "sampling_seconds_this_run": round(time.perf_counter() - t0, 2),
-                "spread_calibration": calibration,
+                "samples_stored": keep, "sample_dtype": dtype,
+                "spread_calibration": calibrated,
                 } | fp.describe() | figures
-        _write_json(partial / "family.json", meta)
+        write_json(partial / "family.json", meta)
+        shutil.rmtree(partial / "work.zarr", ignore_errors=True)
         (partial / "centre.npy").unlink(missing_ok=True)  # a working file, not output
-        state_path.unlink()
-    with atomic_path(out, overwrite=overwrite) as tmp:
+        run.close()
+    with atomic_path(out, overwrite=storage.overwrite) as tmp:
         os.replace(partial, tmp)
     return out
+
+
+def _moments(partial: Path, work: Any, vol: Any, geometry: TiltGeometry,
+             norm: tuple[float, float], consistency: str, halves: list[Any],
+             std_dtype: str) -> dict[str, Any]:
+    """mean.mrc (float32) and std.mrc (`std_dtype`) of all N float32 samples in
+    `work`, and the figures of ``family.json`` (`family_figures`)."""
+    from cryowae.io import open_mrc_writer
+
+    for name in ("mean.mrc", "std.mrc"):
+        (partial / name).unlink(missing_ok=True)
+    shape = tuple(int(v) for v in work.shape[1:])
+    with open_mrc_writer(partial / "mean.mrc", shape, vol.voxel_size, origin=vol.origin,
+                         overwrite=True) as m_out, \
+            open_mrc_writer(partial / "std.mrc", shape, vol.voxel_size, origin=vol.origin,
+                            overwrite=True, mode=MRC_MODES[std_dtype]) as s_out:
+        family_moments(work, m_out, s_out, _moment_block(work))
+        release_pages(m_out, flush=True)
+        release_pages(s_out, flush=True)
+        return family_figures(work, (m_out, s_out), vol.data, geometry, norm, consistency,
+                              *halves)
 
 
 __all__ = ["sample_file"]

@@ -5,8 +5,10 @@ Modules: `config` (`SimulationConfig`), `shapes` (densities of bilayers, filamen
 soft edges), `species` (procedural and atomic macromolecules), `potential` (atomic
 models to Coulomb potential), `phantom` (`make_scene`: placement in a slab),
 `projection` (exact projector about Y and weighted back-projection), `tilt_series`
-(imaging: CTF, attenuation, counting noise; reconstruction of the even/odd halves) and
-`simulate` (`simulate_tomogram`, `write_simulation`). Example structures for ``--pdb``
+(imaging: CTF, attenuation, counting noise; reconstruction of the even/odd halves),
+`pipelines` (named acquisition + reconstruction pipelines, `--pipeline NAME`),
+`reconstruct` (their filters: WBP apodizations, Fourier insertion, exposure filter,
+binning) and `simulate` (`simulate_tomogram`, `write_simulation`). Example structures for ``--pdb``
 are downloaded by `cryowae.data.structures`.
 """
 

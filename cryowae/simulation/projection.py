@@ -19,7 +19,8 @@ zero tilt, and along ky at every tilt): with torch-fourier-slice 0.6.0 (default
 ``pad_factor=2``) a Gaussian blob (sigma 2.5 voxels) 50 voxels off-centre along one axis
 of a 128^3 box came out 14% too strong at zero tilt (3D and 2D), 29% when off-centre
 along two axes, so particle contrast would depend on where a particle sits. The library
-offers no 1D-to-2D back-projection either, so cryowae does not depend on it.
+offers no 1D-to-2D back-projection either, so the projector and this back-projection
+do not use it (the Fourier-insertion pipeline does: `reconstruct.fourier_insertion`).
 The back-projector is the exact adjoint of this projector with a ramp filter
 (|k|, cycles per voxel, with the DC term set from the area of the central disc),
 i.e. weighted back-projection with trigonometric (sinc) instead of linear
@@ -31,7 +32,7 @@ All functions are pure and work on float32 CPU or GPU tensors.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -138,7 +139,9 @@ def weighted_backprojection(projections: torch.Tensor,
                             angles_deg: torch.Tensor | Sequence[float],
                             shape: tuple[int, int, int],
                             weights: torch.Tensor | None = None,
-                            progress: ProgressReporter | None = None) -> torch.Tensor:
+                            progress: ProgressReporter | None = None,
+                            radial: Callable[[torch.Tensor, int], torch.Tensor] | None = None
+                            ) -> torch.Tensor:
     """Weighted (ramp-filtered) back-projection about Y: the inverse of `project_y`
     where the tilts sample Fourier space.
 
@@ -156,6 +159,10 @@ def weighted_backprojection(projections: torch.Tensor,
     progress
         Optional `ProgressReporter`; advanced by one per tilt (a cancel request raises
         `cryowae.progress.Cancelled`).
+    radial
+        Optional apodization: ``radial(k, n)`` (k the float64 rfft frequencies of the
+        padded detector line, cycles per voxel; n its length) multiplies the ramp
+        (`cryowae.simulation.reconstruct.wbp_filter`); None: the ramp alone.
 
     Returns
     -------
@@ -180,7 +187,10 @@ def weighted_backprojection(projections: torch.Tensor,
     ramp = k.clone()
     ramp[0] = math.pi / (4 * n * float(w.sum()))
     herm = hermitian_weights(n, torch.float64, dev)  # rfft half spectrum: count +k and -k
-    filt = (ramp * herm / n).to(torch.float32)
+    filt = ramp * herm / n
+    if radial is not None:
+        filt = filt * radial(k, n)
+    filt = filt.to(torch.float32)
     # detector data placed on the periodic length n, centre at offset 0, with the gap
     # beyond the field of view filled by the edge values (avoids ramp-filter ringing
     # at the truncated detector edges)

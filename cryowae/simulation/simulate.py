@@ -10,7 +10,9 @@ Pipeline (`simulate_tomogram`), all float32 torch, deterministic per seed:
    angles of a tilt file), CTF, inelastic attenuation and counting noise.
 3. reconstruction (`cryowae.simulation.tilt_series.reconstruct_halves`): CTF phase
    flipping and weighted back-projection of the even- and the odd-indexed tilts;
-   ``tomo`` is the mean of the two halves.
+   ``tomo`` is the mean of the two halves. Other acquisition and reconstruction
+   pipelines (Fourier insertion, apodized and SIRT-like filters, raw CTF, frame halves,
+   2x binning, dose weighting) are named in `cryowae.simulation.pipelines`.
 
 So ``tomo`` is in the units of ``gt`` (volts): in the measured region of Fourier space it
 equals ``gt`` filtered by ``|CTF|``, plus noise; the missing wedge is empty.
@@ -29,6 +31,7 @@ import torch
 from cryowae.errors import CryowaeInputError
 from cryowae.progress import ProgressReporter, ensure_progress
 from cryowae.simulation.config import SimulationConfig
+from cryowae.simulation.pipelines import PipelineSettings
 
 #: files written by `write_simulation`
 OUTPUT_FILES = ("tomo.mrc", "tomo_even.mrc", "tomo_odd.mrc", "gt.mrc", "tilt_series.mrc",
@@ -63,7 +66,8 @@ def _species(config: SimulationConfig) -> list | None:
 
 
 def simulate_tomogram(config: SimulationConfig, progress: ProgressReporter | None = None,
-                      info: dict[str, Any] | None = None) -> dict[str, torch.Tensor]:
+                      info: dict[str, Any] | None = None,
+                      pipeline: PipelineSettings | None = None) -> dict[str, torch.Tensor]:
     """Simulate a tilt series and its reconstructions (see the module docstring).
 
     Parameters
@@ -76,6 +80,9 @@ def simulate_tomogram(config: SimulationConfig, progress: ProgressReporter | Non
     info
         Optional dict, filled with a summary of the scene (species, particles, vesicle,
         filament) and of the imaging (electrons per pixel, transmission per tilt...).
+    pipeline
+        The acquisition and reconstruction pipeline
+        (`cryowae.simulation.pipelines.PipelineSettings`); None: the default ``wbp``.
 
     Returns
     -------
@@ -86,26 +93,24 @@ def simulate_tomogram(config: SimulationConfig, progress: ProgressReporter | Non
         ``angles``: (T,) float32 tilt angles in degrees, ascending.
     """
     from cryowae.simulation.phantom import make_scene
-    from cryowae.simulation.tilt_series import reconstruct_halves, record_tilt_series
+    from cryowae.simulation.pipelines import DEFAULT, run_pipeline, scene_config
 
     config.validate()
+    pipeline = DEFAULT if pipeline is None else pipeline
+    grid = scene_config(config, pipeline)
+    grid.validate()
     prog = ensure_progress(progress)
     info = {} if info is None else info
     rng, noise_gen = _seeds(config.seed)
-    scene = make_scene(config.shape, float(config.voxel_size), rng, species=_species(config),
-                       n_species=config.n_species, crowding=config.crowding,
-                       vesicle=config.vesicle, filament=config.filament, progress=prog)
-    gt = scene.volume
+    scene = make_scene(grid.shape, float(grid.voxel_size), rng, species=_species(grid),
+                       n_species=grid.n_species, crowding=grid.crowding,
+                       vesicle=grid.vesicle, filament=grid.filament, progress=prog)
     info.update(scene.info)
-    series = record_tilt_series(gt, config, noise_gen, progress=prog)
-    tomo_even, tomo_odd, halves_info = reconstruct_halves(series, config, progress=prog)
+    res, imaging = run_pipeline(scene.volume, config, pipeline, noise_gen, progress=prog)
     prog.finish()
-    tomo = 0.5 * (tomo_even + tomo_odd)
-    info.update(series.info)
-    info.update(halves_info)
-    info.update({"gt_std_V": float(gt.std()), "tomo_std_V": float(tomo.std())})
-    return {"gt": gt, "tomo": tomo, "tomo_even": tomo_even, "tomo_odd": tomo_odd,
-            "tilt_series": series.recorded, "angles": series.angles}
+    info.update(imaging)
+    info.update({"gt_std_V": float(res["gt"].std()), "tomo_std_V": float(res["tomo"].std())})
+    return res
 
 
 def check_output_dir(out_dir: str | os.PathLike, overwrite: bool = False) -> Path:
@@ -122,22 +127,25 @@ def check_output_dir(out_dir: str | os.PathLike, overwrite: bool = False) -> Pat
 
 
 def write_simulation(out_dir: str | os.PathLike, config: SimulationConfig, *,
-                     overwrite: bool = False, progress: ProgressReporter | None = None
-                     ) -> Path:
+                     overwrite: bool = False, progress: ProgressReporter | None = None,
+                     pipeline: PipelineSettings | None = None) -> Path:
     """Simulate and write OUT_DIR atomically: tomo.mrc, tomo_even.mrc, tomo_odd.mrc,
     gt.mrc, tilt_series.mrc (voxel size in every header), tilts.tlt and meta.json.
 
     Everything is written to a temporary sibling folder that is renamed to OUT_DIR at
     the end, so OUT_DIR is never half-written. An existing non-empty OUT_DIR is refused
-    unless `overwrite`. Returns OUT_DIR.
+    unless `overwrite`. `pipeline` (default ``wbp``) is recorded in meta.json under
+    ``pipeline``. Returns OUT_DIR.
     """
     from cryowae import __version__
     from cryowae.io import atomic_path, write_mrc, write_tilt_angles
+    from cryowae.simulation.pipelines import DEFAULT, file_notes
 
     config.validate()
+    pipeline = DEFAULT if pipeline is None else pipeline
     out = check_output_dir(out_dir, overwrite)
     info: dict[str, Any] = {}
-    res = simulate_tomogram(config, progress=progress, info=info)
+    res = simulate_tomogram(config, progress=progress, info=info, pipeline=pipeline)
     vs = float(config.voxel_size)
     angles = res["angles"].numpy().astype(np.float64)
     meta = {
@@ -149,12 +157,11 @@ def write_simulation(out_dir: str | os.PathLike, config: SimulationConfig, *,
         "voxel_size_A": vs,
         "tilt_axis": config.geometry.axis,
         "tilt_angles_deg": [round(float(a), 4) for a in angles],
+        "pipeline": pipeline.to_dict(),
         "files": {
             "gt.mrc": "ground truth: potential contrast against ice (V); no noise, no "
                       "missing wedge, no CTF",
-            "tomo.mrc": "weighted back-projection of all tilts, CTF phase-flipped (V)",
-            "tomo_even.mrc": "reconstruction from the even-indexed tilts (V)",
-            "tomo_odd.mrc": "reconstruction from the odd-indexed tilts (V)",
+            **file_notes(pipeline),
             "tilt_series.mrc": "recorded images (T, Y, X) as contrast 1 - counts / "
                                "expected counts, before CTF correction",
             "tilts.tlt": "tilt angles in degrees, one per line, in the order of "

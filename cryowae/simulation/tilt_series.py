@@ -52,19 +52,31 @@ class TiltSeries:
         The microscope's CTF parameters.
     info
         Imaging summary for meta.json (dose, electrons, transmission per tilt...).
+    frames
+        With dose-split recording: the two (T, Y, X) half-dose series, each as contrast
+        against its own expected count; else None.
     """
 
     angles: torch.Tensor
     recorded: torch.Tensor
     params: CTFParams
     info: dict[str, Any]
+    frames: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 def record_tilt_series(gt: torch.Tensor, config: SimulationConfig,
                        noise_gen: torch.Generator,
-                       progress: ProgressReporter | None = None) -> TiltSeries:
+                       progress: ProgressReporter | None = None, *,
+                       frames: bool = False,
+                       exposure: torch.Tensor | None = None) -> TiltSeries:
     """Image the potential `gt` (Z, Y, X, volts) at the config's tilts (see the module
-    docstring). `noise_gen` draws the counting noise; `progress` is advanced per tilt."""
+    docstring). `noise_gen` draws the counting noise; `progress` is advanced per tilt.
+
+    `frames`: each tilt's dose is counted as two independent halves (two Poisson draws
+    of half the expected counts), kept in `TiltSeries.frames`; `recorded` is their sum.
+    `exposure`: (T,) e/A^2 received by each tilt; the phase image of each tilt is then
+    damaged by the exposure filter (`cryowae.simulation.reconstruct.exposure_filter`)
+    before the CTF. Without either, the series is the default simulator's."""
     axis = config.geometry.axis
     vs = float(config.voxel_size)
     angles = torch.as_tensor(config.tilt_angles(), dtype=torch.float32)
@@ -75,6 +87,10 @@ def record_tilt_series(gt: torch.Tensor, config: SimulationConfig,
 
     sigma = interaction_constant(config.voltage)  # rad / (V A)
     phase = proj * (sigma * vs)
+    if exposure is not None:
+        from cryowae.simulation.reconstruct import exposure_filter
+
+        phase = exposure_filter(phase, vs, exposure, config.voltage)
     params = CTFParams(config.defocus, config.voltage, config.cs, config.amplitude_contrast)
     contrast = apply_ctf(phase, vs, params) if config.ctf else phase
     intensity = torch.clamp(1.0 - 2.0 * contrast, min=0.0)
@@ -83,11 +99,21 @@ def record_tilt_series(gt: torch.Tensor, config: SimulationConfig,
     transmission = torch.exp(-thickness_a / (config.mean_free_path * cos_t)).to(torch.float32)
     electrons = config.dose / n_tilts * vs**2  # incident electrons per pixel per tilt
     expected = electrons * transmission[:, None, None]
-    if config.noise:
+    halves = None
+    if config.noise and frames:
+        half = 0.5 * expected
+        counts_a = torch.poisson(intensity * half, generator=noise_gen)
+        counts_b = torch.poisson(intensity * half, generator=noise_gen)
+        recorded = 1.0 - (counts_a + counts_b) / expected
+        halves = ((1.0 - counts_a / half).to(torch.float32),
+                  (1.0 - counts_b / half).to(torch.float32))
+    elif config.noise:
         counts = torch.poisson(intensity * expected, generator=noise_gen)
         recorded = 1.0 - counts / expected
     else:
         recorded = 1.0 - intensity
+        if frames:
+            halves = (recorded.to(torch.float32), recorded.to(torch.float32))
     info = {
         "n_tilts": n_tilts,
         "dose_per_tilt_e_per_A2": config.dose / n_tilts,
@@ -95,7 +121,9 @@ def record_tilt_series(gt: torch.Tensor, config: SimulationConfig,
         "transmission_per_tilt": [round(float(t), 4) for t in transmission],
         "interaction_constant_rad_per_V_A": sigma,
     }
-    return TiltSeries(angles, recorded.to(torch.float32), params, info)
+    if exposure is not None:
+        info["exposure_e_per_A2"] = [round(float(e), 3) for e in exposure]
+    return TiltSeries(angles, recorded.to(torch.float32), params, info, halves)
 
 
 def reconstruct_halves(series: TiltSeries, config: SimulationConfig,

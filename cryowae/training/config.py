@@ -15,6 +15,7 @@ from cryowae.errors import CryowaeInputError
 from cryowae.models.restorer import RestorerConfig
 from cryowae.physics.geometry import DEFAULT_TILT_RANGE, TiltGeometry
 from cryowae.training.family_config import FamilySettings
+from cryowae.training.validation_config import ValidationSettings
 
 #: the flat keys of older configs and checkpoints that now live in `TrainConfig.restorer`
 RESTORER_KEYS = tuple(f.name for f in fields(RestorerConfig))
@@ -41,7 +42,8 @@ class TrainConfig:
     ``tilt_axis`` at the top level), so existing YAML files and format-1 checkpoints keep
     working; `replace` accepts the flat names too. ``patch_size`` stays a training
     setting. The posterior-family branch is the nested `FamilySettings` (``family``,
-    on by default; a file without the key gets the default).
+    on by default; a file without the key gets the default). The held-out validation
+    loss and its plateau rule are the nested `ValidationSettings` (``validation``).
     """
 
     patch_size: int = 64
@@ -78,6 +80,8 @@ class TrainConfig:
     geometry: TiltGeometry = field(default_factory=TiltGeometry)
     # the posterior-family branch (`family_config.FamilySettings`; on by default)
     family: FamilySettings = field(default_factory=FamilySettings)
+    # the held-out validation loss and the plateau rule (`validation_config`; on)
+    validation: ValidationSettings = field(default_factory=ValidationSettings)
     # bookkeeping
     seed: int = 0
     device: str = "auto"
@@ -97,6 +101,8 @@ class TrainConfig:
             self.geometry = TiltGeometry.from_dict(self.geometry)
         if not isinstance(self.family, FamilySettings):
             self.family = FamilySettings.from_value(self.family)
+        if not isinstance(self.validation, ValidationSettings):
+            self.validation = ValidationSettings.from_value(self.validation)
         self.validate()
 
     def to_dict(self) -> dict[str, Any]:
@@ -106,6 +112,7 @@ class TrainConfig:
         out["restorer"] = self.restorer.to_dict()
         out["geometry"] = self.geometry.to_dict()
         out["family"] = self.family.to_dict()
+        out["validation"] = self.validation.to_dict()
         out["extra"] = dict(self.extra)
         return out
 

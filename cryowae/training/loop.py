@@ -52,6 +52,7 @@ from cryowae.training.resume import (
     restore_run_state,
     run_state_dict,
 )
+from cryowae.training.validation import ValidationMonitor, resumed_settings
 
 
 @dataclass
@@ -115,9 +116,13 @@ class Trainer:
         saved = None
         if resume:
             saved = load_state(self.run_dir / "checkpoint.pt", KIND_CHECKPOINT)
-            cfg = self.cfg = adopt_saved_family(saved["config"], cfg)
+            cfg = self.cfg = resumed_settings(saved["config"],
+                                              adopt_saved_family(saved["config"], cfg))
             check_same_settings(saved["config"], cfg)
-        self.sampler = SubtomogramSampler(sources, cfg.patch_size, cfg.structure_bias,
+        # the held-out validation slabs are cut off the sampler's volumes (validation.py)
+        train_sources, self.validation = ValidationMonitor.build(sources, cfg, self.device,
+                                                                 self.progress.log)
+        self.sampler = SubtomogramSampler(train_sources, cfg.patch_size, cfg.structure_bias,
                                           seed=cfg.seed + 1000 * self.dist.rank)
         self.gen = torch.Generator().manual_seed(cfg.seed + 7919 * (self.dist.rank + 1))
         self.model = WAERestorer(cfg.restorer).to(self.device)
@@ -155,6 +160,8 @@ class Trainer:
         self.prior_check = "not run"
         if saved is not None:
             self.step, self.elapsed = restore_run_state(self._run_state(), saved)
+            if self.validation is not None:
+                self.validation.load_state_dict(saved.get("validation"))
         elif self.dist.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.run_dir / "config.yaml")
@@ -171,8 +178,9 @@ class Trainer:
         if not self.dist.is_main:
             return
         save_state(self.run_dir / "checkpoint.pt",
-                   run_state_dict(self._run_state(), self.cfg, self.step, self.elapsed),
-                   KIND_CHECKPOINT)
+                   run_state_dict(self._run_state(), self.cfg, self.step, self.elapsed)
+                   | ({"validation": self.validation.state_dict()} if self.validation
+                      else {}), KIND_CHECKPOINT)
         src = self.sources[0]
         if codes is None:
             codes = self.recent.codes()
@@ -283,7 +291,7 @@ class Trainer:
         from cryowae.training.refill import refill_volume
 
         geo = self.cfg.geometry
-        for src in self.sources:
+        for src in self.sampler.sources:
             for which in (("even", "odd") if self.sampler.noise2noise else ("full",)):
                 src.refilled[which] = refill_volume(
                     self.model, getattr(src, which), src.stats[which], geo.tilt_min,
@@ -318,6 +326,8 @@ class Trainer:
                    f"{cfg.family.matching_divergence if cfg.family.posterior_matching else 'off'}"
                    f", noise {self.family.noise.source}; " if self.family else "family off; ")
                 + f"{self.dist.world_size} process(es)")
+        if self.validation is not None and self.dist.is_main:
+            self.progress.log(self.validation.describe())
         self._check_prior_preference()
         log = MetricsLog(self.run_dir, fresh=self.step == 0, enabled=self.dist.is_main)
         budget = cfg.minutes * 60 if cfg.minutes else None
@@ -333,6 +343,8 @@ class Trainer:
         stop = cancelled = False
         while self.step < cfg.steps and not stop:
             last = self.train_step()
+            if self.validation is not None and self.dist.is_main:
+                last |= self.validation.after_step(self.model, self.step, self.progress.log)
             self.elapsed = time.perf_counter() - t_start
             rate = (self.step - steps_at_start) * cfg.batch_size / max(
                 time.perf_counter() - t_run, 1e-9)
@@ -348,7 +360,7 @@ class Trainer:
                 # same lr from the next step on
                 horizon = budget_horizon(self.step, cfg.steps, budget - self.elapsed,
                                          (time.perf_counter() - t_first) / (done - 1))
-            if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+            if self.step % cfg.log_every == 0 or self.step == cfg.steps or "val_loss" in last:
                 log.write(self.step, {"step": self.step, "elapsed_s": round(self.elapsed, 2),
                                       "mmd_to_prior": self.mmd_to_prior(),
                                       "subtomos_per_s": rate} | last)
@@ -357,8 +369,10 @@ class Trainer:
             if self.step % cfg.checkpoint_every == 0:
                 self.save()
             self.progress.advance(1, loss=last["loss"], rec=last["rec"],
-                                  div=last.get("div", 0.0))
-            spent = budget is not None and self.elapsed >= budget
+                                  div=last.get("div", 0.0),
+                                  **{k: v for k, v in last.items() if k == "val_loss"})
+            spent = (budget is not None and self.elapsed >= budget) or bool(
+                self.validation and self.validation.stop)  # or the plateau, if asked
             # rank 0's horizon, cancellation and stop for every rank: one collective
             horizon, cancelled, stop = broadcast_ints(
                 [horizon, self.progress.cancelled, self.progress.cancelled or spent],
@@ -382,7 +396,8 @@ class Trainer:
         self.save(codes)
         self.progress.finish()
         final = last | {"mmd_to_prior": self.mmd_to_prior(codes) if codes is not None
-                        else float("nan")} | self.family_figure
+                        else float("nan")} | self.family_figure | (
+            self.validation.summary() if self.validation is not None else {})
         log.close()
         shutdown_distributed(self.dist)
         return TrainResult(self.run_dir, self.dist.rank, self.step, self.elapsed, final,

@@ -20,6 +20,8 @@ from cryowae.training.data import SubtomogramSampler
 #: columns of ``metrics.csv``
 METRIC_FIELDS = ["step", "elapsed_s", "loss", "rec", "rec_measured", "rec_wedge", "div",
                  "div_weight", "mmd_to_prior", "lr", "subtomos_per_s",
+                 # the held-out validation loss, every `validation.every` steps
+                 "val_loss",
                  # the posterior-family branch (`family_step`, `family_report`)
                  "fam_loss", "fam_score", "fam_weight", "fam_spread_measured",
                  "fam_spread_wedge", "fam_rec_q", "fam_match", "fam_match_weight",

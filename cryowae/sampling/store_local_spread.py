@@ -1,0 +1,179 @@
+"""The local spread step (`cryowae.sampling.local_spread`) on a family held in a writable
+(S, Z, Y, X) store (a zarr array), in place, slab by slab and resumable.
+
+Steps, each recorded in the caller's `state` and saved: the error model, fitted on the
+extra-wedge task of a central crop of the data (`fit_on_crop`);
+the per-voxel maps in ``workdir`` (memory-mapped float32 .npy files): the family mean m
+and variance V, G_w * V, the centre's detail power D and the gain g; then per sample
+``m + g (X_s - m)`` into ``workdir/local_sample.npy`` and its copy into the store, so
+that a rerun never modulates a sample twice. Gaussian smoothing runs on Z slabs with a
+halo of 3 sigma (`smooth_slabs`): memory is a few slabs, not volumes.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from cryowae.metrics.sparsification import gaussian_smooth
+from cryowae.physics.geometry import TiltGeometry
+from cryowae.sampling.local_spread import (
+    ErrorModel,
+    LocalSpreadSettings,
+    fit_on_crop,
+    normalising_factor,
+    raw_gain_squared,
+)
+from cryowae.tiling.pages import page_releasing, release_pages
+
+#: bytes of one float64 slab
+SLAB_BYTES = 8 << 20
+
+Reader = Callable[[int, int], np.ndarray]
+
+
+def _step(shape: tuple[int, ...]) -> int:
+    return max(1, SLAB_BYTES // max(1, 8 * shape[1] * shape[2]))
+
+
+def smooth_slabs(read: Reader, shape: tuple[int, int, int], sigma: float, out: Any) -> Any:
+    """G_sigma * v of a volume read by ``read(z0, z1)`` (its Z slab) into `out`, one Z
+    slab at a time with a halo of ceil(3 sigma) slices (the volume's own faces
+    mirrored, as `gaussian_smooth`)."""
+    halo = int(math.ceil(3 * sigma))
+    step = max(_step(shape), halo)
+    for z in range(0, shape[0], step):
+        lo, hi = max(0, z - halo), min(shape[0], z + step + halo)
+        block = gaussian_smooth(torch.from_numpy(np.asarray(read(lo, hi), np.float64)), sigma)
+        out[z:z + step] = block[z - lo:z - lo + min(step, shape[0] - z)].numpy()
+    release_pages(out, flush=True)
+    return out
+
+
+def store_moments(samples: Any, mean_out: Any, var_out: Any) -> None:
+    """Per-voxel mean and unbiased variance of (S, Z, Y, X) `samples`, summed in float64
+    slab by slab."""
+    n, shape = int(samples.shape[0]), tuple(int(v) for v in samples.shape[1:])
+    step = _step(shape)
+    for z in range(0, shape[0], step):
+        acc = np.zeros((min(step, shape[0] - z), *shape[1:]), np.float64)
+        sq = np.zeros_like(acc)
+        for i in range(n):
+            x = np.asarray(samples[i, z:z + step], np.float64)
+            acc += x
+            sq += x * x
+        m = acc / n
+        mean_out[z:z + step] = m
+        var_out[z:z + step] = np.clip(sq - n * m * m, 0.0, None) / max(n - 1, 1)
+    for a in (mean_out, var_out):
+        release_pages(a, flush=True)
+
+
+def _maps(samples: Any, centre: Any, model: ErrorModel, st: LocalSpreadSettings,
+          workdir: Path) -> dict[str, float]:
+    """m, V, G_w * V, D and g into ``workdir`` (module docstring); returns the gain's
+    range."""
+    shape = tuple(int(v) for v in samples.shape[1:])
+
+    def mm(name: str) -> Any:
+        return np.lib.format.open_memmap(workdir / f"local_{name}.npy", "w+", np.float32,
+                                         shape)
+
+    mean, var = mm("mean"), mm("var")
+    store_moments(samples, mean, var)
+    vs = smooth_slabs(lambda a, b: var[a:b], shape, st.window_sigma, mm("var_smooth"))
+    low = smooth_slabs(lambda a, b: centre[a:b], shape, st.detail_sigma, mm("detail"))
+    # the detail's square, in place of its low-pass, then smoothed into the same file
+    step = _step(shape)
+    for z in range(0, shape[0], step):
+        low[z:z + step] = (np.asarray(centre[z:z + step], np.float64) - low[z:z + step]) ** 2
+    sq = page_releasing(low)
+    detail = smooth_slabs(lambda a, b: np.array(sq[a:b]), shape, st.window_sigma,
+                          mm("detail_power"))
+    d_mean = sum(float(np.asarray(detail[z:z + step], np.float64).sum())
+                 for z in range(0, shape[0], step)) / float(np.prod(shape))
+    total = sum(float(np.asarray(var[z:z + step], np.float64).sum())
+                for z in range(0, shape[0], step))
+    floor = total / float(np.prod(shape)) * 1e-6
+    gain = mm("gain")
+
+    def raw(z: int) -> torch.Tensor:
+        v = torch.from_numpy(np.asarray(vs[z:z + step], np.float64)).clamp_min(floor)
+        return raw_gain_squared(torch.from_numpy(np.asarray(detail[z:z + step])), v, model,
+                                d_mean)
+
+    def weighted(g2: Any) -> float:
+        return sum(float((np.asarray(g2[z:z + step], np.float64)
+                          * np.asarray(var[z:z + step], np.float64)).sum())
+                   for z in range(0, shape[0], step))
+
+    for z in range(0, shape[0], step):
+        gain[z:z + step] = raw(z).numpy()
+    c1 = normalising_factor(total, weighted(gain))
+    lo, hi = st.max_gain**-2, st.max_gain**2
+    for z in range(0, shape[0], step):
+        gain[z:z + step] = np.clip(np.asarray(gain[z:z + step], np.float64) * c1, lo, hi)
+    c2 = normalising_factor(total, weighted(gain))
+    for z in range(0, shape[0], step):
+        gain[z:z + step] = np.sqrt(np.asarray(gain[z:z + step], np.float64) * c2)
+    release_pages(gain, flush=True)
+    return {"gain_min": float(np.min(gain)), "gain_max": float(np.max(gain))}
+
+
+def localise_store(samples: Any, centre: Any, data: Any, geometry: TiltGeometry,
+                   restore: Callable[[np.ndarray], Any], state: dict[str, Any],
+                   save: Callable[[], None], workdir: Path,
+                   settings: LocalSpreadSettings | None = None) -> dict[str, Any]:
+    """The local step on a writable (S, Z, Y, X) store in place, resumably (module
+    docstring); returns what ``family.json`` records. `centre` (Z, Y, X): the
+    restoration the family is centred on (its detail power gives v); `restore`: that
+    restoration as a function of an array (the fit's extra-wedge task)."""
+    st = settings or LocalSpreadSettings()
+    n = int(samples.shape[0])
+    shape = tuple(int(v) for v in samples.shape[1:])
+    if "model" not in state:
+        model, info = fit_on_crop(restore, data, geometry, st)
+        state.update(model=model.to_dict(), fit=info, done=[])
+        save()
+    model = ErrorModel(**state["model"])
+    if not state.get("maps"):
+        state["maps"] = _maps(samples, centre, model, st, workdir)
+        save()
+
+    def load(name: str) -> Any:
+        return page_releasing(np.load(workdir / f"local_{name}.npy", mmap_mode="r"))
+
+    mean, gain = load("mean"), load("gain")
+    tmp = workdir / "local_sample.npy"
+    step = _step(shape)
+    for i in [i for i in range(n) if i not in set(state["done"])]:
+        if state.get("modulated") != i:
+            out = np.lib.format.open_memmap(tmp, "w+", np.float32, shape)
+            for z in range(0, shape[0], step):
+                m = np.asarray(mean[z:z + step], np.float32)
+                out[z:z + step] = m + gain[z:z + step] * (
+                    np.asarray(samples[i, z:z + step], np.float32) - m)
+            release_pages(out, flush=True)
+            del out
+            state["modulated"] = i
+            save()
+        mod = page_releasing(np.load(tmp, mmap_mode="r"))
+        for z in range(0, shape[0], step):
+            samples[i, z:z + step] = np.asarray(mod[z:z + step])
+        state["done"].append(i)
+        save()
+    for name in ("mean", "var", "var_smooth", "detail", "detail_power", "gain", "sample"):
+        (workdir / f"local_{name}.npy").unlink(missing_ok=True)
+    return {"model": state["model"], "fit": state["fit"], "gain": state["maps"],
+            "settings": {k: getattr(st, k) for k in ("detail_sigma", "window_sigma",
+                                                     "rotation_deg", "max_gain")},
+            "columns": "v = a (D~^b + c), D~ the centre's detail power over its mean; "
+                       "g^2 ~ v / smoothed family variance, total variance kept"}
+
+
+__all__ = ["localise_store", "smooth_slabs", "store_moments"]
