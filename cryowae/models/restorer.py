@@ -11,6 +11,7 @@ subtomograms (B, 1, Z, Y, X) with Z, Y, X divisible by 2**depth.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import asdict, dataclass
 from typing import Any, NamedTuple
@@ -230,8 +231,13 @@ class WAERestorer(nn.Module):
         for i, (up, block) in enumerate(zip(self.up, self.dec, strict=True)):
             skip = skips[-2 - i]
             h = block(torch.cat([up(h), skip], dim=1), self.film[i + 1](z))
-        base = x if self.skip_filter is None else self.skip_filter(x)
-        return base + self.head(h)
+        # the output is mostly the low-pass of the input: under bf16 autocast the skip,
+        # the head and their sum run in float32, so only the decoder's correction
+        # carries bf16 rounding (float32 runs are unchanged: no autocast to turn off)
+        with _float32_region(x.device.type):
+            x, h = x.float(), h.float()
+            base = x if self.skip_filter is None else self.skip_filter(x)
+            return base + self.head(h)
 
     def forward(self, x: torch.Tensor, with_features: bool = False
                 ) -> tuple[torch.Tensor, torch.Tensor] | RestorerOutput:
@@ -244,6 +250,13 @@ class WAERestorer(nn.Module):
             return self.decode(z, enc.skips, x), z
         z_dec = z.view_as(z)
         return RestorerOutput(self.decode(z_dec, enc.skips, x), z, enc.pooled, z_dec)
+
+
+def _float32_region(device_type: str) -> contextlib.AbstractContextManager:
+    """Autocast turned off on `device_type` where it is on, else a no-op context."""
+    if torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def _gaussian_filter(sigma: float) -> nn.Conv3d:
