@@ -266,3 +266,51 @@ def test_cli_restore_amp_ignored_without_bf16_and_output_unchanged(tomo, tmp_pat
         assert notes == ([amp_note("cpu", True)] if extra == ["--amp"] else [])
         outs.append(read_volume(out).numpy())
     assert np.array_equal(*outs)
+
+
+# ------------------------------------------------------------- peak FLOP rate (gpu_check)
+
+def _cpu_peak():
+    """benchmarks/cpu_peak.py (not a package), imported by path."""
+    import importlib.util
+    import sys
+
+    if "cpu_peak" not in sys.modules:
+        path = Path(__file__).resolve().parents[1] / "benchmarks" / "cpu_peak.py"
+        spec = importlib.util.spec_from_file_location("cpu_peak", path)
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules["cpu_peak"] = mod  # dataclasses look their module up there
+        spec.loader.exec_module(mod)
+    return sys.modules["cpu_peak"]
+
+
+LSCPU_ZEN3 = ("Vendor ID:  AuthenticAMD\nModel name:  AMD EPYC\nCPU family:  25\n"
+              "Flags:  fpu sse2 avx fma avx2 f16c\n")
+LSCPU_SPR = ("Vendor ID:  GenuineIntel\nCPU family:  6\nCPU max MHz:  3800.0000\n"
+             "CPU MHz:  2000.000\nFlags:  fma avx2 avx512f avx512_bf16 amx_bf16\n")
+LSCPU_ZEN4 = ("Vendor ID:  AuthenticAMD\nCPU family:  25\nCPU MHz:  2400.000\n"
+              "Flags:  fma avx2 avx512f avx512_bf16\n")
+
+
+def test_peak_flops_per_cycle_and_clock_from_lscpu_texts():
+    cp = _cpu_peak()
+    # 2 FMA pipes x (256 or 512 bits / 32) lanes x 2 FLOPs; bf16 dot product: twice
+    assert cp.flops_per_cycle(cp.cpuinfo_fields(LSCPU_ZEN3)) == (32, None)
+    assert cp.flops_per_cycle(cp.cpuinfo_fields(LSCPU_SPR)) == (64, 128)
+    assert cp.flops_per_cycle(cp.cpuinfo_fields(LSCPU_ZEN4)) == (32, 64)
+    assert cp.flops_per_cycle(cp.cpuinfo_fields("Flags: sse2 avx\n")) == (None, None)
+    # max MHz first, else MHz, else /proc/cpuinfo's cpu MHz
+    assert cp.clock_ghz(LSCPU_SPR) == 3.8
+    assert cp.clock_ghz(LSCPU_ZEN4) == 2.4
+    assert cp.clock_ghz(LSCPU_ZEN3, "processor\t: 0\ncpu MHz\t\t: 2445.408\n") == 2.445408
+    assert cp.clock_ghz(LSCPU_ZEN3) is None
+    peak = cp.CpuPeak(threads=2, ghz=2.5, fp32_per_cycle=32, bf16_per_cycle=64)
+    assert peak.fp32_tflops == pytest.approx(0.16) and peak.bf16_tflops == pytest.approx(0.32)
+    assert peak.formula(True) == "2 cores x 2.50 GHz x 64 FLOPs/cycle"
+
+
+def test_conv_rate_counts_the_convolution_flops():
+    """2 x 12 x 12 x 27 FLOPs per output voxel: the rate times the seconds gives it back."""
+    cp = _cpu_peak()
+    tflops, seconds = cp.conv_rate(False, 8, batch=1, repeats=1)
+    assert tflops * 1e12 * seconds == pytest.approx(2 * 12 * 12 * 27 * 8 ** 3, rel=1e-9)
