@@ -10,9 +10,11 @@ make, so all behave the same way:
   torch's CPU bf16 convolutions fall back to a slow reference kernel, so ``--amp`` is
   ignored there (one line, float32). The CPU default is off (`CPU_AMP_DEFAULT`): the
   bf16 restoration differs from the float32 one by more than the 1e-3 relative RMS
-  allowed (docs/benchmarks.md, "CPU compute path"). The weights stay float32 (autocast
-  casts per operation); losses and FFTs run in float32 because the callers put only the
-  network inside `autocast` and call ``.float()`` on its outputs. With amp off the
+  allowed, even with the restorer's output path in float32 (docs/benchmarks.md, "CPU
+  compute path"). The weights stay float32 (autocast casts per operation); the
+  restorer's low-pass skip, head and their sum run in float32
+  (`cryowae.models.restorer`), and losses and FFTs too, because the callers put only
+  the network inside `autocast` and call ``.float()`` on its outputs. With amp off the
   network runs exactly as without autocast.
 - ``channels_last_3d`` for the weights and inputs (`to_layout`), when asked for.
 - `torch.compile` behind a flag (`compiled`): when compiling fails -- at wrapping time
@@ -35,7 +37,8 @@ from cryowae.errors import CryowaeInputError
 #: device types on which ``amp`` (on by default) turns on bf16 autocast
 BF16_AUTOCAST_DEVICES: frozenset[str] = frozenset({"cuda"})
 #: bf16 autocast on a CPU with bf16 instructions when ``--amp`` is not given: off, the
-#: bf16 restoration differs from float32 by more than 1e-3 relative RMS
+#: bf16 restoration differs from float32 by more than 1e-3 relative RMS (on only if it
+#: stays within that)
 CPU_AMP_DEFAULT = False
 #: /proc/cpuinfo flags of native bf16 arithmetic (x86 AVX-512 BF16 and AMX; Arm BF16)
 CPU_BF16_FLAGS: frozenset[str] = frozenset({"avx512_bf16", "amx_bf16", "bf16"})
