@@ -26,6 +26,9 @@ Measures (each row: device, measure, setting, value, unit, notes):
 - ``conv TFLOP/s``: the network's FLOPs per tile (torch.utils.flop_counter) times the
   tiles of the first restore size over its seconds, and the fraction of the GPU's bf16
   dense peak (`PEAK_BF16_TFLOPS`, or ``--peak-tflops``).
+- ``conv3d TFLOP/s`` (CPU): a 3x3x3 12 -> 12 convolution in float32 and in bf16
+  autocast against the cores' float32 and bf16 peaks (threads x GHz x FLOPs per cycle,
+  benchmarks/cpu_peak.py); with bf16 instructions also ``restore`` in bf16.
 - ``family``: `cryowae.sampling.sample_file` of 16 samples (benchmarks/bench_sampling.py
   ``bench_family``, random stochastic restorer): seconds, peak RSS, peak GPU memory.
 """
@@ -50,6 +53,9 @@ sys.path.insert(0, str(HERE))
 
 from bench_restore import bench_model, parse_size  # noqa: E402
 from bench_sampling import _peak_rss, bench_family  # noqa: E402
+from cpu_peak import conv_rate, this_cpu  # noqa: E402
+
+from cryowae import precision  # noqa: E402
 
 #: dense BF16 tensor-core peak (TFLOP/s) by GPU name, from NVIDIA's data sheets; a name
 #: not listed gives no fraction unless --peak-tflops is passed
@@ -193,7 +199,9 @@ def restore_child(args: argparse.Namespace) -> None:
     from cryowae.precision import ComputeSettings
 
     device = torch.device(args.device)
-    compute = ComputeSettings(amp=not args.fp32, channels_last=args.channels_last)
+    # the device's default (bf16 on CUDA, float32 on a CPU), or as asked
+    amp = False if args.fp32 else (True if args.bf16 else None)
+    compute = ComputeSettings(amp=amp, channels_last=args.channels_last)
     base = _peak_rss()
     _cuda_peak_reset(device)
     msgs: list[str] = []
@@ -222,7 +230,8 @@ def restore_speed(rows: Rows, label: str, device: torch.device, work: Path,
     cmd = [sys.executable, __file__, "--restore-child", "--model", str(model), "--input",
            str(src), "--output", str(out), "--device", str(device), "--tile", str(tile),
            "--overlap", str(overlap)]
-    cmd += {"fp32": ["--fp32"], "channels_last": ["--channels-last"]}.get(variant, [])
+    cmd += {"fp32": ["--fp32"], "bf16": ["--bf16"],
+            "channels_last": ["--channels-last"]}.get(variant, [])
     proc = subprocess.run(cmd, capture_output=True, text=True)
     out.unlink(missing_ok=True)
     setting = "x".join(map(str, shape)) + (f", {variant}" if variant else "")
@@ -263,6 +272,28 @@ def conv_tflops(rows: Rows, label: str, device: torch.device, work: Path,
                       if peak else ""))
 
 
+def cpu_conv_rows(rows: Rows, label: str, fp32_per_cycle: int | None) -> None:
+    """Achieved TFLOP/s of a 3x3x3 12 -> 12 convolution (cpu-small's first level) in
+    float32 and in bf16 autocast, against the cores' peaks (benchmarks/cpu_peak.py)."""
+    peak = this_cpu(fp32_per_cycle=fp32_per_cycle)
+    for bf16 in (False, True):
+        # without bf16 instructions torch's bf16 fallback is slow: a smaller volume
+        size = 48 if not bf16 or precision.cpu_has_bf16() else 24
+        tflops, seconds = conv_rate(bf16, size)
+        top = None if peak is None else (peak.bf16_tflops if bf16 else peak.fp32_tflops)
+        if top:
+            against = (f"{100 * tflops / top:.1f}% of the {top:.3g} TFLOP/s peak "
+                       f"({peak.formula(bf16)})")
+        elif bf16:
+            against = "no bf16 instructions on this CPU: torch's fallback kernels"
+        else:
+            against = "peak unknown (clock or FLOPs per cycle not found)"
+        rows.add(device=label, measure="conv3d TFLOP/s", setting="bf16" if bf16 else "fp32",
+                 value=tflops, unit="TFLOP/s",
+                 notes=f"3x3x3 12->12, 4 x {size}^3 voxels, {seconds:.3f} s a call; "
+                       + against)
+
+
 def family(rows: Rows, label: str, device: torch.device, shape: tuple[int, int, int],
            n: int, tile: int, overlap: int) -> None:
     _cuda_peak_reset(device)
@@ -290,6 +321,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--train-steps", type=int, default=None, help="default GPU 20, CPU 3")
     ap.add_argument("--peak-tflops", type=float, default=None,
                     help="the GPU's dense bf16 peak, if not in PEAK_BF16_TFLOPS")
+    ap.add_argument("--cpu-fp32-flops-per-cycle", type=int, default=None,
+                    help="one core's float32 FLOPs per cycle, where benchmarks/cpu_peak.py "
+                    "guesses wrong (e.g. 32 on a core with one AVX-512 FMA pipe)")
     ap.add_argument("--skip-tests", action="store_true")
     # child mode: one restore in a fresh process
     ap.add_argument("--restore-child", action="store_true", help=argparse.SUPPRESS)
@@ -298,6 +332,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tile", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--overlap", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--fp32", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--bf16", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--channels-last", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.restore_child:
@@ -336,6 +371,10 @@ def main(argv: list[str] | None = None) -> int:
         if on_gpu:
             for variant in ("fp32", "channels_last"):
                 restore_speed(rows, label, device, work, sizes[0], tile, overlap, variant)
+        else:
+            cpu_conv_rows(rows, label, args.cpu_fp32_flops_per_cycle)
+            if precision.cpu_has_bf16():
+                restore_speed(rows, label, device, work, sizes[0], tile, overlap, "bf16")
         family(rows, label, device, fam_shape, 16, tile, overlap)
     print(f"\n{rows.table()}\n\ncommand: {' '.join(sys.argv)}; "
           f"{time.perf_counter() - t0:.0f} s")

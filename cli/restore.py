@@ -32,8 +32,9 @@ def restore(
                                    "(halved automatically when memory runs out) "
                                    "[default: from free GPU memory on CUDA, 4 on CPU]."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
-    amp: bool = typer.Option(None, "--amp/--no-amp", help="bf16 autocast on CUDA "
-                             "[default: on]; ignored on CPU (said in one line)."),
+    amp: bool = typer.Option(None, "--amp/--no-amp", help="bf16 autocast: on CUDA "
+                             "[default: on]; on a CPU with bf16 instructions when given "
+                             "[default: off], else ignored (said in one line)."),
     compile_: bool = typer.Option(False, "--compile", help="torch.compile the network "
                                   "(falls back to eager with one line if it fails)."),
     compile_backend: str = typer.Option("inductor", "--compile-backend",
@@ -63,7 +64,7 @@ def restore(
     note = amp_note(resolve_device(device), amp)
     if note:
         err_console.print(note, soft_wrap=True, highlight=False, markup=False)
-    compute = ComputeSettings(amp=amp is not False, channels_last=channels_last,
+    compute = ComputeSettings(amp=amp, channels_last=channels_last,
                               compile=compile_, compile_backend=compile_backend)
 
     geometry = None

@@ -49,6 +49,9 @@ def sample(
     overlap: int = typer.Option(32, "--overlap", help="Tile overlap (voxels)."),
     batch_size: int = typer.Option(4, "--batch-size", help="Tiles per network call."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    amp: bool = typer.Option(None, "--amp/--no-amp", help="bf16 autocast: on CUDA "
+                             "[default: on]; on a CPU with bf16 instructions when given "
+                             "[default: off], else ignored (said in one line)."),
     seed: int = typer.Option(0, "--seed", help="Sample s is drawn from (seed, s)."),
     keep: int = typer.Option(None, "--keep", help="Store the first K samples in "
                              "samples.zarr [default: all N]; mean, std, calibration and "
@@ -82,6 +85,7 @@ def sample(
     from cryowae.errors import CryowaeInputError
     from cryowae.io.atomic import check_output_path
     from cryowae.models.checkpoint import load_restorer
+    from cryowae.precision import amp_note
     from cryowae.sampling import sample_file
     from cryowae.sampling.consistency import family_lines
     from cryowae.sampling.settings import (
@@ -91,7 +95,8 @@ def sample(
     )
     from cryowae.tiling.settings import TileSettings
 
-    sampling = SamplerSettings(n, sampler, TileSettings(tile, overlap, batch_size), seed)
+    sampling = SamplerSettings(n, sampler, TileSettings(tile, overlap, batch_size), seed,
+                               amp=amp)
     calibration = CalibrationSettings(spread_calibration, consistency)
     storage = StorageSettings(sample_dtype=sample_dtype, keep=keep, compression=compression,
                               pyramid=pyramid, std_dtype=std_dtype, overwrite=overwrite)
@@ -119,6 +124,9 @@ def sample(
     for out_dir in out_dirs:
         check_output_path(out_dir, overwrite)  # refuse early, before any computation
     dev = resolve_device(device)
+    note = amp_note(dev, amp)
+    if note:
+        err_console.print(note, soft_wrap=True, highlight=False, markup=False)
     restorers = [load_restorer(p, dev) for p in [model, *(ensemble_model or [])]]
     use_voxel_size(ctx, voxel_size, *inputs.paths)
     for tomogram, out_dir in zip(inputs.paths, out_dirs, strict=True):

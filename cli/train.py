@@ -87,9 +87,10 @@ def train(
                                   "patch [default: 0.1]."),
     seed: int = typer.Option(None, "--seed"),
     device: str = typer.Option(None, "--device", help="auto, cpu or cuda."),
-    amp: bool = typer.Option(None, "--amp/--no-amp", help="bf16 autocast on CUDA "
-                             "[default: the config's, on]; ignored on CPU (said in one "
-                             "line)."),
+    amp: bool = typer.Option(None, "--amp/--no-amp", help="bf16 autocast: on CUDA "
+                             "[default: the config's, on]; on a CPU with bf16 "
+                             "instructions when given [default: off], else ignored "
+                             "(said in one line)."),
     compile_: bool = typer.Option(None, "--compile/--no-compile", help="torch.compile the "
                                   "network (falls back to eager with one line if it "
                                   "fails) [default: off]."),
@@ -152,7 +153,7 @@ def train(
                       patch_size=patch_size, latent_dim=latent_dim, prior=prior, seed=seed,
                       device=device, amp=amp, compile=compile_,
                       compile_backend=compile_backend, channels_last=channels_last)
-    note = amp_note(resolve_device(cfg.device), amp)
+    note = amp_note(resolve_device(cfg.device), amp, cfg.amp)
     if note:
         err_console.print(note, soft_wrap=True, highlight=False, markup=False)
     fam = {k: v for k, v in {"enabled": family, "samples": samples_per_input,

@@ -109,6 +109,9 @@ def test_train_without_config_uses_the_device_preset_and_says_so(tomo, tmp_path)
 
 @pytest.mark.slow  # 3.7 s: a CLI training run
 def test_amp_is_ignored_on_cpu_with_one_line(tomo, tmp_path, random_model_path):
+    """On a CPU without bf16 instructions (tests/test_cpu_amp.py covers one with them)."""
+    if precision.cpu_has_bf16():
+        pytest.skip("this CPU runs --amp in bf16")
     assert amp_note("cpu", True).startswith("note: --amp ignored on cpu")
     assert amp_note("cpu", None) is None and amp_note("cuda", True) is None
     assert not precision.amp_active("cpu", True) and precision.amp_active("cuda", True)
@@ -116,7 +119,8 @@ def test_amp_is_ignored_on_cpu_with_one_line(tomo, tmp_path, random_model_path):
                      "--config", "cpu-small", *TINY_TRAIN)
     assert res.returncode == 0, res.stderr
     assert [ln for ln in res.stderr.splitlines() if "--amp" in ln] == [
-        "note: --amp ignored on cpu: bf16 autocast is used on CUDA only; running in float32"]
+        "note: --amp ignored on cpu: this CPU has no bf16 instructions (avx512_bf16, "
+        "amx_bf16); running in float32"]
     outs = []
     for extra in ([], ["--amp"]):
         out = tmp_path / f"r{len(extra)}.mrc"
@@ -153,7 +157,9 @@ def test_bf16_paths_run_and_stay_close_to_float32(monkeypatch, tomo, tmp_path):
         assert all(np.isfinite([b["rec"], b["loss"], b["fam_loss"]]))
         assert abs(a["rec"] - b["rec"]) < 0.02 * abs(a["rec"])
         assert abs(a["fam_loss"] - b["fam_loss"]) < 0.02 * abs(a["fam_loss"])
-    assert f32[0]["rec"] != b16[0]["rec"]  # bf16 did run
+    # the head starts at zero and the low-pass skip runs in float32, so bf16 shows
+    # once the head has learnt
+    assert f32[2]["rec"] != b16[2]["rec"]  # bf16 did run
 
     monkeypatch.setattr(precision, "BF16_AUTOCAST_DEVICES", frozenset({"cuda"}))
     r = _random_restorer()

@@ -160,7 +160,8 @@ def restore_array(restorer: Restorer, data: Any, tile: int = 96, overlap: int = 
         normalisation used in training. The output is de-normalised with the same
         values, so it has the input's intensity scale.
     compute
-        bf16 autocast (CUDA only; default on), ``channels_last_3d``, `torch.compile`
+        bf16 autocast (`cryowae.precision.amp_active`: on CUDA by default, on a CPU
+        with bf16 instructions when asked for), ``channels_last_3d``, `torch.compile`
         (`cryowae.precision.ComputeSettings`).
 
     Returns

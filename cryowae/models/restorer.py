@@ -11,6 +11,7 @@ subtomograms (B, 1, Z, Y, X) with Z, Y, X divisible by 2**depth.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import asdict, dataclass
 from typing import Any, NamedTuple
@@ -235,8 +236,13 @@ class WAERestorer(nn.Module):
             skip = skips[-2 - i]
             h = block(torch.cat([up(h), skip], dim=1), self.film[i + 1](z))
             features.append(h)
-        base = x if self.skip_filter is None else self.skip_filter(x)
-        return base + self.head(h), features
+        # the output is mostly the low-pass of the input: under bf16 autocast the skip,
+        # the head and their sum run in float32, so only the decoder's correction
+        # carries bf16 rounding (float32 runs are unchanged: no autocast to turn off)
+        with _float32_region(x.device.type):
+            x, h = x.float(), h.float()
+            base = x if self.skip_filter is None else self.skip_filter(x)
+            return base + self.head(h), features
 
     def forward(self, x: torch.Tensor, with_features: bool = False,
                 z_probe: torch.Tensor | None = None
@@ -256,6 +262,13 @@ class WAERestorer(nn.Module):
             return self.decode(z_dec, enc.skips, x), z
         restored, features = self.decode_features(z_dec, enc.skips, x)
         return RestorerOutput(restored, z, enc.pooled, features)
+
+
+def _float32_region(device_type: str) -> contextlib.AbstractContextManager:
+    """Autocast turned off on `device_type` where it is on, else a no-op context."""
+    if torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def _gaussian_filter(sigma: float) -> nn.Conv3d:

@@ -32,6 +32,7 @@ import torch
 from cryowae.errors import CryowaeInputError
 from cryowae.models.protocol import Restorer
 from cryowae.physics.geometry import TiltGeometry
+from cryowae.precision import amp_active
 from cryowae.progress import ProgressReporter, ensure_progress
 from cryowae.sampling.consistency import CONSISTENCY, consistency_check
 from cryowae.sampling.samplers import (
@@ -101,7 +102,8 @@ class FamilyPlan:
         return {"sampler": self.sampler, "n_samples": self.n_samples,
                 "tile": list(self.plan.tile), "n_tiles": self.plan.n_tiles,
                 "tile_starts": [list(a.starts) for a in self.plan.axes],
-                "samples_per_pass": self.group, "geometry": self.geometry.to_dict()}
+                "samples_per_pass": self.group, "geometry": self.geometry.to_dict(),
+                "bf16_autocast": amp_active(self.device, self.source.amp)}
 
 
 def _restorers(restorer: Restorer | Sequence[Restorer]) -> list[Any]:
@@ -123,6 +125,7 @@ def plan_family(restorer: Restorer | Sequence[Restorer], shape: Sequence[int],
     """
     sampling = sampling or SamplerSettings()
     sampler, settings, group = sampling.sampler, sampling.tiles, sampling.group
+    amp = sampling.amp
     models = _restorers(restorer)
     first = models[0]
     stochastic = getattr(first, "stochastic", None)
@@ -133,13 +136,13 @@ def plan_family(restorer: Restorer | Sequence[Restorer], shape: Sequence[int],
     plan = aligned_plan(settings, shape, multiple, cubic=sampler == "rotations")
     src: FieldSampler | RotationSampler | EnsembleSampler
     if sampler == "prior":
-        src = FieldSampler(stochastic, plan, sampling.seed, device)
+        src = FieldSampler(stochastic, plan, sampling.seed, device, amp)
         slab = plan.tile[0] * plan.shape[1] * plan.shape[2] * 4
         g = group if group is not None else max(1, GROUP_BUFFER_BYTES // max(1, slab))
     elif sampler == "rotations":
-        src, g = RotationSampler(first.model, plan, geometry, device), 1
+        src, g = RotationSampler(first.model, plan, geometry, device, amp), 1
     else:
-        src, g = EnsembleSampler([m.model for m in models], device), 1
+        src, g = EnsembleSampler([m.model for m in models], device, amp), 1
     if int(g) < 1:
         raise CryowaeInputError(f"samples per pass must be >= 1, got {g}")
     return FamilyPlan(sampler, n, plan, src, device, settings.batch_size,

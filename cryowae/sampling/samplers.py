@@ -27,7 +27,6 @@ help, and a code per tile breaks the coherence of a sample across tiles.
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -39,6 +38,7 @@ from cryowae.errors import CryowaeInputError
 from cryowae.models.stochastic_field import aligned_starts
 from cryowae.physics.geometry import TiltGeometry
 from cryowae.physics.wedge import apply_fourier_mask
+from cryowae.precision import autocast
 from cryowae.tiling.engine import TileFn, TileRef
 from cryowae.tiling.plan import AxisPlan, TilePlan
 from cryowae.tiling.settings import TileSettings
@@ -118,11 +118,6 @@ def rotate_cube(x: torch.Tensor, r: np.ndarray, inverse: bool = False) -> torch.
 
 
 # ------------------------------------------------------------------------- samplers
-def _autocast(device: torch.device) -> Any:
-    return (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
-            else contextlib.nullcontext())
-
-
 def sample_generator(seed: int, sample: int) -> torch.Generator:
     """The CPU generator of sample `sample` of a family seeded `seed`: independent
     streams per (seed, sample), the same on every run and for any family size."""
@@ -138,6 +133,7 @@ class FieldSampler:
     plan: TilePlan
     seed: int
     device: torch.device
+    amp: bool | None = None  # bf16 autocast (cryowae.precision.amp_active)
 
     def fields(self, sample: int) -> list[torch.Tensor]:
         """Sample `sample`'s field per level (1, C, cells...) on the device."""
@@ -154,7 +150,7 @@ class FieldSampler:
             crops = [[spec.crop(f, r.start, tile) for f in fields] for r in refs]
             z = [torch.stack([torch.cat([c[s][lev] for s in range(len(fields))])
                               for c in crops]) for lev in range(len(fields[0]))]
-            with torch.inference_mode(), _autocast(self.device):
+            with torch.inference_mode(), autocast(self.device, self.amp):
                 mean, feats, _ = model.mean_and_features(x)
                 z = [v.to(feats[0].dtype) for v in z]
                 step = len(fields) if self.device.type == "cuda" else CPU_BRANCH_SAMPLES
@@ -173,6 +169,7 @@ class RotationSampler:
     plan: TilePlan
     geometry: TiltGeometry
     device: torch.device
+    amp: bool | None = None  # bf16 autocast (cryowae.precision.amp_active)
 
     def tile_fn(self, group: Sequence[int]) -> TileFn:
         rots = cube_rotations()
@@ -186,7 +183,7 @@ class RotationSampler:
             return rotate_cube(model(xr)[0], rots[s], inverse=True)
 
         def fn(x: torch.Tensor, refs: Sequence[TileRef]) -> torch.Tensor:
-            with torch.inference_mode(), _autocast(self.device):
+            with torch.inference_mode(), autocast(self.device, self.amp):
                 return torch.cat([one(x, s).float() for s in group], dim=1)
 
         return fn
@@ -198,10 +195,11 @@ class EnsembleSampler:
 
     models: list[torch.nn.Module]
     device: torch.device
+    amp: bool | None = None  # bf16 autocast (cryowae.precision.amp_active)
 
     def tile_fn(self, group: Sequence[int]) -> TileFn:
         def fn(x: torch.Tensor, refs: Sequence[TileRef]) -> torch.Tensor:
-            with torch.inference_mode(), _autocast(self.device):
+            with torch.inference_mode(), autocast(self.device, self.amp):
                 return torch.cat([self.models[s](x)[0].float() for s in group], dim=1)
 
         return fn

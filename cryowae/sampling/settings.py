@@ -50,6 +50,9 @@ class SamplerSettings:
     group
         Samples per engine pass (``prior``); None: chosen from the slab buffer
         (`cryowae.sampling.family.plan_family`).
+    amp
+        bf16 autocast of the networks (`cryowae.precision.amp_active`): None = the
+        device's default, True = on where the device supports it, False = float32.
     """
 
     n_samples: int = 16
@@ -57,6 +60,7 @@ class SamplerSettings:
     tiles: TileSettings = field(default_factory=TileSettings)
     seed: int = 0
     group: int | None = None
+    amp: bool | None = None
 
     def __post_init__(self) -> None:
         if self.sampler not in SAMPLERS:
@@ -69,6 +73,8 @@ class SamplerSettings:
             object.__setattr__(self, "group", _whole("group", self.group, 1))
         if not isinstance(self.tiles, TileSettings):
             raise CryowaeInputError("tiles must be a TileSettings")
+        if self.amp not in (None, True, False):
+            raise CryowaeInputError(f"amp must be None, True or False, got {self.amp!r}")
 
 
 @dataclass(frozen=True)

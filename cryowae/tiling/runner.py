@@ -72,8 +72,9 @@ def is_out_of_memory(exc: BaseException) -> bool:
 def model_tile_fn(restorer: Restorer, compute: ComputeSettings | None = None,
                   log: Callable[[str], None] | None = None) -> TileFn:
     """The deterministic restoration tile function: ``restorer.model(x)`` under
-    `torch.inference_mode`, with bfloat16 autocast on CUDA devices unless
-    ``compute.amp`` is off (float32 elsewhere), in ``channels_last_3d`` and behind
+    `torch.inference_mode`, with bfloat16 autocast where ``compute.amp`` turns it on
+    (`cryowae.precision.amp_active`: CUDA by default, a CPU with bf16 instructions on
+    request; float32 otherwise), in ``channels_last_3d`` and behind
     `torch.compile` when `compute` asks for them (`cryowae.precision`; a compile failure
     is reported through `log` and the model runs eagerly)."""
     compute = compute or ComputeSettings()

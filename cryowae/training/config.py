@@ -89,7 +89,7 @@ class TrainConfig:
     # bookkeeping
     seed: int = 0
     device: str = "auto"
-    amp: bool = True  # bf16 autocast on CUDA (cryowae.precision); float32 elsewhere
+    amp: bool | None = None  # bf16 autocast (cryowae.precision.amp_active); None: device default
     channels_last: bool = False  # channels_last_3d weights and inputs
     compile: bool = False  # torch.compile the network (eager fallback on failure)
     compile_backend: str = "inductor"

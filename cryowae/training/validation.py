@@ -166,7 +166,7 @@ def fixed_batches(held: list[TomogramSource], cfg: TrainConfig, device: torch.de
 
 
 def validation_loss(model: torch.nn.Module, batches: list[TrainingBatch], wedge_weight: float,
-                    device: torch.device, amp: bool = False, channels_last: bool = False
+                    device: torch.device, amp: bool | None = False, channels_last: bool = False
                     ) -> float:
     """The mean reconstruction loss of `model` on `batches` (weighted by their sizes),
     without gradients and in eval mode; the model's mode is put back afterwards."""
@@ -195,7 +195,7 @@ class ValidationMonitor:
     slabs: list[Holdout]
     wedge_weight: float
     device: torch.device
-    amp: bool = False
+    amp: bool | None = False
     channels_last: bool = False
     floor: float = 0.0  # the loss's noise floor (`fixed_batches`)
     steps: list[int] = field(default_factory=list)
