@@ -259,8 +259,10 @@ def test_training_with_compile(tomo, tmp_path):
     np.testing.assert_allclose(comp, eager, rtol=1e-5)
     bad, logged = recs("bad", family=False, compile=True, compile_backend="nope")
     assert bad == eager and len(logged) == 1 and "running eagerly" in logged[0]
+    # the family branch reads the decoder's features from its forward's output (no
+    # hooks), so it compiles along
     fam, logged = recs("fam", compile=True, compile_backend="eager")
-    assert len(logged) == 1 and "family branch" in logged[0] and np.isfinite(fam).all()
+    assert not logged and np.isfinite(fam).all()
 
 
 # --------------------------------------------------------------------------- prefetch
