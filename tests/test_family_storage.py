@@ -76,7 +76,9 @@ def test_float16_by_default_float32_on_request_moments_from_float32(tmp_path):
     assert len(a.meta["levels"]) == 1 and a.data.chunks == (1, 4, 40, 36)
     assert a.data.compressors[0].cname == "zstd"
     x32 = np.asarray(b.data)
-    np.testing.assert_allclose(np.asarray(a.data, np.float32), x32, rtol=2.0 ** -11, atol=0)
+    # float16 rounds to 2^-11 relative, and to half its subnormal step 2^-24 below 2^-14
+    np.testing.assert_allclose(np.asarray(a.data, np.float32), x32, rtol=2.0 ** -11,
+                               atol=2.0 ** -25)
     # the moments of the float16 family are those of the float32 samples, not of the
     # rounded ones
     np.testing.assert_allclose(read_mrc(half / "mean.mrc").numpy(), x32.mean(0), atol=1e-6)
@@ -117,7 +119,8 @@ def test_keep_stores_k_samples_and_moments_use_all_n(tmp_path):
     x = np.asarray(read_ome_zarr(full / "samples.zarr").data)
     k = read_ome_zarr(kept / "samples.zarr").data
     assert k.shape == (2, *x.shape[1:]) and k.dtype == np.float16
-    np.testing.assert_allclose(np.asarray(k, np.float32), x[:2], rtol=2.0 ** -11, atol=0)
+    np.testing.assert_allclose(np.asarray(k, np.float32), x[:2], rtol=2.0 ** -11,
+                               atol=2.0 ** -25)
     np.testing.assert_allclose(read_mrc(kept / "mean.mrc").numpy(), x.mean(0), atol=1e-5)
     np.testing.assert_allclose(read_mrc(kept / "std.mrc").numpy(), x.std(0),
                                rtol=2.0 ** -10, atol=1e-5)
