@@ -147,7 +147,7 @@ def self_check(samples: Any, data: Any, geometry: TiltGeometry,
     else:
         bad = "; ".join(f"{k} region {w} (spread/skill {ratio[k]:.2f})"
                         for k, w in words.items() if w != "calibrated")
-        line = (f"WARNING: self-check (no ground truth): the family's spread disagrees with "
+        line = (f"WARNING: self-check (no ground truth): the family's spread does not match "
                 f"what the data can check: {bad}; band {LOW}-{HIGH}")
     freq = shell_frequencies(tuple(d.shape))
     rows = [[float(f), *(float(v) for v in (spread["measured"][i], error["measured"][i],
