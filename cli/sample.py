@@ -76,8 +76,10 @@ def sample(
     samples.zarr (s, z, y, x; float16, zstd, chunks of one sample x 4 slices x 256 x
     256 voxels, no pyramid), mean.mrc (float32), std.mrc (float16) and family.json to
     --out (one such folder per tomogram under --out when there are several): 16 samples
-    take about 9 tomogram sizes or less on disk (docs/benchmarks.md). An interrupted run
-    continues where it stopped when run again."""
+    take about 9 tomogram sizes or less on disk (docs/benchmarks.md). Ends with one
+    self-check line (the spread against the data's own error estimates; a WARNING on
+    stderr when it does not match). An interrupted run continues where it stopped when
+    run again."""
     import json
 
     from cryowae.cli.common import err_console, out_console, resolve_geometry, use_voxel_size
