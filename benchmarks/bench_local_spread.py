@@ -67,8 +67,8 @@ def score(samples: torch.Tensor, truth: torch.Tensor, geo: Any) -> dict[str, Any
     mean, std = samples.mean(0), samples.std(0)
     err = mean - truth
     ss = spread_skill(samples, truth, geo)
-    return {"spread_skill": ss.spread_skill, "measured": ss.spread_skill_measured,
-            "wedge": ss.spread_skill_wedge,
+    return {"spread_skill": ss.ratio, "measured": ss.ratio_measured,
+            "wedge": ss.ratio_wedge,
             "gain": sparsification(std, err).gain,
             "ence": reliability(predicted_std(std, samples.shape[0]), err).ence,
             "std_cv": _cv(std), "error_cv": _cv(err.abs())}
@@ -109,7 +109,8 @@ def main() -> None:
                       norm=volume_stats(data.numpy()))
     st = LocalSpreadSettings(window_sigma=a.window)
     fam = c["samples"]
-    centre = fam.mean(0)
+    # the centre of `cryowae sample`'s local step: the mean path's restoration
+    centre = torch.as_tensor(np.asarray(restore(data.numpy()), np.float32))
     t0 = time.perf_counter()
     local, info = localise_family(fam, restore, data.numpy(), geo, centre.numpy(), st)
     info["seconds"] = round(time.perf_counter() - t0, 1)

@@ -34,6 +34,11 @@ def sample(
         "its estimated error (docs/benchmarks.md, Spread recalibration): halves (noise "
         "from --even/--odd), data (noise estimated from the tomogram), none; auto: "
         "halves when given, else data."),
+    local_spread: bool = typer.Option(
+        True, "--local-spread/--no-local-spread", help="After the per-shell calibration, "
+        "scale each sample's deviation from the mean by a smooth gain g(x) so that the "
+        "std follows where the restoration is likely wrong (fitted on the self-"
+        "supervised extra-wedge task; docs/benchmarks.md, Local spread)."),
     even: Path = typer.Option(None, "--even", help="Even half tomogram (noise power "
                               "for the check and the spread calibration)."),
     odd: Path = typer.Option(None, "--odd", help="Odd half tomogram."),
@@ -74,8 +79,10 @@ def sample(
     samples.zarr (s, z, y, x; float16, zstd, chunks of one sample x 4 slices x 256 x
     256 voxels, no pyramid), mean.mrc (float32), std.mrc (float16) and family.json to
     --out (one such folder per tomogram under --out when there are several): 16 samples
-    take about 9 tomogram sizes or less on disk (docs/benchmarks.md). An interrupted run
-    continues where it stopped when run again."""
+    take about 9 tomogram sizes or less on disk (docs/benchmarks.md). Ends with one
+    self-check line (the spread against the data's own error estimates; a WARNING on
+    stderr when it does not match). An interrupted run continues where it stopped when
+    run again."""
     import json
 
     from cryowae.cli.common import err_console, out_console, resolve_geometry, use_voxel_size
@@ -88,6 +95,7 @@ def sample(
     from cryowae.precision import amp_note
     from cryowae.sampling import sample_file
     from cryowae.sampling.consistency import family_lines
+    from cryowae.sampling.local_spread import LocalSpreadSettings
     from cryowae.sampling.settings import (
         CalibrationSettings,
         SamplerSettings,
@@ -100,6 +108,7 @@ def sample(
     calibration = CalibrationSettings(spread_calibration, consistency)
     storage = StorageSettings(sample_dtype=sample_dtype, keep=keep, compression=compression,
                               pyramid=pyramid, std_dtype=std_dtype, overwrite=overwrite)
+    local = LocalSpreadSettings(enabled=local_spread)
     if (even is None) != (odd is None):
         raise CryowaeInputError("give both --even and --odd, or neither")
     for p in [model, even, odd, tilt_file, *(ensemble_model or [])]:
@@ -133,7 +142,8 @@ def sample(
         geometry = resolve_geometry(tomogram, tilt_min, tilt_max, tilt_file, tilt_axis,
                                     fallback=restorers[0].geometry)
         result = sample_file(restorers if sampler == "ensemble" else restorers[0], tomogram,
-                             out_dir, sampling, calibration, storage, even=even, odd=odd,
+                             out_dir, sampling, calibration, storage, local, even=even,
+                             odd=odd,
                              geometry=geometry, device=device, progress=RichProgress())
         meta = json.loads((result / "family.json").read_text())
         out_console.print(f"{tomogram}: {meta['n_samples']} samples ({sampler}, "
@@ -147,6 +157,13 @@ def sample(
             f = cal["factors"]["measured"]
             out_console.print(f"spread calibration ({cal['mode']}): factors "
                               f"{min(f):.2f}..{max(f):.2f} per shell", highlight=False)
+        gain = meta["local_spread"].get("gain")
+        if gain:
+            out_console.print(f"local spread: gain {gain['gain_min']:.2f}.."
+                              f"{gain['gain_max']:.2f} over the tomogram", highlight=False)
+        check = meta["self_check"]["line"]
+        (err_console if check.startswith("WARNING") else out_console).print(
+            check, soft_wrap=True, markup=False, highlight=False)
         out_console.print(f"family:  {result / 'samples.zarr'}  (axes s, z, y, x)")
         out_console.print(f"mean:    {result / 'mean.mrc'}    std: {result / 'std.mrc'}")
         out_console.print(f"details: {result / 'family.json'}")

@@ -76,7 +76,7 @@ def test_float16_by_default_float32_on_request_moments_from_float32(tmp_path):
     assert len(a.meta["levels"]) == 1 and a.data.chunks == (1, 4, 40, 36)
     assert a.data.compressors[0].cname == "zstd"
     x32 = np.asarray(b.data)
-    # rounding to nearest: half an ulp, 2^-11 relative, 2^-25 absolute for subnormals
+    # float16 rounds to 2^-11 relative, and to half its subnormal step 2^-24 below 2^-14
     np.testing.assert_allclose(np.asarray(a.data, np.float32), x32, rtol=2.0 ** -11,
                                atol=2.0 ** -25)
     # the moments of the float16 family are those of the float32 samples, not of the

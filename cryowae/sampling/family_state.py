@@ -1,5 +1,6 @@
 """The resume state of `cryowae.sampling.files.sample_file`: the run's fingerprint, the
-finished samples, the calibration's and the output's steps, in ``state.json``."""
+finished samples, the calibration's, the local spread's and the output's steps, in
+``state.json``."""
 
 from __future__ import annotations
 
@@ -44,20 +45,22 @@ def fingerprint(paths: Sequence[Path], params: dict[str, Any]) -> dict[str, Any]
 
 class FamilyRun:
     """The resume state of one family in ``partial/state.json``: the run's fingerprint,
-    the finished samples and the calibration's steps, rewritten atomically after each
-    step. A state of another run's settings is discarded (and said so)."""
+    the finished samples, the calibration's and the local spread's steps, rewritten
+    atomically after each step. A state of another run's settings is discarded (and said so)."""
 
     def __init__(self, partial: Path, fingerprint: dict[str, Any], n_samples: int,
                  prog: ProgressReporter) -> None:
         self.path, self.fingerprint, self.n = partial / "state.json", fingerprint, n_samples
         self.done: list[int] = []
         self.calibration: dict[str, Any] = {}
+        self.local: dict[str, Any] = {}
         self.output: dict[str, Any] = {}
         if self.path.is_file():
             state = json.loads(self.path.read_text())
             if state.get("fingerprint") == fingerprint:
                 self.done = sorted(int(s) for s in state.get("done", []))
                 self.calibration = state.get("calibration", {})
+                self.local = state.get("local", {})
                 self.output = state.get("output", {})
                 prog.log(f"resuming: {len(self.done)} of {n_samples} samples already done")
             else:
@@ -72,7 +75,8 @@ class FamilyRun:
 
     def save(self) -> None:
         write_json(self.path, {"fingerprint": self.fingerprint, "done": sorted(self.done),
-                                "calibration": self.calibration, "output": self.output})
+                                "calibration": self.calibration, "local": self.local,
+                                "output": self.output})
 
     def finished(self, s: int) -> None:
         self.done.append(int(s))

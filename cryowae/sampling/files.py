@@ -8,11 +8,15 @@ Output directory (appears complete, by one rename, or not at all):
     OUT/mean.mrc       per-voxel mean of all N float32 samples (float32)
     OUT/std.mrc        per-voxel standard deviation of all N (ddof = 0; float16)
     OUT/family.json    parameters, the consistency check per shell, the spread, the
-                       spread calibration (`cryowae.sampling.recalibrate`)
+                       spread calibration (`cryowae.sampling.recalibrate`), the local
+                       spread step and the self-check (`cryowae.sampling.selfcheck`)
 
 Every figure comes from the N float32 samples: they stream into samples.zarr itself
 when it is float32 and keeps all N, otherwise into a float32 working store
-(``work.zarr``) from which the first K are copied into samples.zarr once calibrated.
+(``work.zarr``). In that store, in this order: the per-shell calibration, the local
+spread step (`cryowae.sampling.store_local_spread`, unless turned off), mean.mrc and
+std.mrc, the self-check on a central crop; then the first K are copied into
+samples.zarr.
 
 While it runs, the work lives in ``.OUT.partial/`` beside OUT: the stores and
 ``state.json`` (the run's fingerprint and the finished samples, rewritten atomically
@@ -24,7 +28,9 @@ Memory: the tomogram and the halves are memory-mapped and read slab by slab (the
 engine), each sample streams into the zarr store, the spread calibration estimates its
 factors on a central crop and filters each sample tile by tile in place, the mean and std
 are computed from the store block by block into memory-mapped MRC files, and the check
-reads a central crop. Disk: N float32 samples while it runs (the working store).
+reads a central crop; the local step keeps a few float32 maps of the tomogram's size
+memory-mapped in the partial folder. Disk: N float32 samples while it runs (the
+working store).
 """
 
 from __future__ import annotations
@@ -56,7 +62,9 @@ from cryowae.sampling.family import (
     run_family,
 )
 from cryowae.sampling.family_state import FamilyRun, fingerprint, write_json
+from cryowae.sampling.local_spread import LocalSpreadSettings
 from cryowae.sampling.recalibrate import resolve_mode
+from cryowae.sampling.selfcheck import self_check
 from cryowae.sampling.settings import (
     FLOAT16_TOLERANCE,
     CalibrationSettings,
@@ -65,6 +73,7 @@ from cryowae.sampling.settings import (
     float16_fits,
 )
 from cryowae.sampling.store_calibration import calibrate_store
+from cryowae.sampling.store_local_spread import localise_store
 from cryowae.tiling.engine import array_sink
 from cryowae.tiling.pages import page_releasing, release_pages
 from cryowae.tiling.settings import TileSettings
@@ -168,7 +177,8 @@ def _export(work: Any, folder: Path, level0: Any, keep: int, run: FamilyRun) -> 
 def sample_file(model: Any, tomogram: str | os.PathLike, out_dir: str | os.PathLike,
                 sampling: SamplerSettings | None = None,
                 calibration: CalibrationSettings | None = None,
-                storage: StorageSettings | None = None, *,
+                storage: StorageSettings | None = None,
+                local: LocalSpreadSettings | None = None, *,
                 even: str | os.PathLike | None = None,
                 odd: str | os.PathLike | None = None,
                 geometry: TiltGeometry | None = None, device: str = "auto",
@@ -193,6 +203,13 @@ def sample_file(model: Any, tomogram: str | os.PathLike, out_dir: str | os.PathL
     storage
         Sample dtype, samples kept, codec, chunks, pyramid, std dtype, overwrite
         (`StorageSettings`).
+    local
+        The local spread step (`LocalSpreadSettings`; on unless ``enabled=False``):
+        after the calibration, every float32 sample's deviation from the family mean
+        is modulated by g(x) (`cryowae.sampling.store_local_spread.localise_store`),
+        before the moments and the export; recorded under ``local_spread``. The
+        self-check (`cryowae.sampling.selfcheck.self_check`) always runs on the
+        finished float32 family; ``family.json`` holds it under ``self_check``.
     geometry
         Tilt geometry; default: the model's (resolve options with `TiltGeometry.resolve`).
         One the tomogram's own spectrum contradicts is reported (`spectrum_warning`).
@@ -203,6 +220,7 @@ def sample_file(model: Any, tomogram: str | os.PathLike, out_dir: str | os.PathL
     sampling = sampling or SamplerSettings()
     calibration = calibration or CalibrationSettings()
     storage = storage or StorageSettings()
+    local = local or LocalSpreadSettings()
     prog = ensure_progress(progress)
     out = check_output_path(out_dir, storage.overwrite)
     if (even is None) != (odd is None):
@@ -243,6 +261,7 @@ def sample_file(model: Any, tomogram: str | os.PathLike, out_dir: str | os.PathL
         direct = dtype == "float32" and keep == fp.n_samples
         params = fp.describe() | {"seed": sampling.seed, "overlap": settings.overlap,
                                   "spread_calibration": spread,
+                                  "local_spread": local.describe(),
                                   "norm": list(norm), "models": [str(getattr(r, "path", ""))
                                                                  for r in restorers]}
         params |= {"storage": storage.describe() | {"sample_dtype": dtype,
@@ -273,30 +292,47 @@ def sample_file(model: Any, tomogram: str | os.PathLike, out_dir: str | os.PathL
                      f": per-shell factors, then {fp.n_samples} samples filtered")
         stochastic = getattr(restorers[0], "stochastic", None) if fp.sampler == "prior" \
             else None
-        centre, restore = None, None
-        if stochastic is not None and spread != "none":
-            centre = _centre(restorers[0], vol.data, norm, settings, partial,
-                             run.calibration, run.save, prog)
-            from cryowae.inference.restore import restore_array
+        from cryowae.inference.restore import restore_array
 
-            # the centre's restoration as a function of an array (same tiles and
-            # normalisation as `_centre`): what the calibration's SURE differentiates
-            restore = functools.partial(restore_array, restorers[0], tile=settings.tile,
-                                        overlap=settings.overlap,
-                                        batch_size=settings.batch_size, norm=norm)
+        # the centre's restoration as a function of an array (same tiles and
+        # normalisation as `_centre`): what the calibration's SURE differentiates, the
+        # local step's error model is fitted with and the self-check restores
+        restore = functools.partial(restore_array, restorers[0], tile=settings.tile,
+                                    overlap=settings.overlap,
+                                    batch_size=settings.batch_size, norm=norm)
+        localise = local.enabled and fp.n_samples > 1
+        calibrating = stochastic is not None and spread != "none"
+        centre = _centre(restorers[0], vol.data, norm, settings, partial, run.calibration,
+                         run.save, prog) if calibrating or localise else None
         # page-releasing views: the wedge ratio scans the whole tomogram (statistics,
         # structure map), which would otherwise leave its pages resident
-        calibrated = calibrate_store(work, page_releasing(vol.data), fp.geometry, spread,
+        data = page_releasing(vol.data)
+        calibrated = calibrate_store(work, data, fp.geometry, spread,
                                      run.calibration, run.save, partial,
                                      *(None if h is None else page_releasing(h)
                                        for h in halves),
-                                     model=stochastic, centre=centre, restore=restore)
+                                     model=stochastic, centre=centre if calibrating else None,
+                                     restore=restore if calibrating else None)
+        # the local step on all N float32 samples, before their moments and the export
+        localised = {"settings": local.describe()}
+        if localise:
+            prog.log(f"local spread: error model from the extra-wedge task, then "
+                     f"{fp.n_samples} samples modulated")
+            localised = localise_store(work, centre, data, fp.geometry, restore, run.local,
+                                       run.save, partial, local)
         del centre
         figures = run.output.get("figures")
         if figures is None:  # mean.mrc and std.mrc are complete once figures are saved
             figures = _moments(partial, work, vol, fp.geometry, norm,
                                calibration.consistency, halves, storage.std_dtype)
             run.output["figures"] = figures
+            run.save()
+        checked = run.output.get("self_check")
+        if checked is None:  # on the N float32 samples as stored, before the export
+            prog.log("self-check: the family's spread against the data's own error "
+                     "estimates (central crop)")
+            checked = self_check(work, data, fp.geometry, restore, settings=local)
+            run.output["self_check"] = checked
             run.save()
         if not direct:
             _export(work, partial / "work.zarr", writer.level0, keep, run)
@@ -313,7 +349,8 @@ def sample_file(model: Any, tomogram: str | os.PathLike, out_dir: str | os.PathL
                                         "consistency": calibration.consistency},
                 "sampling_seconds_this_run": round(time.perf_counter() - t0, 2),
                 "samples_stored": keep, "sample_dtype": dtype,
-                "spread_calibration": calibrated,
+                "spread_calibration": calibrated, "local_spread": localised,
+                "self_check": checked,
                 } | fp.describe() | figures
         write_json(partial / "family.json", meta)
         shutil.rmtree(partial / "work.zarr", ignore_errors=True)

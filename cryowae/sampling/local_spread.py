@@ -76,6 +76,9 @@ class LocalSpreadSettings:
     border
         Voxels at each face of the fitting crop left out of the score (reflected
         smoothing and the crop's box edges).
+    enabled
+        Whether `cryowae sample` applies the step (``--no-local-spread`` turns it off);
+        the in-memory functions here ignore it.
     """
 
     detail_sigma: float = 2.0
@@ -83,6 +86,7 @@ class LocalSpreadSettings:
     rotation_deg: float = 90.0
     max_gain: float = 4.0
     border: int = 6
+    enabled: bool = True
 
     def __post_init__(self) -> None:
         for name in ("detail_sigma", "window_sigma", "max_gain"):
@@ -95,6 +99,12 @@ class LocalSpreadSettings:
             raise CryowaeInputError("local spread: rotation_deg must be finite")
         if self.border < 0:
             raise CryowaeInputError(f"local spread: border must be >= 0, got {self.border}")
+
+    def describe(self) -> dict[str, Any]:
+        """The settings as ``family.json`` and the resume fingerprint record them."""
+        return {"enabled": self.enabled, "detail_sigma": self.detail_sigma,
+                "window_sigma": self.window_sigma, "rotation_deg": self.rotation_deg,
+                "max_gain": self.max_gain, "border": self.border}
 
 
 @dataclass(frozen=True)

@@ -16,9 +16,15 @@ with two error estimates of the restoration R that the data give:
 Per region, ``spread/skill = sqrt(sum_k spread / sum_k error)`` over the coefficients
 of the region (each shell's error estimate counted once per coefficient of the region
 in that shell): about 1 when the family's spread is the size of its error, 2 for a
-family twice too wide, 0.5 for one twice too narrow. The verdict agrees when both
-regions lie in [`LOW`, `HIGH`], the band in which `cryowae evaluate` calls a family
-calibrated against the ground truth.
+family twice too wide, 0.5 for one twice too narrow.
+
+The extra-wedge task is harder than the restoration it stands for (its input lacks a
+second wedge besides the data's own), so its error over-estimates the wedge's and its
+spread/skill is a lower bound of the wedge's: it can show a family too wide there, not
+too narrow. The verdict agrees when the measured region lies in [`LOW`, `HIGH`], the
+band in which `cryowae evaluate` calls a family calibrated against the ground truth,
+and the wedge's lower bound is not above `HIGH` (docs/benchmarks.md, Local spread and
+the self-check: the bound read 0.5-0.6 x the ground truth's spread/skill there).
 
 Locally, the family's smoothed per-voxel variance is ranked against the extra-wedge
 task's local error power (Spearman correlation over the crop's interior, every
@@ -62,12 +68,13 @@ def _ratio(spread: np.ndarray, error: np.ndarray, count: np.ndarray) -> float:
     return float(np.sqrt(max(s, 0.0) / e))
 
 
-def _word(r: float) -> str:
+def _word(r: float, lower_bound: bool = False) -> str:
+    """The region's word; of a lower bound only "too wide" is conclusive."""
     if not np.isfinite(r):
         return "undetermined"
     if r > HIGH:
         return f"{r:.2f}x too wide"
-    if r < LOW:
+    if r < LOW and not lower_bound:
         return f"{1 / r:.2f}x too narrow" if r > 0 else "without spread"
     return "calibrated"
 
@@ -99,8 +106,9 @@ def self_check(samples: Any, data: Any, geometry: TiltGeometry,
     Returns
     -------
     dict
-        ``spread_skill`` {measured, wedge}, ``verdict`` (``"agrees"`` or ``"disagrees"``),
-        ``line`` (one line for the user), ``local_rank_correlation``, per-shell columns.
+        ``spread_skill`` {measured, wedge (a lower bound)}, ``verdict`` (``"agrees"`` or
+        ``"disagrees"``), ``line`` (one line for the user), ``local_rank_correlation``,
+        per-shell columns.
     """
     from cryowae.metrics.calibration import family_spread, shell_frequencies
     from cryowae.physics.crop import central_box, crop_of, family_crop_of
@@ -122,7 +130,7 @@ def self_check(samples: Any, data: Any, geometry: TiltGeometry,
         task = extra_wedge_task(restore, d.numpy(), geometry, noise, st)
     error = {"measured": np.asarray(sure.error), "wedge": np.asarray(task.shell_error)}
     ratio = {k: _ratio(spread[k], error[k], count[k]) for k in ("measured", "wedge")}
-    words = {k: _word(v) for k, v in ratio.items()}
+    words = {k: _word(v, lower_bound=k == "wedge") for k, v in ratio.items()}
     ok = all(w == "calibrated" for w in words.values())
     # local: the family's smoothed variance against the task's local error power
     var = gaussian_smooth(fam.double().var(dim=0), st.window_sigma)
@@ -132,13 +140,13 @@ def self_check(samples: Any, data: Any, geometry: TiltGeometry,
     rho = _spearman(var[inner], task.error_power[inner]) if n > 1 else float("nan")
     if ok:
         line = (f"self-check (no ground truth): spread/skill {ratio['measured']:.2f} measured "
-                f"(SURE), {ratio['wedge']:.2f} wedge (extra-wedge task): the spread agrees "
-                f"with what the data can check; local rank correlation with the "
-                f"self-supervised error {rho:.2f}")
+                f"(SURE), at least {ratio['wedge']:.2f} wedge (extra-wedge task): the "
+                f"spread agrees with what the data can check; local rank correlation with "
+                f"the self-supervised error {rho:.2f}")
     else:
         bad = "; ".join(f"{k} region {w} (spread/skill {ratio[k]:.2f})"
                         for k, w in words.items() if w != "calibrated")
-        line = (f"WARNING: self-check (no ground truth): the family's spread disagrees with "
+        line = (f"WARNING: self-check (no ground truth): the family's spread does not match "
                 f"what the data can check: {bad}; band {LOW}-{HIGH}")
     freq = shell_frequencies(tuple(d.shape))
     rows = [[float(f), *(float(v) for v in (spread["measured"][i], error["measured"][i],

@@ -29,12 +29,32 @@ from cryowae.sampling.local_spread import (
     normalising_factor,
     raw_gain_squared,
 )
-from cryowae.tiling.pages import page_releasing, release_pages
+from cryowae.tiling.pages import release_pages
 
 #: bytes of one float64 slab
 SLAB_BYTES = 8 << 20
 
 Reader = Callable[[int, int], np.ndarray]
+
+
+class _PagedMap:
+    """A float32 ``.npy`` memory map in ``workdir`` read and written slab by slab, its
+    pages handed back after every access (`cryowae.tiling.pages`): the maps stay on
+    disk, not resident (numpy's memmap keeps every page it touched)."""
+
+    def __init__(self, path: Path, shape: tuple[int, ...] | None = None) -> None:
+        self.map = (np.lib.format.open_memmap(path, "w+", np.float32, shape)
+                    if shape is not None else np.load(path, mmap_mode="r"))
+        self.shape = tuple(self.map.shape)
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        out = np.array(self.map[key])
+        release_pages(self.map)
+        return out
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        self.map[key] = value
+        release_pages(self.map, flush=True)
 
 
 def _step(shape: tuple[int, ...]) -> int:
@@ -80,9 +100,8 @@ def _maps(samples: Any, centre: Any, model: ErrorModel, st: LocalSpreadSettings,
     range."""
     shape = tuple(int(v) for v in samples.shape[1:])
 
-    def mm(name: str) -> Any:
-        return np.lib.format.open_memmap(workdir / f"local_{name}.npy", "w+", np.float32,
-                                         shape)
+    def mm(name: str) -> _PagedMap:
+        return _PagedMap(workdir / f"local_{name}.npy", shape)
 
     mean, var = mm("mean"), mm("var")
     store_moments(samples, mean, var)
@@ -92,8 +111,7 @@ def _maps(samples: Any, centre: Any, model: ErrorModel, st: LocalSpreadSettings,
     step = _step(shape)
     for z in range(0, shape[0], step):
         low[z:z + step] = (np.asarray(centre[z:z + step], np.float64) - low[z:z + step]) ** 2
-    sq = page_releasing(low)
-    detail = smooth_slabs(lambda a, b: np.array(sq[a:b]), shape, st.window_sigma,
+    detail = smooth_slabs(lambda a, b: low[a:b], shape, st.window_sigma,
                           mm("detail_power"))
     d_mean = sum(float(np.asarray(detail[z:z + step], np.float64).sum())
                  for z in range(0, shape[0], step)) / float(np.prod(shape))
@@ -119,10 +137,12 @@ def _maps(samples: Any, centre: Any, model: ErrorModel, st: LocalSpreadSettings,
     for z in range(0, shape[0], step):
         gain[z:z + step] = np.clip(np.asarray(gain[z:z + step], np.float64) * c1, lo, hi)
     c2 = normalising_factor(total, weighted(gain))
+    lo, hi = math.inf, -math.inf
     for z in range(0, shape[0], step):
-        gain[z:z + step] = np.sqrt(np.asarray(gain[z:z + step], np.float64) * c2)
-    release_pages(gain, flush=True)
-    return {"gain_min": float(np.min(gain)), "gain_max": float(np.max(gain))}
+        g = np.sqrt(np.asarray(gain[z:z + step], np.float64) * c2).astype(np.float32)
+        gain[z:z + step] = g
+        lo, hi = min(lo, float(g.min())), max(hi, float(g.max()))
+    return {"gain_min": lo, "gain_max": hi}
 
 
 def localise_store(samples: Any, centre: Any, data: Any, geometry: TiltGeometry,
@@ -145,24 +165,25 @@ def localise_store(samples: Any, centre: Any, data: Any, geometry: TiltGeometry,
         state["maps"] = _maps(samples, centre, model, st, workdir)
         save()
 
-    def load(name: str) -> Any:
-        return page_releasing(np.load(workdir / f"local_{name}.npy", mmap_mode="r"))
+    def load(name: str) -> _PagedMap:
+        return _PagedMap(workdir / f"local_{name}.npy")
 
-    mean, gain = load("mean"), load("gain")
+    todo = [i for i in range(n) if i not in set(state["done"])]
+    # a rerun after the last sample has nothing to load (the maps may be removed)
+    mean, gain = (load("mean"), load("gain")) if todo else (None, None)
     tmp = workdir / "local_sample.npy"
     step = _step(shape)
-    for i in [i for i in range(n) if i not in set(state["done"])]:
+    for i in todo:
         if state.get("modulated") != i:
-            out = np.lib.format.open_memmap(tmp, "w+", np.float32, shape)
+            out = _PagedMap(tmp, shape)
             for z in range(0, shape[0], step):
-                m = np.asarray(mean[z:z + step], np.float32)
+                m = mean[z:z + step]
                 out[z:z + step] = m + gain[z:z + step] * (
                     np.asarray(samples[i, z:z + step], np.float32) - m)
-            release_pages(out, flush=True)
             del out
             state["modulated"] = i
             save()
-        mod = page_releasing(np.load(tmp, mmap_mode="r"))
+        mod = _PagedMap(tmp)
         for z in range(0, shape[0], step):
             samples[i, z:z + step] = np.asarray(mod[z:z + step])
         state["done"].append(i)
@@ -170,8 +191,7 @@ def localise_store(samples: Any, centre: Any, data: Any, geometry: TiltGeometry,
     for name in ("mean", "var", "var_smooth", "detail", "detail_power", "gain", "sample"):
         (workdir / f"local_{name}.npy").unlink(missing_ok=True)
     return {"model": state["model"], "fit": state["fit"], "gain": state["maps"],
-            "settings": {k: getattr(st, k) for k in ("detail_sigma", "window_sigma",
-                                                     "rotation_deg", "max_gain")},
+            "settings": st.describe(),
             "columns": "v = a (D~^b + c), D~ the centre's detail power over its mean; "
                        "g^2 ~ v / smoothed family variance, total variance kept"}
 
