@@ -32,10 +32,12 @@ def print_real_report(report: dict[str, Any], out: Path) -> None:
 
 
 def real_lane(out: Path, run: Runner, minutes: float = 2.0, samples: int = 4,
-              steps: int | None = None, seed: int = 0) -> dict[str, Any]:
+              steps: int | None = None, seed: int = 0,
+              sample_options: tuple[str, ...] = ()) -> dict[str, Any]:
     """Run the lane into `out` with `run` (``run(args, capture=False) -> stdout``, the
-    demo's command runner); returns the evaluation's JSON. `steps` (tests) replaces the
-    `minutes` budget."""
+    demo's command runner); returns the evaluation's JSON with the lines `cryowae
+    sample` printed (``sample_report``). `steps` (tests) replaces the `minutes` budget;
+    `sample_options` are added to `cryowae sample` (tests: skip the calibration)."""
     from cryowae.data.samples import empiar_10164
 
     real = empiar_10164()
@@ -52,7 +54,8 @@ def real_lane(out: Path, run: Runner, minutes: float = 2.0, samples: int = 4,
     run(["restore", model_dir / "model.pt", tomo, "--voxel-size", vs, "--out", restored,
          "--overwrite"])
     sample_report = run(["sample", model_dir / "model.pt", tomo, "--voxel-size", vs,
-                         "--n", samples, "--out", family, "--overwrite"], capture=True)
+                         "--n", samples, "--out", family, "--overwrite", *sample_options],
+                        capture=True)
     print(sample_report, end="", flush=True)
     run(["evaluate", restored, "--tomogram", tomo, "--voxel-size", vs, *tilt,
          "--normals", real.vectors, "--annotation-scale", real.annotation_scale,

