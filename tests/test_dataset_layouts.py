@@ -243,6 +243,7 @@ def test_repeated_names_plan_resumes_in_process(tiny_model_path, tmp_path):
 
 # ----------------------------------------------------------------------------- train, sample
 
+@pytest.mark.slow  # 3-9 s on one worker
 def test_sample_several_repeated_names_one_family_each(tiny_model_path, tmp_path):
     from tests.conftest import invoke_cli
 

@@ -66,6 +66,7 @@ def test_storage_settings_are_validated():
     assert StorageSettings().chunks((80, 128, 300)) == (1, 4, 128, 256)
 
 
+@pytest.mark.slow  # 3-9 s on one worker
 def test_float16_by_default_float32_on_request_moments_from_float32(tmp_path):
     r, tomo = stochastic_restorer(), _tomo(tmp_path)
     half = sample_file(r, tomo, tmp_path / "half", _settings(3), PLAIN)
@@ -91,6 +92,7 @@ def test_float16_by_default_float32_on_request_moments_from_float32(tmp_path):
     assert meta["sample_dtype"] == "float16" and meta["samples_stored"] == 3
 
 
+@pytest.mark.slow  # 3-9 s on one worker
 def test_float16_falls_back_to_float32_for_an_offset_tomogram(tmp_path):
     """Values at mean 7, std 1: float16 would round them by 0.7% of the std."""
     r = stochastic_restorer()
@@ -147,6 +149,7 @@ def test_default_family_is_at_most_9_tomogram_sizes_on_disk(tmp_path):
     assert 7.0 < ratio <= 9.0
 
 
+@pytest.mark.slow  # 3-9 s on one worker
 def test_napari_reader_opens_a_float16_family(tmp_path):
     from cryowae.plugins._reader import read_family_dir
 
@@ -180,6 +183,7 @@ class _Stop(Exception):
     pass
 
 
+@pytest.mark.slow  # 3-9 s on one worker
 def test_resume_after_stopping_while_copying_the_samples(tmp_path, monkeypatch):
     """Stopped after the first float16 sample is copied (its float32 working chunks
     gone): the rerun copies the rest and gives the uninterrupted family."""

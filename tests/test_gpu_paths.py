@@ -267,6 +267,7 @@ def test_training_with_compile(tomo, tmp_path):
 
 # --------------------------------------------------------------------------- prefetch
 
+@pytest.mark.slow  # 2 s per case on one worker
 @pytest.mark.parametrize("core, channels", [(None, 1), (((8, 30), (0, 52), (0, 60)), 1),
                                             (None, 2)])
 def test_prefetching_is_bit_identical_to_the_plain_loop(core, channels):

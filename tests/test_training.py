@@ -229,6 +229,7 @@ def test_balancer_gets_the_reconstruction_gradient_on_the_codes(tomo, tmp_path):
     assert not hasattr(a.model, "last_pooled") and not hasattr(a.model, "decoder_code_grad")
 
 
+@pytest.mark.slow  # 3-9 s on one worker
 def test_default_path_has_no_latent_matching_end_to_end(tmp_path):
     """The default is no latent matching: the presets train without it, a step has no
     penalty (no `div`, the balancer never runs, no bank), and the run's model.pt
