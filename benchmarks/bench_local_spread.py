@@ -29,27 +29,9 @@ import torch
 
 
 def load(sim: Path, family: Path) -> dict[str, Any]:
-    import zarr
+    from bench_recalibration import load_family
 
-    from cryowae.io import read_volume
-    from cryowae.metrics.calibration_checks import truth_seen_by_data
-    from cryowae.physics.geometry import TiltGeometry
-    from cryowae.sampling.evaluate import truth_ctf, truth_on_data_scale
-
-    meta = json.loads((family / "family.json").read_text())
-    geo = TiltGeometry.from_dict(meta["geometry"])
-    samples = torch.from_numpy(np.asarray(
-        zarr.open_array(str(family / "samples.zarr" / "0"), mode="r")[:], dtype=np.float32))
-
-    def vol(name: str) -> tuple[torch.Tensor, float]:
-        with read_volume(sim / name) as v:
-            return torch.from_numpy(v.numpy().astype(np.float32)), float(v.voxel_size)
-
-    g, vs = vol("gt.mrc")
-    d, _ = vol("tomo.mrc")
-    params = truth_ctf(sim / "gt.mrc").params
-    truth, _, _ = truth_on_data_scale(truth_seen_by_data(g, vs, params, "abs_ctf"), d, geo)
-    return {"samples": samples, "truth": truth, "data": d, "geometry": geo}
+    return load_family(sim, family)
 
 
 def _cv(v: torch.Tensor) -> float:

@@ -25,9 +25,10 @@ import numpy as np
 import torch
 
 
-def load_case(root: Path, seed: int, family: str, variant: str = "default"
-              ) -> dict[str, Any]:
-    """Family samples, truth on the data's scale, data, halves, geometry of one seed."""
+def load_family(sim: Path, fam: Path, halves: bool = False) -> dict[str, Any]:
+    """A family directory's samples and geometry, the simulation's truth on the data's
+    scale (|CTF|-filtered), its data and ground truth, and with `halves` its even/odd
+    tomograms."""
     import zarr
 
     from cryowae.io import read_volume
@@ -35,8 +36,6 @@ def load_case(root: Path, seed: int, family: str, variant: str = "default"
     from cryowae.physics.geometry import TiltGeometry
     from cryowae.sampling.evaluate import truth_ctf, truth_on_data_scale
 
-    sim, run = root / f"sim_seed{seed}", root / f"run_seed{seed}_{variant}"
-    fam = run / family
     meta = json.loads((fam / "family.json").read_text())
     geo = TiltGeometry.from_dict(meta["geometry"])
     samples = torch.from_numpy(np.asarray(
@@ -48,13 +47,22 @@ def load_case(root: Path, seed: int, family: str, variant: str = "default"
 
     g, vs = vol("gt.mrc")
     d, _ = vol("tomo.mrc")
-    e, _ = vol("tomo_even.mrc")
-    o, _ = vol("tomo_odd.mrc")
     params = truth_ctf(sim / "gt.mrc").params
     truth, _, _ = truth_on_data_scale(truth_seen_by_data(g, vs, params, "abs_ctf"), d, geo)
-    return {"samples": samples, "truth": truth, "data": d, "even": e, "odd": o,
-            "geometry": geo, "voxel_size": vs, "model": run / "train" / "model.pt",
-            "restored": run / "restored.mrc", "gt": g, "sim": sim}
+    out = {"samples": samples, "truth": truth, "data": d, "geometry": geo,
+           "voxel_size": vs, "gt": g}
+    if halves:
+        out["even"], out["odd"] = vol("tomo_even.mrc")[0], vol("tomo_odd.mrc")[0]
+    return out
+
+
+def load_case(root: Path, seed: int, family: str, variant: str = "default"
+              ) -> dict[str, Any]:
+    """Family samples, truth on the data's scale, data, halves, geometry of one seed."""
+    sim, run = root / f"sim_seed{seed}", root / f"run_seed{seed}_{variant}"
+    return {**load_family(sim, run / family, halves=True),
+            "model": run / "train" / "model.pt", "restored": run / "restored.mrc",
+            "sim": sim}
 
 
 def score(samples: torch.Tensor, truth: torch.Tensor, geo: Any, vs: float,
