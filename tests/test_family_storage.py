@@ -185,8 +185,9 @@ class _Stop(Exception):
 
 @pytest.mark.slow  # 3-9 s on one worker
 def test_resume_after_stopping_while_copying_the_samples(tmp_path, monkeypatch):
-    """Stopped after the first float16 sample is copied (its float32 working chunks
-    gone): the rerun copies the rest and gives the uninterrupted family."""
+    """Stopped after the first float16 sample is copied and recorded (its float32
+    working chunks not yet removed): the rerun copies the rest and gives the
+    uninterrupted family."""
     from cryowae.sampling.family_state import FamilyRun
 
     r, tomo = stochastic_restorer(), _tomo(tmp_path)
