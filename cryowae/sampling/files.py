@@ -80,8 +80,8 @@ from cryowae.tiling.settings import TileSettings
 
 #: zstd level of samples.zarr's chunks (Blosc, bit-shuffled: the sign and exponent bits
 #: of neighbouring float16 values are alike and compress; the low mantissa bits do not);
-#: level 1: higher levels hold a few MB more of working memory per chunk for about 1-2 %
-#: smaller chunks of noisy tomograms, and the family's memory must not grow with its size
+#: level 1: higher levels hold megabytes more working memory per chunk and compress noisy
+#: tomograms barely better, and sampling keeps to a fixed memory bound
 ZSTD_LEVEL = 1
 #: float64 bytes of one block of `family_moments` over all samples (at least one chunk
 #: row), and float32 bytes of one slab copied into samples.zarr
