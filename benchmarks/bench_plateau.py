@@ -45,6 +45,35 @@ class Snapshots(ProgressReporter):
         self.trainer = None
         self.kept: list[dict] = []  # {"label", "step", "elapsed", "weights"}
         self.plateau_kept = False
+        self.diagnostics: list[dict] | None = None  # per evaluation, with --diagnostics
+        self.outputs: list[np.ndarray] = []
+
+    def _diagnose(self, val) -> None:
+        """The validation crops' restorations at this evaluation (float16) and each
+        crop's loss with its measured and wedge parts: material for developing a
+        plateau rule offline."""
+        from cryowae.training.augment import TrainingBatch
+        from cryowae.training.loss import masked_fourier_loss
+
+        model = self.trainer.model
+        was = model.training
+        model.eval()
+        outs, per_crop = [], []
+        with torch.inference_mode():
+            for batch in val.batches:
+                restored = model(batch.inputs)[0].float()
+                for i in range(batch.inputs.shape[0]):
+                    one = TrainingBatch(batch.inputs[i:i + 1], batch.targets[i:i + 1],
+                                        batch.valid[i:i + 1],
+                                        batch.target_measured[i:i + 1],
+                                        batch.input_measured)
+                    loss, p = masked_fourier_loss(restored[i:i + 1], one, val.wedge_weight)
+                    per_crop.append([float(loss), p["rec_measured"], p["rec_wedge"]])
+                outs.append(restored[:, 0].numpy().astype(np.float16))
+        model.train(was)
+        self.diagnostics.append({"step": self.trainer.step, "val_loss": val.values[-1],
+                                 "per_crop": per_crop})
+        self.outputs.append(np.concatenate(outs))
 
     def _keep(self, label: str) -> None:
         tr = self.trainer
@@ -54,6 +83,10 @@ class Snapshots(ProgressReporter):
     def advance(self, n: int = 1, **info) -> None:
         super().advance(n, **info)
         tr = self.trainer
+        val = tr.validation
+        if self.diagnostics is not None and val is not None and val.steps \
+                and val.steps[-1] == tr.step:
+            self._diagnose(val)
         if tr.step % self.every == 0:
             self._keep(str(tr.step // self.every))
         val = tr.validation
@@ -98,7 +131,7 @@ SMALL = {"patch_size": 32, "restorer": {"channels": 8, "depth": 2, "latent_dim":
 
 
 def run_seed(out: Path, seed: int, steps: int, config: str | None, size: int, tile: int,
-             crop: int, rise: float, tolerance: float) -> dict:
+             crop: int, rise: float, tolerance: float, diagnostics: bool = False) -> dict:
     from cryowae.inference.restore import restore_array
     from cryowae.io import read_volume
     from cryowae.metrics.correlation import pearson
@@ -122,6 +155,8 @@ def run_seed(out: Path, seed: int, steps: int, config: str | None, size: int, ti
     sources = load_sources([sim / "tomo.mrc"], [sim / "tomo_even.mrc"],
                            [sim / "tomo_odd.mrc"], min_size=cfg.patch_size)
     snaps = Snapshots(steps)
+    if diagnostics:
+        snaps.diagnostics = []
     trainer = Trainer(sources, cfg, run, progress=snaps)
     snaps.trainer = trainer
     t0, c0 = time.time(), time.process_time()
@@ -165,6 +200,13 @@ def run_seed(out: Path, seed: int, steps: int, config: str | None, size: int, ti
            "pearson_knee": curve[k] if k is not None else None,
            "pearson_call": at_call, "pearson_end": curve[-1], "scores": scores,
            "val_steps": val.steps, "val_loss": val.values, "val_floor": val.floor}
+    if diagnostics:
+        row["diagnostics"] = snaps.diagnostics
+        np.savez_compressed(out / f"val_outputs_seed{seed}.npz",
+                            steps=np.array([d["step"] for d in snaps.diagnostics]),
+                            outputs=np.stack(snaps.outputs),
+                            targets=np.concatenate([b.targets[:, 0].numpy()
+                                                    for b in val.batches]))
     done.write_text(json.dumps(row, default=float))
     return row
 
@@ -183,6 +225,9 @@ def main() -> None:
     ap.add_argument("--rise", type=float, default=0.005)
     ap.add_argument("--tolerance", type=float, default=0.2)
     ap.add_argument("--out", type=Path, default=Path("bench_plateau_out"))
+    ap.add_argument("--diagnostics", action="store_true", help="Also keep, at every "
+                    "evaluation, the validation crops' restorations and the loss's "
+                    "measured/wedge parts (val_outputs_seed<seed>.npz, the JSON)")
     a = ap.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(1)
@@ -190,7 +235,7 @@ def main() -> None:
         rows = [json.loads((a.out / f"result_seed{s}.json").read_text()) for s in a.seeds]
     else:
         rows = [run_seed(a.out, s, a.steps, a.config, a.size, a.tile, a.crop, a.rise,
-                         a.tolerance) for s in a.seeds]
+                         a.tolerance, a.diagnostics) for s in a.seeds]
     print()
     print("| seed | steps (CPU min) | Pearson per tenth (1..10) | knee (tenth, step) | "
           "plateau call (step) | within 20% | Pearson at call / end | validation time |")

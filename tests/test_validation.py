@@ -17,7 +17,7 @@ from cryowae.models.checkpoint import KIND_CHECKPOINT, load_restorer, load_state
 from cryowae.training.config import TrainConfig
 from cryowae.training.data import SubtomogramSampler, TomogramSource, structure_map
 from cryowae.training.loop import Trainer
-from cryowae.training.plateau import has_plateaued, plateau_index
+from cryowae.training.plateau import excess_slopes, has_plateaued, plateau_index
 from cryowae.training.validation import ValidationMonitor, split_sources
 from cryowae.training.validation_config import ValidationSettings
 
@@ -101,32 +101,53 @@ def test_validation_loss_is_deterministic_for_fixed_weights():
     assert sum(x.inputs.shape[0] for x in a.batches) == 4
 
 
-RULE = ValidationSettings(smooth=3, window=6, threshold=0.01, min_evals=8)
+RULE = ValidationSettings(window=3.0, threshold=0.05, start=0.3, min_evals=8)
+HORIZON = 1000  # steps of the run; a tenth is 100 steps
+STEPS = np.arange(10, HORIZON + 1, 10)  # an evaluation every 10 steps
 
 
-def test_plateau_rule_fires_near_a_known_knee():
-    """Linear fall of 2% of the start per evaluation to index 20, then flat, with 0.2%
-    noise: the smoothed improvement over 6 evaluations falls below 1% once the window
-    lies on the flat part, i.e. at 20 + 6, one more for the median's lag."""
+def test_the_fitted_slope_is_the_excess_change_per_tenth():
+    """An excess exp(-k s / t) over a floor has the slope -k per tenth exactly; the rule
+    looks from 30 % of the run on, with at least 8 evaluations in its window."""
+    for k in (0.02, 0.2):
+        b = excess_slopes(STEPS, 0.4 + 0.1 * np.exp(-k * STEPS / 100), HORIZON, RULE,
+                          floor=0.4)
+        looked = ~np.isnan(b)
+        assert STEPS[looked][0] == 300 and np.isnan(b[STEPS < 300]).all()
+        np.testing.assert_allclose(b[looked], -k, rtol=1e-6)
+    # a flat curve: the call is the first evaluation the rule looks at
+    assert STEPS[plateau_index(STEPS, np.full(len(STEPS), 0.5), HORIZON, RULE)] == 300
+
+
+def test_plateau_rule_fires_after_a_known_knee():
+    """The excess falls by 20 % per tenth until step 500, then stays flat, with 1 %
+    noise: the call comes after the knee (the window must reach the flat part) and
+    before the window lies wholly on it (step 800, slope 0 up to the noise)."""
     rng = np.random.default_rng(1)
-    i = np.arange(60)
-    curve = np.where(i <= 20, 1 - 0.02 * i, 0.6) * (1 + 0.002 * rng.standard_normal(60))
-    k = plateau_index(curve, RULE)
-    assert k is not None and 24 <= k <= 27
-    assert not has_plateaued(curve[:20], RULE) and has_plateaued(curve[:k + 1], RULE)
+    excess = np.exp(-0.2 * np.minimum(STEPS, 500) / 100) * (
+        1 + 0.01 * rng.standard_normal(len(STEPS)))
+    k = plateau_index(STEPS, 0.3 + excess, HORIZON, RULE, floor=0.3)
+    assert k is not None and 500 < STEPS[k] <= 800
+    assert not has_plateaued(STEPS[:k], 0.3 + excess[:k], HORIZON, RULE, floor=0.3)
+    assert has_plateaued(STEPS[:k + 1], 0.3 + excess[:k + 1], HORIZON, RULE, floor=0.3)
 
 
-def test_plateau_rule_stays_silent_on_a_falling_curve_and_a_single_dip():
-    """exp(-i/100) loses 5.8% per 6 evaluations all along: no plateau, with noise; an
-    outlier dip in the middle of a fall does not fake one (the running median)."""
+def test_plateau_rule_stays_silent_on_a_falling_curve_and_a_dip():
+    """A fall of 10 % per tenth (twice the threshold) all along: no plateau, with 1 %
+    noise; an outlier dip in the middle of a fall does not fake one (the fit averages
+    it); a rising curve has stopped improving: a plateau as soon as the rule looks."""
     rng = np.random.default_rng(2)
-    i = np.arange(200)
-    falling = np.exp(-i / 100) * (1 + 0.003 * rng.standard_normal(200))
-    assert plateau_index(falling, RULE) is None
-    spiky = np.exp(-i[:40] / 100)
-    spiky[20] *= 0.8
-    assert plateau_index(spiky, RULE) is None
-    assert plateau_index(falling[:7], RULE) is None  # fewer than min_evals
+    noise = 1 + 0.01 * rng.standard_normal(len(STEPS))
+    falling = np.exp(-0.1 * STEPS / 100) * noise
+    assert plateau_index(STEPS, falling, HORIZON, RULE) is None
+    rising = plateau_index(STEPS, np.exp(0.1 * STEPS / 100) * noise, HORIZON, RULE)
+    assert STEPS[rising] == 300
+    dipped = falling.copy()
+    dipped[50] *= 0.5
+    assert plateau_index(STEPS, dipped, HORIZON, RULE) is None
+    # in a shorter run the same fall per step is a smaller fall per tenth: a plateau
+    k = plateau_index(STEPS, falling, 400, RULE)
+    assert k is not None and STEPS[k] == 120  # 0.3 x 400, with 12 evaluations fitted
 
 
 def test_settings_are_validated_and_round_trip():
@@ -134,7 +155,8 @@ def test_settings_are_validated_and_round_trip():
     assert cfg.validation.every == 5 and cfg.validation.until_plateau
     assert TrainConfig.from_dict(cfg.to_dict()) == cfg
     assert not TrainConfig.from_dict({"validation": False}).validation.enabled
-    for bad in ({"holdout": 0.7}, {"every": 0}, {"threshold": 0}, {"window": 9},
+    for bad in ({"holdout": 0.7}, {"every": 0}, {"threshold": 0}, {"window": 11},
+                {"start": 1.0}, {"min_evals": 2}, {"smooth": 3},
                 {"enabled": False, "until_plateau": True}, {"crops": "8"}, {"nope": 1}):
         with pytest.raises(CryowaeInputError):
             TrainConfig.from_dict({"validation": bad})
@@ -143,7 +165,7 @@ def test_settings_are_validated_and_round_trip():
 @pytest.mark.slow(seconds=50)
 def test_until_plateau_stops_before_the_ceiling_and_writes_the_model(tmp_path):
     """A tiny run evaluated every step with a loose rule plateaus within seconds: it
-    stops far below its 2-minute ceiling, at the step the line names, with checkpoint
+    stops below its 30-step ceiling, at the step the line names, with checkpoint
     and model.pt written, the val_loss column filled and the curve drawn; --resume
     continues it."""
     v = _smooth_source().full
@@ -151,16 +173,16 @@ def test_until_plateau_stops_before_the_ceiling_and_writes_the_model(tmp_path):
     write_mrc(tomo, v, 10.0)
     conf = tmp_path / "tiny.yaml"
     conf.write_text(yaml.safe_dump({"train": TINY | {"validation": {
-        "every": 1, "crops": 2, "smooth": 1, "window": 2, "min_evals": 3,
+        "every": 1, "crops": 2, "window": 10, "start": 0, "min_evals": 3,
         "threshold": 0.5}}}))
     run = tmp_path / "run"
     res = invoke_cli("train", str(tomo), "--config", str(conf), "--out", str(run),
-                     "--minutes", "2", "--until-plateau", "--device", "cpu", "--seed", "3")
+                     "--steps", "30", "--until-plateau", "--device", "cpu", "--seed", "3")
     assert res.returncode == 0, res.stdout + res.stderr
     assert "the validation loss has plateaued" in res.stderr
     state = load_state(run / "checkpoint.pt", KIND_CHECKPOINT)
     step = state["validation"]["plateau_step"]
-    assert 3 <= step == state["step"] < 40 and state["elapsed"] < 120
+    assert 3 <= step == state["step"] < 30
     assert f"plateau at step {step}" in res.stdout
     assert load_restorer(run / "model.pt").model is not None
     with open(run / "metrics.csv", newline="") as f:

@@ -338,7 +338,8 @@ class Trainer:
         while self.step < cfg.steps and not stop:
             last = self.train_step()
             if self.validation is not None and self.dist.is_main:
-                last |= self.validation.after_step(self.model, self.step, self.progress.log)
+                last |= self.validation.after_step(self.model, self.step, self.total_steps,
+                                                   self.progress.log)
             self.elapsed = time.perf_counter() - t_start
             rate = (self.step - steps_at_start) * cfg.batch_size / max(
                 time.perf_counter() - t_run, 1e-9)

@@ -1,18 +1,32 @@
 """When the validation loss has stopped improving: the plateau rule of `train`.
 
-Given the validation losses v_0, ..., v_n (one per evaluation, oldest first) and the
+Given the validation losses v_0, ..., v_n at steps s_0, ..., s_n (oldest first), the
 loss's noise floor f (`validation.fixed_batches`: the target half's noise power, 0
-without halves):
+without halves) and the run's length T in steps (the learning-rate schedule's horizon:
+``--steps``, or the steps ``--minutes`` allow at the measured rate), with a tenth of the
+run t = T / 10:
 
-    s_i = median(v_{i-h+1}, ..., v_i)           (h = ``smooth``; fewer at the start)
-    r_i = (s_{i-w} - s_i) / |s_{i-w} - f|       (w = ``window``)
+    e_j = max(v_j - f, 1e-3 v_j)                       the excess over the floor
+    b_i = least-squares slope of log e_j against s_j / t,
+          over the evaluations j with s_i - W t < s_j <= s_i     (W = ``window``, tenths)
 
-The curve has plateaued at the first evaluation i >= ``min_evals`` - 1 with
-r_i < ``threshold``: the smoothed loss's excess over its floor improved by less than
-that fraction over the last w evaluations. The running median makes one odd
-evaluation (a spike or a dip) change nothing; the relative improvement makes the rule
-independent of the loss's scale (intensity units, wedge weight, patch size); the floor
-keeps the noise of the noise2noise target, which no model removes, from diluting it.
+The curve has plateaued at the first evaluation i with s_i >= ``start`` T and at least
+``min_evals`` evaluations in the fit where b_i > -``threshold``: the excess no longer
+falls by that fraction per tenth of the run (or it rises).
+
+Why this shape:
+- per tenth of the run, because "done" is a statement about the run's length (the
+  cosine schedule lowers the learning rate towards T, and the late steps improve the
+  restoration at a smaller step size), and the acceptance test of the call measures
+  improvement per tenth;
+- a line through the logarithm over W tenths, not two points: one evaluation's loss
+  scatters by a few per cent (fixed crops, but weights that move every step), and the
+  fit averages some dozens of them;
+- not before ``start`` of the run: the loss of a young model can rise for a few tenths
+  while the restoration improves (the model reorganising), and the cosine schedule's
+  second half, at smaller steps, is where the late gains come from;
+- the floor keeps the noise of the noise2noise target, which no model removes, from
+  diluting the relative change.
 """
 
 from __future__ import annotations
@@ -24,42 +38,55 @@ import numpy as np
 from cryowae.training.validation_config import ValidationSettings
 
 
-def smoothed(values: Sequence[float], width: int) -> np.ndarray:
-    """Running median of `values` over the last `width` entries (fewer at the start)."""
+def _log_excess(values: Sequence[float], floor: float) -> np.ndarray:
     v = np.asarray(values, dtype=np.float64)
-    return np.array([np.median(v[max(0, i - width + 1):i + 1]) for i in range(len(v))])
+    return np.log(np.maximum(v - floor, 1e-3 * np.abs(v)) + 1e-30)
 
 
-def relative_improvement(values: Sequence[float], settings: ValidationSettings,
-                         floor: float = 0.0) -> np.ndarray:
-    """r_i of the module docstring for every evaluation (NaN where i < window)."""
-    s = smoothed(values, settings.smooth)
-    w = settings.window
-    r = np.full(len(s), np.nan)
-    if len(s) > w:
-        r[w:] = (s[:-w] - s[w:]) / np.maximum(np.abs(s[:-w] - floor), 1e-30)
-    return r
+def _slope_at(i: int, steps: np.ndarray, log_e: np.ndarray, horizon: int,
+              settings: ValidationSettings) -> float:
+    """b_i (module docstring), NaN where the rule does not look yet."""
+    tenth = max(float(horizon), 1.0) / 10.0
+    if steps[i] < settings.start * horizon:
+        return float("nan")
+    m = (steps > steps[i] - settings.window * tenth) & (steps <= steps[i])
+    if m.sum() < settings.min_evals:
+        return float("nan")
+    x = steps[m] / tenth
+    return float(np.polyfit(x - x.mean(), log_e[m], 1)[0])
 
 
-def plateau_index(values: Sequence[float], settings: ValidationSettings,
-                  floor: float = 0.0) -> int | None:
+def excess_slopes(steps: Sequence[int], values: Sequence[float], horizon: int,
+                  settings: ValidationSettings, floor: float = 0.0) -> np.ndarray:
+    """b_i of the module docstring for every evaluation: the fitted change of log excess
+    per tenth of a `horizon`-step run (NaN where the rule does not look yet: before
+    ``start`` of the run or with fewer than ``min_evals`` evaluations in the window)."""
+    s, log_e = np.asarray(steps, dtype=np.float64), _log_excess(values, floor)
+    return np.array([_slope_at(i, s, log_e, horizon, settings) for i in range(len(s))])
+
+
+def plateau_index(steps: Sequence[int], values: Sequence[float], horizon: int,
+                  settings: ValidationSettings, floor: float = 0.0) -> int | None:
     """The first evaluation at which the curve has plateaued; None if it has not."""
-    r = relative_improvement(values, settings, floor)
-    for i in range(settings.min_evals - 1, len(r)):
-        if r[i] < settings.threshold:
-            return i
-    return None
+    b = excess_slopes(steps, values, horizon, settings, floor)
+    hits = np.flatnonzero(b > -settings.threshold)
+    return int(hits[0]) if len(hits) else None
 
 
-def has_plateaued(values: Sequence[float], settings: ValidationSettings,
-                  floor: float = 0.0) -> bool:
-    """True when the last evaluation satisfies the rule (the test a running loop
-    makes once per evaluation)."""
-    n = len(values)
-    if n < settings.min_evals:
-        return False
-    r = relative_improvement(values, settings, floor)
-    return bool(r[-1] < settings.threshold)
+def last_slope(steps: Sequence[int], values: Sequence[float], horizon: int,
+               settings: ValidationSettings, floor: float = 0.0) -> float:
+    """b_i at the last evaluation (NaN where the rule does not look yet)."""
+    if not len(values):
+        return float("nan")
+    return _slope_at(len(values) - 1, np.asarray(steps, dtype=np.float64),
+                     _log_excess(values, floor), horizon, settings)
 
 
-__all__ = ["has_plateaued", "plateau_index", "relative_improvement", "smoothed"]
+def has_plateaued(steps: Sequence[int], values: Sequence[float], horizon: int,
+                  settings: ValidationSettings, floor: float = 0.0) -> bool:
+    """True when the last evaluation satisfies the rule (the test a running loop makes
+    once per evaluation; the horizon may have moved since the earlier ones)."""
+    return bool(last_slope(steps, values, horizon, settings, floor) > -settings.threshold)
+
+
+__all__ = ["excess_slopes", "has_plateaued", "last_slope", "plateau_index"]

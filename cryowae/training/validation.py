@@ -33,7 +33,7 @@ from cryowae.training.augment import TrainingBatch, make_batch
 from cryowae.training.config import TrainConfig
 from cryowae.training.data import SubtomogramSampler, TomogramSource
 from cryowae.training.loss import masked_fourier_loss
-from cryowae.training.plateau import has_plateaued, relative_improvement
+from cryowae.training.plateau import last_slope
 from cryowae.training.validation_config import HOLDOUT_KEYS, ValidationSettings
 
 #: seed offset of the held-out crops' positions, halves and rotations
@@ -244,28 +244,32 @@ class ValidationMonitor:
         self.values.append(value)
         return value
 
-    def newly_plateaued(self) -> str | None:
+    def newly_plateaued(self, horizon: int) -> str | None:
         """The one line that says the curve has plateaued, the first time it has (the
-        rule of `plateau.py` at the last evaluation); None otherwise."""
-        if self.plateau_step is not None or not has_plateaued(self.values, self.settings,
-                                                              self.floor):
+        rule of `plateau.py` at the last evaluation, for a run of `horizon` steps);
+        None otherwise."""
+        if self.plateau_step is not None:
+            return None
+        b = last_slope(self.steps, self.values, horizon, self.settings, self.floor)
+        if not b > -self.settings.threshold:  # NaN: the rule does not look yet
             return None
         self.plateau_step = self.steps[-1]
-        r = float(relative_improvement(self.values, self.settings, self.floor)[-1])
-        span = self.steps[-1] - self.steps[-1 - self.settings.window]
         return (f"step {self.plateau_step}: the validation loss has plateaued "
                 f"(val_loss {self.values[-1]:.4g}, noise floor {self.floor:.4g}; its excess "
-                f"{100 * r:.2f}% lower than {span} steps before, threshold "
+                f"changes by {100 * b:+.1f}% per tenth of the {horizon}-step run over the "
+                f"last {self.settings.window:g} tenths, threshold "
                 f"{100 * self.settings.threshold:g}%)"
                 + ("; stopping" if self.settings.until_plateau else ""))
 
-    def after_step(self, model: torch.nn.Module, step: int, log: Any) -> dict[str, float]:
+    def after_step(self, model: torch.nn.Module, step: int, horizon: int, log: Any
+                   ) -> dict[str, float]:
         """Evaluate when `step` is due: ``{"val_loss": value}`` (else empty), with the
-        plateau line sent to `log` the first time the rule holds."""
+        plateau line sent to `log` the first time the rule holds for a run of `horizon`
+        steps (the learning-rate schedule's)."""
         if not self.due(step):
             return {}
         value = self.evaluate(model, step)
-        said = self.newly_plateaued()
+        said = self.newly_plateaued(horizon)
         if said:
             log(said)
         return {"val_loss": value}

@@ -4,11 +4,11 @@ A slab at the far end of each tomogram's longest lateral axis (Y or X), ``holdou
 that axis but at least one patch wide, is held out of training (`validation.py`); the
 validation loss is the training task's reconstruction loss on ``crops`` fixed
 subtomograms of it, every ``every`` steps. The plateau rule (`plateau.py`) runs on that
-curve: a running median over ``smooth`` evaluations, and a plateau once the smoothed
-loss's excess over its noise floor improved by less than ``threshold`` (relative) over
-the last ``window`` evaluations, after at least ``min_evals``. The defaults come from
-the development run on the seed-60 simulation (docs/benchmarks.md, "Plateau call").
-``until_plateau`` stops training there.
+curve: a line through the logarithm of the loss's excess over its noise floor, fitted
+over the last ``window`` tenths of the run (at least ``min_evals`` evaluations, from
+``start`` of the run on); a plateau once it no longer falls by ``threshold`` per tenth.
+The defaults come from the development runs on the simulations of seeds 61-65
+(docs/benchmarks.md, "Plateau call"). ``until_plateau`` stops training there.
 
 YAML (under ``train:``)::
 
@@ -26,6 +26,9 @@ from cryowae.errors import CryowaeInputError, require_int
 
 #: settings a resumed run must share with its checkpoint (they decide which voxels train)
 HOLDOUT_KEYS = ("enabled", "holdout", "crops")
+#: the plateau rule's settings; a stored config without ``start`` has the keys of an
+#: earlier rule (a running median over ``smooth`` evaluations), replaced by the defaults
+RULE_KEYS = ("smooth", "window", "threshold", "min_evals", "start")
 
 
 @dataclass(frozen=True)
@@ -38,10 +41,10 @@ class ValidationSettings:
     crops: int = 8  # fixed held-out subtomograms the loss is averaged over
     every: int = 10  # steps between evaluations
     until_plateau: bool = False  # stop training at the plateau (the time/step budget caps)
-    smooth: int = 3  # running-median width of the curve, evaluations
-    window: int = 6  # evaluations over which the smoothed improvement is measured
-    threshold: float = 0.02  # relative improvement over `window` below which: plateau
-    min_evals: int = 8  # no plateau before this many evaluations
+    window: float = 3.0  # tenths of the run the slope is fitted over
+    threshold: float = 0.05  # fall of the excess per tenth below which: plateau
+    start: float = 0.5  # no plateau before this fraction of the run
+    min_evals: int = 8  # evaluations the fit needs at least
 
     def __post_init__(self) -> None:
         for name in ("enabled", "until_plateau"):
@@ -53,18 +56,16 @@ class ValidationSettings:
                                     f"got {h!r}")
         require_int(self.crops, "validation crops", 1, 1024)
         require_int(self.every, "validation every", 1)
-        require_int(self.smooth, "validation smooth", 1)
-        require_int(self.window, "validation window", 1)
-        require_int(self.min_evals, "validation min_evals", 2)
-        t = self.threshold
-        if isinstance(t, bool) or not isinstance(t, int | float) or not 0 < t < 1:
-            raise CryowaeInputError(f"validation threshold must lie in (0, 1), got {t!r}")
+        require_int(self.min_evals, "validation min_evals", 3)
+        for name, ok, span in (("window", lambda v: 0 < v <= 10, "(0, 10]"),
+                               ("threshold", lambda v: 0 < v < 1, "(0, 1)"),
+                               ("start", lambda v: 0 <= v < 1, "[0, 1)")):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int | float) or not ok(v):
+                raise CryowaeInputError(f"validation {name} must lie in {span}, got {v!r}")
         if self.until_plateau and not self.enabled:
             raise CryowaeInputError("--until-plateau needs the validation loss; do not "
                                     "turn validation off")
-        if self.min_evals < self.window + 1:
-            raise CryowaeInputError("validation min_evals must exceed window (the rule "
-                                    "compares the smoothed loss `window` evaluations back)")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -92,8 +93,12 @@ class ValidationSettings:
     def of_saved_config(cls, saved: dict[str, Any]) -> ValidationSettings:
         """The validation of a stored training config: one written before validation
         existed (no ``validation`` key) trained on every voxel."""
-        return cls.from_value(saved["validation"]) if "validation" in saved \
-            else cls(enabled=False)
+        if "validation" not in saved:
+            return cls(enabled=False)
+        value = saved["validation"]
+        if isinstance(value, dict) and "start" not in value:
+            value = {k: v for k, v in value.items() if k not in RULE_KEYS}
+        return cls.from_value(value)
 
 
-__all__ = ["HOLDOUT_KEYS", "ValidationSettings"]
+__all__ = ["HOLDOUT_KEYS", "RULE_KEYS", "ValidationSettings"]
