@@ -211,6 +211,27 @@ def run_seed(out: Path, seed: int, steps: int, config: str | None, size: int, ti
     return row
 
 
+def rescore(row: dict, config: str | None, tolerance: float) -> dict:
+    """`row` (a result JSON) with the plateau call of today's rule, applied to its stored
+    validation curve: the call `train` would make on that curve (a run recorded under an
+    earlier rule keeps its own call as ``plateau_step_recorded``)."""
+    from cryowae.training.config import TrainConfig, load_config
+    from cryowae.training.plateau import plateau_index
+
+    settings = (load_config(config) if config else TrainConfig.from_dict(SMALL)).validation
+    i = plateau_index(row["val_steps"], row["val_loss"], row["steps"], settings,
+                      row.get("val_floor", 0.0))
+    call = None if i is None else int(row["val_steps"][i])
+    knee = row["knee_step"]
+    ok = call is None if knee is None else (call is not None
+                                            and abs(call - knee) <= tolerance * knee)
+    if call != row["plateau_step"]:
+        at = {s["step"]: s["pearson"] for s in row["scores"] if s["label"] != "plateau"}
+        row |= {"plateau_step_recorded": row["plateau_step"], "plateau_step": call,
+                "pass": ok, "pearson_call": at.get(call)}
+    return row
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, nargs="+", default=[61, 62, 63])
@@ -221,7 +242,8 @@ def main() -> None:
     ap.add_argument("--crop", type=int, default=96, help="Y and X of the central crop "
                     "restored and scored")
     ap.add_argument("--table-only", action="store_true", help="Print the table of the "
-                    "finished seeds (result_seed*.json) without running")
+                    "finished seeds (result_seed*.json) without running, the plateau call "
+                    "recomputed by today's rule from each stored validation curve")
     ap.add_argument("--rise", type=float, default=0.005)
     ap.add_argument("--tolerance", type=float, default=0.2)
     ap.add_argument("--out", type=Path, default=Path("bench_plateau_out"))
@@ -232,7 +254,8 @@ def main() -> None:
     a.out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(1)
     if a.table_only:
-        rows = [json.loads((a.out / f"result_seed{s}.json").read_text()) for s in a.seeds]
+        rows = [rescore(json.loads((a.out / f"result_seed{s}.json").read_text()), a.config,
+                        a.tolerance) for s in a.seeds]
     else:
         rows = [run_seed(a.out, s, a.steps, a.config, a.size, a.tile, a.crop, a.rise,
                          a.tolerance, a.diagnostics) for s in a.seeds]
@@ -244,6 +267,8 @@ def main() -> None:
         tenths = [s["pearson"] for s in r["scores"] if s["label"] != "plateau"]
         knee = "none" if r["knee_step"] is None else f"{r['knee_tenth'] + 1}, {r['knee_step']}"
         call = "none" if r["plateau_step"] is None else str(r["plateau_step"])
+        if "plateau_step_recorded" in r:
+            call += f" (recorded {r['plateau_step_recorded'] or 'none'})"
         at_call = "-" if r["pearson_call"] is None else f"{r['pearson_call']:.3f}"
         print(f"| {r['seed']} | {r['steps']} ({r['train_cpu_s'] / 60:.1f}) | "
               f"{' '.join(f'{p:.3f}' for p in tenths)} | "

@@ -156,10 +156,15 @@ def test_settings_are_validated_and_round_trip():
     assert TrainConfig.from_dict(cfg.to_dict()) == cfg
     assert not TrainConfig.from_dict({"validation": False}).validation.enabled
     for bad in ({"holdout": 0.7}, {"every": 0}, {"threshold": 0}, {"window": 11},
-                {"start": 1.0}, {"min_evals": 2}, {"smooth": 3},
+                {"start": 1.0}, {"min_evals": 2}, {"smooth": 3, "start": 0.5},
                 {"enabled": False, "until_plateau": True}, {"crops": "8"}, {"nope": 1}):
         with pytest.raises(CryowaeInputError):
             TrainConfig.from_dict({"validation": bad})
+    # a run of the earlier rule (running median over `smooth` evaluations) loads with
+    # today's rule settings and its own held-out slab
+    old = TrainConfig.from_dict({"validation": {"holdout": 0.2, "smooth": 3, "window": 6,
+                                                "threshold": 0.02, "min_evals": 8}})
+    assert old.validation == ValidationSettings(holdout=0.2)
 
 
 @pytest.mark.slow(seconds=50)

@@ -26,8 +26,9 @@ from cryowae.errors import CryowaeInputError, require_int
 
 #: settings a resumed run must share with its checkpoint (they decide which voxels train)
 HOLDOUT_KEYS = ("enabled", "holdout", "crops")
-#: the plateau rule's settings; a stored config without ``start`` has the keys of an
-#: earlier rule (a running median over ``smooth`` evaluations), replaced by the defaults
+#: the plateau rule's settings; a config with ``smooth`` and without ``start`` holds the
+#: keys of an earlier rule (a running median over ``smooth`` evaluations, ``window`` in
+#: evaluations): they give way to today's defaults, so its runs resume
 RULE_KEYS = ("smooth", "window", "threshold", "min_evals", "start")
 
 
@@ -81,6 +82,8 @@ class ValidationSettings:
         if not isinstance(value, dict):
             raise CryowaeInputError("validation must be a mapping of settings or true/false")
         data = {k.replace("-", "_"): v for k, v in value.items()}
+        if "smooth" in data and "start" not in data:
+            data = {k: v for k, v in data.items() if k not in RULE_KEYS}
         unknown = sorted(set(data) - {f.name for f in fields(cls)})
         if unknown:
             raise CryowaeInputError(f"unknown validation setting(s) {', '.join(unknown)}")
@@ -93,12 +96,8 @@ class ValidationSettings:
     def of_saved_config(cls, saved: dict[str, Any]) -> ValidationSettings:
         """The validation of a stored training config: one written before validation
         existed (no ``validation`` key) trained on every voxel."""
-        if "validation" not in saved:
-            return cls(enabled=False)
-        value = saved["validation"]
-        if isinstance(value, dict) and "start" not in value:
-            value = {k: v for k, v in value.items() if k not in RULE_KEYS}
-        return cls.from_value(value)
+        return cls.from_value(saved["validation"]) if "validation" in saved \
+            else cls(enabled=False)
 
 
 __all__ = ["HOLDOUT_KEYS", "RULE_KEYS", "ValidationSettings"]
