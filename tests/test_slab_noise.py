@@ -129,3 +129,25 @@ def test_settings_validated():
         SlabSettings(min_planes=1)
     with pytest.raises(CryowaeInputError):
         SlabSettings(smoothing=0)
+
+
+def test_crop_noise_finds_the_slabs_in_the_crops_column():
+    """A central crop holding only specimen planes: the slabs are looked for in its
+    column (all Z planes), the power comes back on the crop's shells."""
+    from cryowae.physics.crop import central_box
+    from cryowae.sampling.consistency import noise_of_data
+    from cryowae.training.slab_noise import column_box, crop_noise
+
+    noise, _ = _noise(10, lambda r: torch.ones_like(r))  # white: power 1 in every shell
+    vol = (_specimen(11) + noise).float()
+    box = central_box(SHAPE, 20, even=True)  # Z planes 22-41: the specimen only
+    crop = vol[box]
+    assert noise_from_empty_slabs(crop, GEO).source.startswith("power above 0.35")
+    est = crop_noise(vol, box, GEO)
+    assert est.source.startswith("empty Z slabs")
+    freq = shell_frequencies(crop.shape)
+    assert np.array_equal(est.frequency, freq)
+    band = (freq >= 0.15) & (freq < 0.5)
+    assert abs(np.median(est.power[band]) - 1) < 0.06
+    same = noise_of_data(crop, GEO, None, None, column=vol[column_box(SHAPE, box)])
+    np.testing.assert_allclose(same.power, est.power)

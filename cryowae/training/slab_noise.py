@@ -57,6 +57,7 @@ missing wedge, fiducials, contamination) makes the estimate too high.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -67,8 +68,9 @@ from cryowae.errors import CryowaeInputError
 from cryowae.metrics._common import as_tensor
 from cryowae.metrics.calibration import SpectralGrid, shell_frequencies
 from cryowae.metrics.streaks import gaussian_lowpass
+from cryowae.physics.crop import Box
 from cryowae.physics.geometry import TiltGeometry
-from cryowae.training.noise import NoiseSpectrum, noise_without_halves
+from cryowae.training.noise import NoiseSpectrum, measured_shell_power, noise_without_halves
 
 #: kz samples per slab plane on which the reference integral over kz is evaluated
 FINE_KZ = 16
@@ -225,30 +227,56 @@ def slab_noise(volume: Any, slabs: tuple[slice, ...], geometry: TiltGeometry
         return np.where(weight > 0, est / weight, 0.0), weight
 
 
+def column_box(shape: Sequence[int], box: Box) -> Box:
+    """The column of a crop `box` of a (Z, Y, X) volume of `shape`: all Z planes, the
+    box's Y and X (where the empty slabs of a crop's tomogram are looked for)."""
+    return (slice(0, int(shape[0])), box[1], box[2])
+
+
 def noise_from_empty_slabs(volume: Any, measured: TiltGeometry | torch.Tensor,
-                           settings: SlabSettings | None = None) -> NoiseSpectrum:
-    """Noise power per shell (the measured region, `volume`'s shells and units) of a
-    (Z, Y, X) tomogram from its empty Z slabs (module docstring): all Z planes are
-    needed, any central Y, X box will do.
+                           settings: SlabSettings | None = None,
+                           column: Any = None) -> NoiseSpectrum:
+    """Noise power per shell of the measured region, on `volume`'s shells and in its
+    units, from the empty Z slabs (module docstring) of `column`: the tomogram's planes
+    over `volume`'s Y, X box (`column_box`; None: `volume` itself, which must then hold
+    all Z planes). Capped, as the ramp fit is, by `volume`'s measured power per shell
+    (noise cannot exceed the total).
 
     Without empty slabs, or with a measured mask instead of a `TiltGeometry` (the slab's
-    grid needs the tilt range), falls back to `noise_without_halves` (the ramp fit) and
-    says why in `NoiseSpectrum.source`.
+    grid needs the tilt range), returns `noise_without_halves(volume)` (the ramp fit),
+    saying why in `NoiseSpectrum.source`.
     """
     v = as_tensor(volume, "volume")
     if not isinstance(measured, TiltGeometry):
         reason = "a measured mask, not a tilt geometry, was given"
     else:
-        found = find_empty_slabs(v, settings)
+        col = v if column is None else as_tensor(column, "column")
+        found = find_empty_slabs(col, settings)
         reason = found.reason
         if not reason:
-            power, weight = slab_noise(v, found.slabs, measured)
+            est, _ = slab_noise(col, found.slabs, measured)
+            freq = shell_frequencies(v.shape)
+            power, count = measured_shell_power(v, measured)
+            est = np.interp(freq, shell_frequencies(col.shape), est)
+            est = np.where(count > 0, np.minimum(est, np.nan_to_num(power, nan=np.inf)), est)
             planes = "+".join(f"{sl.start}-{sl.stop - 1}" for sl in found.slabs)
-            return NoiseSpectrum(shell_frequencies(v.shape), power,
-                                 f"empty Z slabs (planes {planes} of {v.shape[0]})")
+            return NoiseSpectrum(freq, est, f"empty Z slabs (planes {planes} of "
+                                            f"{col.shape[0]})")
     ramp = noise_without_halves(v, measured)
     return NoiseSpectrum(ramp.frequency, ramp.power, f"{ramp.source} ({reason})")
 
 
-__all__ = ["EmptySlabs", "SlabSettings", "find_empty_slabs", "noise_from_empty_slabs",
-           "slab_noise"]
+def crop_noise(data: Any, box: Box, geometry: TiltGeometry | torch.Tensor,
+               crop: torch.Tensor | None = None) -> NoiseSpectrum:
+    """The no-halves noise estimate of the crop `box` of a whole (Z, Y, X) tomogram
+    `data` (array-like; only the box's column is read): `noise_from_empty_slabs` with
+    the slabs looked for in the column (`column_box`). `crop`: the box, already read."""
+    from cryowae.physics.crop import crop_of
+
+    c = crop_of(data, box) if crop is None else crop
+    col = crop_of(data, column_box(np.shape(data), box))
+    return noise_from_empty_slabs(c, geometry, column=col)
+
+
+__all__ = ["EmptySlabs", "SlabSettings", "column_box", "crop_noise", "find_empty_slabs",
+           "noise_from_empty_slabs", "slab_noise"]
