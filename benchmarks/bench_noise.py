@@ -19,7 +19,16 @@ region, the ratio estimate / exact of:
 
 Printed per pipeline: median and worst (farthest from 1 in log) ratio over the shells
 with signal (noiseless power >= `--signal` x exact noise power, 0.03-0.5 cycles/voxel),
-and over all shells 0.03-0.5.
+and over those from `--resolved` cycles/voxel up (a slab of L planes does not resolve
+kz below about 2 / L: 0.12 for the 17-plane slabs here). ``leak``: the slab estimate
+of the noiseless tomogram (same slabs) over the exact noise, median of the three lowest
+shells with signal: the specimen's signal that reaches into the slabs.
+
+    OMP_NUM_THREADS=1 python benchmarks/bench_noise.py --real
+
+The real EMPIAR-10164 tomogram (no truth, no halves): the slabs found and, per shell of
+the central 96 x 96 column (all Z), the slab estimate over the ramp fit and over the
+column's measured power (noise cannot exceed it).
 """
 
 from __future__ import annotations
@@ -62,13 +71,13 @@ def simulate_pair(name: str, seed: int, size: int, thickness: int, specimen: int
 def ratios(vols: dict[str, torch.Tensor], column: int, signal: float
            ) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray, str]:
     """Per-shell ratio estimate / exact of each estimate, the shells with signal, all
-    shells 0.03-0.5, and the slab estimate's source."""
+    shells 0.03-0.5 (with exact noise), and the slab estimate's source."""
     from cryowae.metrics.calibration import shell_frequencies
     from cryowae.physics.crop import central_box
     from cryowae.physics.geometry import TiltGeometry
     from cryowae.sampling.consistency import noise_of_data
     from cryowae.training.noise import measured_shell_power, noise_without_halves
-    from cryowae.training.slab_noise import noise_from_empty_slabs
+    from cryowae.training.slab_noise import find_empty_slabs, noise_from_empty_slabs, slab_noise
 
     z = vols["tomo"].shape[0]
     box = (slice(0, z), *central_box(vols["tomo"].shape, column, even=True)[1:])
@@ -79,6 +88,9 @@ def ratios(vols: dict[str, torch.Tensor], column: int, signal: float
     slabs = noise_from_empty_slabs(v["tomo"], geo)
     est = {"ramp": noise_without_halves(v["tomo"], geo).power, "slabs": slabs.power,
            "halves": noise_of_data(v["tomo"], geo, v["even"], v["odd"]).power}
+    found = find_empty_slabs(v["tomo"])
+    if not found.reason:  # the specimen's signal in the slabs: the noiseless tomogram's
+        est["leak"] = slab_noise(v["clean"], found.slabs, geo)[0]
     freq = shell_frequencies(v["tomo"].shape)
     band = (freq >= 0.03) & (freq <= 0.5) & (count > 0) & (exact > 0)
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -86,16 +98,43 @@ def ratios(vols: dict[str, torch.Tensor], column: int, signal: float
     return out, band & (sig >= signal * exact), band, slabs.source
 
 
-def summary(r: np.ndarray, sel: np.ndarray) -> str:
-    """median / worst (farthest from 1 in log) of `r` over `sel`."""
-    x = r[sel]
+def summary(r: np.ndarray, sel: np.ndarray, freq: np.ndarray) -> str:
+    """median / worst (farthest from 1 in log) of `r` over `sel`, and the worst
+    shell's frequency (cycles/voxel)."""
+    x, f = r[sel], freq[sel]
     if x.size == 0:
         return "n/a"
-    worst = x[int(np.argmax(np.abs(np.log(np.maximum(x, 1e-12)))))]
-    return f"{np.median(x):.2f} / {worst:.2f}"
+    i = int(np.argmax(np.abs(np.log(np.maximum(x, 1e-12)))))
+    return f"{np.median(x):.2f} / {x[i]:.2f} @{f[i]:.2f}"
+
+
+def real(every: int) -> None:
+    """The slab estimate on the EMPIAR-10164 tomogram against the ramp fit."""
+    from cryowae.data.samples import empiar_10164
+    from cryowae.io import read_volume
+    from cryowae.physics.crop import central_box, crop_of
+    from cryowae.physics.geometry import TiltGeometry
+    from cryowae.training.noise import measured_shell_power, noise_without_halves
+    from cryowae.training.slab_noise import column_box, noise_from_empty_slabs
+
+    sample = empiar_10164()
+    with read_volume(sample.tomogram) as v:
+        data = np.array(v.numpy(), dtype=np.float32)
+    col = crop_of(data, column_box(data.shape, central_box(data.shape, 96, even=True)))
+    geo = TiltGeometry(*sample.tilt_range, "y", "EMPIAR-10164")
+    slabs = noise_from_empty_slabs(col, geo)
+    ramp = noise_without_halves(col, geo)
+    total, _ = measured_shell_power(col, geo)
+    print(f"EMPIAR-10164, column {tuple(col.shape)}: {slabs.source}")
+    print("| cycles/voxel | slabs / ramp fit | slabs / measured power |")
+    print("|---|---|---|")
+    for i in range(2, len(slabs.frequency), every):
+        print(f"| {slabs.frequency[i]:.3f} | {slabs.power[i] / ramp.power[i]:.2f} | "
+              f"{slabs.power[i] / total[i]:.2f} |")
 
 
 def main() -> None:
+    from cryowae.metrics.calibration import shell_frequencies
     from cryowae.simulation.pipelines import PIPELINES
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -106,22 +145,35 @@ def main() -> None:
     ap.add_argument("--column", type=int, default=64, help="central Y, X box analysed")
     ap.add_argument("--signal", type=float, default=0.01,
                     help="a shell has signal when noiseless power >= this x noise power")
+    ap.add_argument("--resolved", type=float, default=0.1,
+                    help="second summary: shells with signal from this frequency up")
     ap.add_argument("--pipelines", nargs="+", default=list(PIPELINES))
+    ap.add_argument("--real", action="store_true",
+                    help="the EMPIAR-10164 tomogram instead of the pipelines")
+    ap.add_argument("--every", type=int, default=5, help="--real: every n-th shell")
     a = ap.parse_args()
     torch.set_num_threads(1)
+    if a.real:
+        real(a.every)
+        print("\ncommand: OMP_NUM_THREADS=1 python " + " ".join(sys.argv))
+        return
     print(f"seed {a.seed}, tomogram {a.thickness}x{a.size}x{a.size} (Z, Y, X), specimen "
           f"{a.specimen} planes centred, central {a.column}x{a.column} column, all Z; "
           "ratio estimate / exact noise power per shell of the measured region, "
-          "median / worst shell")
+          "median / worst shell @ its cycles/voxel")
     print("| pipeline | shells with signal | ramp fit | empty slabs | halves | "
-          "all shells: ramp | slabs | halves | slab source | s |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          f">= {a.resolved:g} cycles/voxel: ramp | slabs | halves | leak | slab source | s |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for name in a.pipelines:
         t0 = time.perf_counter()
         vols = simulate_pair(name, a.seed, a.size, a.thickness, a.specimen)
         r, sig, band, source = ratios(vols, a.column, a.signal)
-        cells = [summary(r[k], sig) for k in ("ramp", "slabs", "halves")]
-        cells += [summary(r[k], band) for k in ("ramp", "slabs", "halves")]
+        freq = shell_frequencies((a.thickness, a.column, a.column))
+        cells = [summary(r[k], sig, freq) for k in ("ramp", "slabs", "halves")]
+        high = sig & (freq >= a.resolved)
+        cells += [summary(r[k], high, freq) for k in ("ramp", "slabs", "halves")]
+        low = np.flatnonzero(sig)[:3]  # the three lowest shells with signal
+        cells.append(f"{np.median(r['leak'][low]):.2f}" if "leak" in r else "n/a")
         print(f"| {name} | {int(sig.sum())} | " + " | ".join(cells) +
               f" | {source} | {time.perf_counter() - t0:.0f} |", flush=True)
     print("\ncommand: OMP_NUM_THREADS=1 python " + " ".join(sys.argv))
