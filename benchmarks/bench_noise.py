@@ -29,6 +29,10 @@ shells with signal: the specimen's signal that reaches into the slabs.
 The real EMPIAR-10164 tomogram (no truth, no halves): the slabs found and, per shell of
 the central 96 x 96 column (all Z), the slab estimate over the ramp fit and over the
 column's measured power (noise cannot exceed it).
+
+    OMP_NUM_THREADS=1 python benchmarks/bench_noise.py --default-sims 10 13 --size 128
+
+The estimate `cryowae simulate`'s own tomograms get (the source line per seed).
 """
 
 from __future__ import annotations
@@ -133,6 +137,20 @@ def real(every: int) -> None:
               f"{slabs.power[i] / total[i]:.2f} |")
 
 
+def default_sims(seeds: list[int], size: int) -> None:
+    """Which estimate `cryowae simulate`'s own tomograms (specimen through the whole
+    slab) get: the source line per seed."""
+    from cryowae.simulation.config import SimulationConfig
+    from cryowae.simulation.simulate import simulate_tomogram
+    from cryowae.training.slab_noise import noise_from_empty_slabs
+
+    for seed in seeds:
+        cfg = SimulationConfig(size=size, seed=seed)
+        tomo = simulate_tomogram(cfg)["tomo"]
+        print(f"seed {seed}, {tuple(tomo.shape)}: "
+              f"{noise_from_empty_slabs(tomo, cfg.geometry).source}")
+
+
 def main() -> None:
     from cryowae.metrics.calibration import shell_frequencies
     from cryowae.simulation.pipelines import PIPELINES
@@ -151,8 +169,14 @@ def main() -> None:
     ap.add_argument("--real", action="store_true",
                     help="the EMPIAR-10164 tomogram instead of the pipelines")
     ap.add_argument("--every", type=int, default=5, help="--real: every n-th shell")
+    ap.add_argument("--default-sims", type=int, nargs="+", metavar="SEED",
+                    help="the source line of `cryowae simulate --size SIZE` tomograms")
     a = ap.parse_args()
     torch.set_num_threads(1)
+    if a.default_sims:
+        default_sims(a.default_sims, a.size)
+        print("\ncommand: OMP_NUM_THREADS=1 python " + " ".join(sys.argv))
+        return
     if a.real:
         real(a.every)
         print("\ncommand: OMP_NUM_THREADS=1 python " + " ".join(sys.argv))

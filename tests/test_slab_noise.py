@@ -114,9 +114,9 @@ def test_no_empty_slab_falls_back_with_the_reason():
 
 def test_too_few_planes_and_a_mask_fall_back():
     noise, _ = _noise(8, _ramp)
-    vol = _specimen(9) + noise  # 44 empty planes in all
-    found = find_empty_slabs(vol, SlabSettings(min_planes=50))
-    assert "no empty slab of 50 planes" in found.reason and found.slabs == ()
+    vol = _specimen(9) + noise  # 22 empty planes at each face
+    found = find_empty_slabs(vol, SlabSettings(min_slab=24))
+    assert "no empty slab of 24 planes" in found.reason and found.slabs == ()
     mask = GEO.wedge_mask(SHAPE, rfft=True)
     est = noise_from_empty_slabs(vol, mask)
     assert "a measured mask, not a tilt geometry" in est.source
@@ -126,7 +126,7 @@ def test_settings_validated():
     with pytest.raises(CryowaeInputError):
         SlabSettings(empty_factor=1.0)
     with pytest.raises(CryowaeInputError):
-        SlabSettings(min_planes=1)
+        SlabSettings(min_slab=3)
     with pytest.raises(CryowaeInputError):
         SlabSettings(smoothing=0)
 
@@ -151,3 +151,17 @@ def test_crop_noise_finds_the_slabs_in_the_crops_column():
     assert abs(np.median(est.power[band]) - 1) < 0.06
     same = noise_of_data(crop, GEO, None, None, column=vol[column_box(SHAPE, box)])
     np.testing.assert_allclose(same.power, est.power)
+
+
+def test_default_simulation_keeps_the_ramp_fit():
+    """`cryowae simulate` fills its slab with specimen: the few quiet planes at its
+    faces are too thin to be used, so its tomograms keep the ramp fit."""
+    from cryowae.simulation.config import SimulationConfig
+    from cryowae.simulation.simulate import simulate_tomogram
+
+    cfg = SimulationConfig(size=64, seed=0)
+    tomo = simulate_tomogram(cfg)["tomo"]
+    found = find_empty_slabs(tomo)
+    assert found.slabs == () and "no empty slab of 8 planes" in found.reason
+    est = noise_from_empty_slabs(tomo, cfg.geometry)
+    np.testing.assert_allclose(est.power, noise_without_halves(tomo, cfg.geometry).power)

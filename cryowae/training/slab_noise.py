@@ -13,10 +13,12 @@ frequency; the variance of each Z plane of the low-passed volume is its structur
 profile p(z). The floor is the smallest p of the running 3-plane mean; a plane is empty
 when p(z) <= `empty_factor` x floor, and a slab is the run of empty planes from a face
 inwards, less `guard` planes next to the specimen (whose back-projection streaks reach
-a little beyond it). No estimate is made (the reason in one line) when the slabs hold
-fewer than `min_planes` planes together, or when the specimen's planes (the rest) are
-not at least `contrast` x floor in median: then the quietest planes are not told apart
-from the structure.
+a little beyond it); a slab thinner than `min_slab` planes is not used (it resolves
+too little of kz, and sits next to the specimen: a specimen that nearly fills the
+tomogram, as in `cryowae simulate`, leaves a few quiet planes at its faces). No estimate
+is made (the reason in one line) when no slab is left, or when the specimen's planes
+(the rest) are not at least `contrast` x floor in median: then the quietest planes are
+not told apart from the structure.
 
 Power in a slab (`slab_noise`): a slab of L planes is tapered along Z by the sine window
 w(z) = sin(pi (z + 1/2) / L), scaled to ``sum w^2 = L``, and transformed (ortho rfft on
@@ -94,15 +96,15 @@ class SlabSettings:
         The specimen planes' median profile must be at least this times the floor (> 1).
     guard
         Planes left out between the specimen and each slab (>= 0).
-    min_planes
-        Fewest planes the two slabs must hold together (>= 2).
+    min_slab
+        Fewest planes of a slab that is used (>= 4).
     """
 
     smoothing: float = 2.0
     empty_factor: float = 2.5
     contrast: float = 3.0
     guard: int = 2
-    min_planes: int = 4
+    min_slab: int = 8
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.smoothing) and self.smoothing > 0):
@@ -110,9 +112,9 @@ class SlabSettings:
         if not self.empty_factor > 1 or not self.contrast > 1:
             raise CryowaeInputError("slab empty_factor and contrast must exceed 1, got "
                                     f"{self.empty_factor:g} and {self.contrast:g}")
-        if int(self.guard) < 0 or int(self.min_planes) < 2:
-            raise CryowaeInputError(f"slab guard must be >= 0 and min_planes >= 2, got "
-                                    f"{self.guard} and {self.min_planes}")
+        if int(self.guard) < 0 or int(self.min_slab) < 4:
+            raise CryowaeInputError(f"slab guard must be >= 0 and min_slab >= 4, got "
+                                    f"{self.guard} and {self.min_slab}")
 
 
 @dataclass(frozen=True)
@@ -122,7 +124,8 @@ class EmptySlabs:
     Attributes
     ----------
     slabs
-        Z slices (bottom and/or top), each at least 2 planes; empty when none was found.
+        Z slices (bottom and/or top), each at least `SlabSettings.min_slab` planes;
+        empty when none was found.
     profile
         The structure profile p(z) (variance of each low-passed Z plane), (Z,).
     floor
@@ -152,18 +155,17 @@ def find_empty_slabs(volume: Any, settings: SlabSettings | None = None) -> Empty
     lo = int(np.argmin(empty)) if not empty.all() else nz  # first non-empty plane
     hi = nz - int(np.argmin(empty[::-1])) if not empty.all() else 0
     slabs = tuple(sl for sl in (slice(0, lo - s.guard), slice(hi + s.guard, nz))
-                  if sl.stop - sl.start >= 2)
-    held = sum(sl.stop - sl.start for sl in slabs)
+                  if sl.stop - sl.start >= s.min_slab)
+    quiet = (lo - s.guard, nz - hi - s.guard)  # usable planes at each face
     inner = prof[lo:hi]
     ratio = float(np.median(inner)) / floor if inner.size and floor > 0 else float("nan")
     reason = ""
     if inner.size == 0:
         reason = (f"no Z structure contrast: every plane is within {s.empty_factor:g}x "
                   "the quietest (structure everywhere or nowhere)")
-    elif held < s.min_planes:
-        reason = (f"no empty slab of {s.min_planes} planes at the Z faces (structure "
-                  f"profile within {s.empty_factor:g}x its floor on {int(empty.sum())} of "
-                  f"{nz} planes, {held} usable)")
+    elif not slabs:
+        reason = (f"no empty slab of {s.min_slab} planes at the Z faces ({max(quiet[0], 0)} "
+                  f"and {max(quiet[1], 0)} quiet planes beyond the guard)")
     elif not ratio >= s.contrast:
         reason = (f"no Z structure contrast: the specimen planes are {ratio:.2g}x the "
                   f"quietest, below {s.contrast:g}x")
