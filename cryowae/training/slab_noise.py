@@ -45,15 +45,18 @@ noise grows with the distance from the tilt axis, not with |k|.
 
 What it assumes: the noise is stationary along Z, i.e. the empty planes carry the same
 noise as the specimen's. True for a linear reconstruction of images whose noise does not
-depend on the specimen: the CTF (flipped or raw) and dose weighting act on the images
-before back-projection and filter the noise of every plane alike. It is not true where
-the reconstruction weights planes differently: a gridding (sinc^2) correction along Z,
-as direct Fourier insertion applies, or a field of view narrower than the projected
-slab (rays leaving the detector near the Z faces at high tilt: read the central Y, X
-column of a wide tomogram). Counting noise is Poisson, so its power follows the
+depend on the specimen: the CTF correction (flipped or none) and dose weighting act on
+the images before back-projection and filter the noise of every plane alike, so the
+estimate is the noise as reconstructed, those filters included (what a restoration
+sees). It fails where the reconstruction weights planes differently: a strong gridding
+correction along Z, or a field of view narrower than the projected slab (rays leaving
+the detector near the Z faces at high tilt lower the noise there: read the central
+Y, X column of a wide tomogram). Counting noise is Poisson, so its power follows the
 transmitted dose; rays through the slabs pass through the specimen too, so the
 difference is small. Signal that leaks into the slabs (back-projection streaks of the
-missing wedge, fiducials, contamination) makes the estimate too high.
+missing wedge, fiducials, contamination) makes the estimate too high, most at low
+frequency. benchmarks/bench_noise.py checks it against the exact noise of every
+pipeline of the simulator (`cryowae.simulation.pipelines`).
 """
 
 from __future__ import annotations
