@@ -16,8 +16,10 @@ spread a little power across neighbouring coefficients, alike for data and sampl
 
 Noise power: from the even/odd halves when given (`noise_from_halves` on the crop,
 with the full tomogram taken as ``c (even + odd)`` and c fitted by least squares, 1/2
-for a mean), else estimated from the data alone (`noise_without_halves`: the
-measured-region power above 0.35 cycles per voxel as a |k|).
+for a mean), else estimated from the data alone (`noise_from_empty_slabs`: the power
+of the empty Z slabs above and below the specimen in the crop's column, all Z planes
+over the crop's Y, X; without such slabs the ramp fit `noise_without_halves`, the
+measured-region power above 0.35 cycles per voxel as a |k|, its source saying why).
 """
 
 from __future__ import annotations
@@ -31,7 +33,8 @@ from cryowae.metrics.calibration import family_spread, shell_frequencies
 from cryowae.metrics.calibration_checks import measured_residual_ratio
 from cryowae.physics.crop import central_box, crop_of, family_crop_of
 from cryowae.physics.geometry import TiltGeometry
-from cryowae.training.noise import NoiseSpectrum, noise_from_halves, noise_without_halves
+from cryowae.training.noise import NoiseSpectrum, noise_from_halves
+from cryowae.training.slab_noise import column_box, noise_from_empty_slabs
 
 #: the check's crop edge (voxels): 96^3 float32 crops of S samples stay small
 CHECK_EDGE = 96
@@ -41,10 +44,14 @@ HIGH_SHELLS = 0.25
 CONSISTENCY = ("check", "none")
 
 def noise_of_data(data: torch.Tensor, geometry: TiltGeometry, even: torch.Tensor | None,
-                  odd: torch.Tensor | None) -> NoiseSpectrum:
-    """The data's noise power per shell of its grid (module docstring), in its units."""
+                  odd: torch.Tensor | None, column: torch.Tensor | None = None
+                  ) -> NoiseSpectrum:
+    """The data's noise power per shell of its grid (module docstring), in its units.
+    `column`: without halves, the tomogram's Z planes over `data`'s Y, X box
+    (`cryowae.training.slab_noise.column_box`), where the empty slabs are looked for;
+    None: `data` itself."""
     if even is None or odd is None:
-        return noise_without_halves(data, geometry)
+        return noise_from_empty_slabs(data, geometry, column=column)
     s = (even.double() + odd.double())
     s, f = s - s.mean(), data.double() - data.double().mean()
     c = float((s * f).sum() / max(float((s * s).sum()), 1e-300))
@@ -90,7 +97,8 @@ def consistency_check(samples: Any, data: Any, geometry: TiltGeometry,
     crop = central_box(shape, edge, even=True)
     d = crop_of(data, crop)
     halves = (crop_of(even, crop), crop_of(odd, crop)) if even is not None else (None, None)
-    noise = noise_of_data(d, geometry, *halves)
+    column = crop_of(data, column_box(shape, crop)) if even is None else None
+    noise = noise_of_data(d, geometry, *halves, column=column)
     s_count = int(np.shape(samples)[0])
     fam = family_crop_of(samples, crop)
     res = measured_residual_ratio(fam, d, noise.power, geometry)

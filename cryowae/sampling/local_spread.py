@@ -257,10 +257,13 @@ def fit_on_crop(restore: Callable[[np.ndarray], Any], data: Any, geometry: TiltG
     """The error model fitted on the extra-wedge task of the data's central crop (at
     most `FIT_EDGE` voxels per axis), and where it was fitted."""
     from cryowae.physics.crop import central_box, crop_of
+    from cryowae.training.slab_noise import crop_noise
 
     settings = settings or LocalSpreadSettings()
     crop = central_box(np.shape(data), FIT_EDGE, even=True)
-    task = extra_wedge_task(restore, crop_of(data, crop).numpy(), geometry, None, settings)
+    d = crop_of(data, crop)
+    task = extra_wedge_task(restore, d.numpy(), geometry, crop_noise(data, crop, geometry, d),
+                            settings)
     model = fit_error_model(detail_power(task.restoration, settings), task.error_power,
                             task.noise_power, settings)
     return model, {"crop": [[c.start, c.stop] for c in crop],

@@ -145,19 +145,22 @@ def wiener_error(signal_power: np.ndarray, noise_power: np.ndarray) -> np.ndarra
 
 
 def shell_error_estimate(data: Any, geometry: TiltGeometry | torch.Tensor,
-                         even: Any = None, odd: Any = None) -> tuple[np.ndarray, str]:
+                         even: Any = None, odd: Any = None,
+                         column: Any = None) -> tuple[np.ndarray, str]:
     """Per-shell squared error (measured region, per-coefficient mean, data units) of a
     restoration of (Z, Y, X) `data`, without ground truth: the Wiener error
     ``P N / (P + N)`` with N the data's noise power (`noise_of_data`: from the even/odd
-    halves when given, else `noise_without_halves`) and P the data's measured power
-    minus N; and the noise source."""
+    halves when given, else from the empty Z slabs of `column`, the tomogram's planes
+    over `data`'s Y, X box, or the ramp fit) and P the data's measured power minus N;
+    and the noise source."""
     from cryowae.sampling.consistency import noise_of_data
     from cryowae.training.noise import measured_shell_power
 
     d = torch.as_tensor(np.asarray(data, dtype=np.float32))
     halves = [None if h is None else torch.as_tensor(np.asarray(h, dtype=np.float32))
               for h in (even, odd)]
-    noise = noise_of_data(d, geometry, *halves)  # type: ignore[arg-type]
+    col = None if column is None else torch.as_tensor(np.asarray(column, dtype=np.float32))
+    noise = noise_of_data(d, geometry, *halves, column=col)  # type: ignore[arg-type]
     power, _ = measured_shell_power(d, geometry)
     return wiener_error(np.nan_to_num(power) - noise.power, noise.power), noise.source
 
@@ -235,6 +238,7 @@ def estimate_factors(samples: Any, data: Any, geometry: TiltGeometry, mode: str,
     spread per coefficient than the measured region (`cryowae.sampling.wedge_floor`)."""
     from cryowae.physics.crop import central_box, crop_of
     from cryowae.sampling.consistency import CHECK_EDGE
+    from cryowae.training.slab_noise import column_box, crop_noise
 
     crop = central_box(samples.shape[1:], CHECK_EDGE, even=True)
     view = _CropView(samples, crop)
@@ -244,14 +248,18 @@ def estimate_factors(samples: Any, data: Any, geometry: TiltGeometry, mode: str,
     if restore is not None:
         from cryowae.sampling.sure import sure_shell_error
 
-        sure = sure_shell_error(restore, crop_of(data, crop), geometry)
+        d = crop_of(data, crop)
+        sure = sure_shell_error(restore, d, geometry, crop_noise(data, crop, geometry, d))
         error = np.clip(np.nan_to_num(sure.error), 0.0, None)
         source = f"SURE of the restoration, noise {sure.noise_source}"
         info["sure"] = sure.to_dict()
     else:
         halves = (crop_of(even, crop), crop_of(odd, crop)) if mode == "halves" \
             else (None, None)
-        error, source = shell_error_estimate(crop_of(data, crop), geometry, *halves)
+        column = crop_of(data, column_box(np.shape(data), crop)) if mode != "halves" \
+            else None
+        error, source = shell_error_estimate(crop_of(data, crop), geometry, *halves,
+                                             column=column)
     freq = _shell_frequencies(view.shape[1:])
     factors = factors_from_data(spread["measured"], error, freq, f"{mode}: {source}")
     info |= {"crop": [[c.start, c.stop] for c in crop],

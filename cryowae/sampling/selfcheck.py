@@ -97,8 +97,9 @@ def self_check(samples: Any, data: Any, geometry: TiltGeometry,
         The restoration the family is centred on, as a function of a (Z, Y, X) float32
         array (e.g. ``restore_array`` of the mean path).
     noise
-        The data's `NoiseSpectrum` on the crop's grid (default: the ramp fit
-        `noise_without_halves` of the crop).
+        The data's `NoiseSpectrum` on the crop's grid (default:
+        `cryowae.training.slab_noise.crop_noise`, the empty Z slabs of the crop's
+        column, else the ramp fit `noise_without_halves` of the crop).
     edge, seed, task
         Crop edge (voxels), the SURE probe's seed, an already computed
         `extra_wedge_task` of the same crop.
@@ -113,13 +114,13 @@ def self_check(samples: Any, data: Any, geometry: TiltGeometry,
     from cryowae.metrics.calibration import family_spread, shell_frequencies
     from cryowae.physics.crop import central_box, crop_of, family_crop_of
     from cryowae.sampling.sure import sure_shell_error
-    from cryowae.training.noise import noise_without_halves
+    from cryowae.training.slab_noise import crop_noise
 
     st = settings or LocalSpreadSettings()
     crop = central_box(np.shape(data), edge, even=True)
     d = crop_of(data, crop)
     if noise is None:
-        noise = noise_without_halves(d, geometry)
+        noise = crop_noise(data, crop, geometry, d)
     n = int(np.shape(samples)[0])
     fam = family_crop_of(samples, crop)
     fs = family_spread(fam, geometry)

@@ -27,8 +27,11 @@ per voxel came to 1.02x and 1.00x the exact error of the restoration, within abo
 at most shells, where the Wiener error gave 1.62x and 1.22x and was up to 2.1x off
 per shell (docs/benchmarks.md, "Spread recalibration").
 
-The noise N(k) comes from the data alone (`cryowae.training.noise.noise_without_halves`,
-the ramp of weighted back-projection fitted above 0.35 cycles per voxel): against the
+The noise N(k) comes from the data alone: the spread calibration passes the power of
+the empty Z slabs of the crop's column (`cryowae.training.slab_noise.crop_noise`, no
+model of the reconstruction's filter); without such slabs, and by default here, it is
+`cryowae.training.noise.noise_without_halves`, the ramp of weighted back-projection
+fitted above 0.35 cycles per voxel: against the
 exact noise of those simulations it is within 8% per shell from 0.05 to 0.47 cycles per
 voxel, while the even/odd difference over-estimates it up to 1.9x at 0.13-0.26 cycles
 per voxel (even and odd tilts see different directions there), so the halves are not

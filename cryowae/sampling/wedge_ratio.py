@@ -19,11 +19,12 @@ without the halves, input and target share the noise, so the error there is SURE
 (`cryowae.sampling.sure`: residual - noise + 2 x the divergence of the mean path,
 from one probe per patch). ``a_region(k)^2 = error / spread`` and ``gamma(k) = a_extra
 / a_measured``: the factor by which the wedge's spread factor must exceed the measured
-region's. The target's noise is the ramp fit of `noise_without_halves` on its central
-crop: the even/odd difference also holds signal from 0.13 to 0.26 cycles per voxel
-(even and odd tilts see different directions beyond a half's Crowther limit; up to
-1.9x the exact noise of a simulation there), which made gamma undefined (1) in those
-shells.
+region's. The target's noise is estimated on its central crop without the halves
+(`cryowae.training.slab_noise.crop_noise`: the empty Z slabs of the crop's column, else
+the ramp fit `noise_without_halves`): the even/odd difference also holds signal from
+0.13 to 0.26 cycles per voxel (even and odd tilts see different directions beyond a
+half's Crowther limit; up to 1.9x the exact noise of a simulation there), which made
+gamma undefined (1) in those shells.
 
 Measured (docs/benchmarks.md, "Spread recalibration"): a first version of this
 (noise from the whole halves, gamma capped at 20) took the wedge's spread/skill of
@@ -98,7 +99,7 @@ def wedge_ratio(model: Any, data: Any, even: Any, odd: Any, geometry: TiltGeomet
     """
     from cryowae.io.stats import volume_stats
     from cryowae.metrics.calibration import SpectralGrid, predictive_spread, shell_frequencies
-    from cryowae.physics.crop import central_box, crop_of
+    from cryowae.physics.crop import central_box
     from cryowae.physics.fourier import radial_frequency
     from cryowae.sampling.consistency import CHECK_EDGE
     from cryowae.sampling.sure import EPSILON, probe_divergence, sure_error
@@ -109,7 +110,8 @@ def wedge_ratio(model: Any, data: Any, even: Any, odd: Any, geometry: TiltGeomet
         rotation_crop_size,
         structure_map,
     )
-    from cryowae.training.noise import draw_noise, noise_without_halves
+    from cryowae.training.noise import draw_noise
+    from cryowae.training.slab_noise import crop_noise
 
     halves = even is not None and odd is not None
     multiple = int(getattr(model, "multiple", 1))
@@ -125,14 +127,14 @@ def wedge_ratio(model: Any, data: Any, even: Any, odd: Any, geometry: TiltGeomet
         src.stats[which] = volume_stats(getattr(src, which))
     src.structure = structure_map(data)
     sampler = SubtomogramSampler([src], patch, seed=seed)
-    # the target's noise power (the other half, or the tomogram itself) from the ramp
-    # fit of its central crop (at most 96^3: bounded memory); not the even/odd
+    # the target's noise power (the other half, or the tomogram itself) on its central
+    # crop (at most 96^3, its column all Z planes: bounded memory); not the even/odd
     # difference, which also holds signal at 0.13-0.26 cycles per voxel (module docstring)
     target = even if halves else data
     std = 0.5 * (src.stats["even"][1] + src.stats["odd"][1]) if halves \
         else src.stats["full"][1]
     crop = central_box(np.shape(target), CHECK_EDGE, even=True)
-    noise = noise_without_halves(crop_of(target, crop), geometry).scaled(1.0 / std**2)
+    noise = crop_noise(target, crop, geometry).scaled(1.0 / std**2)
     shape = (patch, patch, patch)
     grid = SpectralGrid.of(shape, geometry)  # shells and Hermitian multiplicities
     n_target = noise.at(radial_frequency(shape, rfft=True)).double()

@@ -30,6 +30,10 @@ Estimates (measured region only: the missing wedge holds neither signal nor nois
   between 0.2 and 1 with the fitting range and missed by up to a factor 2.7 at low
   frequency. Where signal reaches Nyquist the estimate is too high.
 
+- the empty Z slabs above and below the specimen (`cryowae.training.slab_noise`): no
+  halves and no model of the reconstruction's filter; where a tomogram has such slabs
+  it is the default without halves, the ramp fit its fallback.
+
 `draw_noise` draws real-space noise whose Fourier coefficients are complex Gaussian with
 the spectrum's power at their |k| (Hermitian symmetric, so the result is real).
 """
@@ -217,10 +221,15 @@ def target_noise(sources: Sequence[Any], geometry: TiltGeometry, how: str = "aut
 
     With halves (``how`` ``auto`` or ``halves``) a target is one half, normalised by its
     own std: `noise_from_halves` (``half``) divided by the halves' mean variance. Without
-    (``auto`` or ``estimate``) the target is the full tomogram: `noise_without_halves`
-    divided by its variance. Each estimate reads the central cube of at most `edge`
-    voxels per axis (memory bounded; noise is taken as stationary).
+    (``auto`` or ``estimate``) the target is the full tomogram: the power of its empty Z
+    slabs (`cryowae.training.slab_noise.crop_noise`, else the ramp fit
+    `noise_without_halves`) divided by its variance. Each estimate reads the central
+    cube of at most `edge` voxels per axis, the slabs its column of all Z planes
+    (memory bounded; noise is taken as stationary).
     """
+    from cryowae.physics.crop import central_box
+    from cryowae.training.slab_noise import crop_noise
+
     if how not in ("auto", "halves", "estimate"):
         raise CryowaeInputError(f"unknown noise source {how!r}")
     powers, freq, source = [], None, ""
@@ -233,8 +242,8 @@ def target_noise(sources: Sequence[Any], geometry: TiltGeometry, how: str = "aut
             var = 0.5 * (src.stats["even"][1] ** 2 + src.stats["odd"][1] ** 2)
             spec = noise_from_halves(e, o, geometry).half.scaled(1.0 / var)
         else:
-            full = central_crop(src.full, edge)
-            spec = noise_without_halves(full, geometry).scaled(1.0 / src.stats["full"][1] ** 2)
+            box = central_box(np.shape(src.full), edge)
+            spec = crop_noise(src.full, box, geometry).scaled(1.0 / src.stats["full"][1] ** 2)
         if freq is None:
             freq, source = spec.frequency, spec.source
         powers.append(np.interp(freq, spec.frequency, spec.power))
