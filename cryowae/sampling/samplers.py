@@ -156,8 +156,9 @@ class FieldSampler:
                 mean, feats, _ = model.mean_and_features(x)
                 z = [v.to(feats[0].dtype) for v in z]
                 step = len(fields) if self.device.type == "cuda" else CPU_BRANCH_SAMPLES
+                terms = model.branch_terms(feats)  # once for all samples of the group
                 out = mean + torch.cat([model.decode_branch(feats, [v[:, i:i + step]
-                                                                    for v in z])
+                                                                    for v in z], terms)
                                         for i in range(0, len(fields), step)], dim=1)
                 return torch.cat([mean, out], dim=1) if with_mean else out
 
