@@ -157,10 +157,16 @@ class FieldSampler:
                 z = [v.to(feats[0].dtype) for v in z]
                 step = len(fields) if self.device.type == "cuda" else CPU_BRANCH_SAMPLES
                 terms = model.branch_terms(feats)  # once for all samples of the group
-                out = mean + torch.cat([model.decode_branch(feats, [v[:, i:i + step]
-                                                                    for v in z], terms)
-                                        for i in range(0, len(fields), step)], dim=1)
-                return torch.cat([mean, out], dim=1) if with_mean else out
+                # the channels written into one tensor: no list of them, no copies
+                first = int(with_mean)
+                out = torch.empty((mean.shape[0], first + len(fields), *mean.shape[2:]),
+                                  dtype=mean.dtype, device=mean.device)
+                if with_mean:
+                    out[:, :1] = mean
+                for i in range(0, len(fields), step):
+                    r = model.decode_branch(feats, [v[:, i:i + step] for v in z], terms)
+                    out[:, first + i:first + i + r.shape[1]] = mean + r
+                return out
 
         return fn
 
