@@ -18,6 +18,13 @@ spread step (`cryowae.sampling.store_local_spread`, unless turned off), mean.mrc
 std.mrc, the self-check on a central crop; then the first K are copied into
 samples.zarr.
 
+Work is shared between the steps: the family's centre (the mean path's restoration,
+``centre.npy``) streams out of the first group's sampling pass, whose tiles run the mean
+path anyway (`cryowae.sampling.family_store`; restored on its own where that pass tiles
+the tomogram otherwise), and the crops the calibration, the local step and the
+self-check restore go through one `SharedRestoration`, so that a crop restored by one
+step is not restored again by another.
+
 While it runs, the work lives in ``.OUT.partial/`` beside OUT: the stores and
 ``state.json`` (the run's fingerprint and the finished samples, rewritten atomically
 after each group). A rerun with the same model, tomogram and settings continues from
