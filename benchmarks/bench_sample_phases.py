@@ -5,8 +5,9 @@
 
 Runs `sample_file` with the CLI's defaults (prior sampler, tile 96, overlap 32, batch
 4, spread calibration ``auto``, local spread on, float16 samples) and prints, per
-phase, its wall time and the peak RSS seen while it ran (a thread reads
-``/proc/self/status`` every 50 ms); indented rows are parts of the row above.
+phase, its wall time, the CPU time of the process (all threads) and the peak RSS seen
+while it ran (a thread reads ``/proc/self/status`` every 50 ms); indented rows are
+parts of the row above. On a shared machine the CPU time is the steadier figure.
 
 The phases are timed by wrapping, for the duration of this run, the functions that
 `sample_file` calls by name in its module (and the wedge ratio and error-model fit in
@@ -68,7 +69,7 @@ class _Memory:
 
 
 def _wrap(module: Any, name: str, label: str, mem: _Memory,
-          rows: list[tuple[float, str, float, float]]) -> None:
+          rows: list[tuple[float, str, float, float, float]]) -> None:
     fn = getattr(module, name, None)
     if fn is None:
         return
@@ -78,11 +79,11 @@ def _wrap(module: Any, name: str, label: str, mem: _Memory,
     def timed(*args: Any, **kwargs: Any) -> Any:
         if top:
             mem.reset()
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         try:
             return fn(*args, **kwargs)
         finally:
-            rows.append((t, label, time.perf_counter() - t,
+            rows.append((t, label, time.perf_counter() - t, time.process_time() - c,
                          mem.peak if top else float("nan")))
 
     setattr(module, name, timed)
@@ -105,13 +106,14 @@ def main() -> None:
     from cryowae.sampling.settings import SamplerSettings, StorageSettings
 
     print(f"cryowae from {cryowae.__file__}")
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     sample_file(a.model, a.tomogram, a.out, SamplerSettings(a.n),
                 storage=StorageSettings(overwrite=True), device="cpu")
-    total = time.perf_counter() - t0
-    for _start, label, t, peak in sorted(rows):
-        print(f"{label:44s} {t:7.1f} s   peak RSS {peak:5.2f} GB")
-    print(f"{'sample_file':44s} {total:7.1f} s   peak RSS {mem.overall:5.2f} GB")
+    total, cpu = time.perf_counter() - t0, time.process_time() - c0
+    print(f"{'phase':44s} {'wall':>9s} {'CPU':>9s}   peak RSS")
+    for _start, label, t, c, peak in sorted(rows):
+        print(f"{label:44s} {t:7.1f} s {c:7.1f} s   {peak:5.2f} GB")
+    print(f"{'sample_file':44s} {total:7.1f} s {cpu:7.1f} s   {mem.overall:5.2f} GB")
 
 
 if __name__ == "__main__":
