@@ -57,9 +57,11 @@ from cryowae import __version__
 from cryowae.errors import CryowaeInputError
 from cryowae.io.atomic import atomic_path, check_output_path
 from cryowae.io.omezarr import OmeZarrWriter
+from cryowae.physics.crop import central_box, crop_of
 from cryowae.physics.geometry import TiltGeometry
 from cryowae.physics.wedge_estimate import spectrum_warning
 from cryowae.progress import ProgressReporter, ensure_progress
+from cryowae.sampling.consistency import CHECK_EDGE
 from cryowae.sampling.family import MOMENT_BLOCK, plan_family, run_family
 from cryowae.sampling.family_state import FamilyRun, fingerprint, write_json
 from cryowae.sampling.family_store import (
@@ -247,11 +249,12 @@ def sample_file(model: Any, tomogram: str | os.PathLike, out_dir: str | os.PathL
 
         # the centre's restoration as a function of an array (same tiles and
         # normalisation as the centre): what the calibration's SURE differentiates, the
-        # local step's error model is fitted with and the self-check restores; an input
-        # restored before (the SURE's central crop) is not restored again
+        # local step's error model is fitted with and the self-check restores; the
+        # SURE's central crop, restored by the calibration and the self-check, once
         restore = SharedRestoration(functools.partial(
             restore_array, restorers[0], tile=settings.tile, overlap=settings.overlap,
-            batch_size=settings.batch_size, norm=norm))
+            batch_size=settings.batch_size, norm=norm),
+            keep=[crop_of(vol.data, central_box(shape, CHECK_EDGE, even=True)).numpy()])
         centre = restored_centre(restorers[0], vol.data, norm, settings, partial, run,
                                  prog) if calibrating or localise else None
         # page-releasing views: the wedge ratio scans the whole tomogram (statistics,
