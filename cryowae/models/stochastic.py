@@ -35,6 +35,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from cryowae.errors import CryowaeInputError, require_int
@@ -42,6 +43,9 @@ from cryowae.models.blocks import Up
 from cryowae.models.restorer import RestorerConfig, WAERestorer
 from cryowae.models.stochastic_field import Field, FieldSpec
 from cryowae.models.stochastic_posterior import InputSummary, PosteriorEncoder
+
+#: what a block's first convolution and skip get from the mean path's features
+Terms = tuple[torch.Tensor, torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -116,9 +120,35 @@ class _LocalBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.act(self.conv2(self.act(self.conv1(x))) + self.skip(x))
 
+    def feature_terms(self, f: torch.Tensor, start: int) -> Terms:
+        """What input channels ``start : start + C_f`` (holding `f`) add to ``conv1``
+        and ``skip`` (bias-free): convolutions are linear in their input channels, so
+        these terms of a sample-independent input are computed once for all samples."""
+        if not isinstance(self.skip, nn.Conv3d):
+            raise ValueError("feature terms need a convolutional skip (C_in != C_out)")
+        c = int(f.shape[1])
+        return (F.conv3d(f, self.conv1.weight[:, start:start + c], None, padding=1),
+                F.conv3d(f, self.skip.weight[:, start:start + c], None))
+
+    def forward_with(self, own: torch.Tensor, start: int, width: int,
+                     terms: Terms) -> torch.Tensor:
+        """`forward` of the input whose channels ``start : start + width`` are those of
+        `feature_terms` and the others `own` (in order): the same sums, the feature
+        channels' part taken from `terms`."""
+        w1, ws = (torch.cat([w[:, :start], w[:, start + width:]], dim=1)
+                  for w in (self.conv1.weight, self.skip.weight))
+        h = F.conv3d(own, w1, self.conv1.bias, padding=1) + terms[0]
+        skip = F.conv3d(own, ws, self.skip.bias) + terms[1]
+        return self.act(self.conv2(self.act(h)) + skip)
+
 
 class _Branch(nn.Module):
-    """r(features, z): bottleneck features + field -> up level by level -> 1 channel."""
+    """r(features, z): bottleneck features + field -> up level by level -> 1 channel.
+
+    The mean path's features enter every block through the block's first convolution
+    and its skip; their part of those sums is the same for every sample of an input, so
+    `shared` computes it once per input and `forward` adds it to each sample's (the
+    convolutions of the samples' own channels: the upsampled state and the field)."""
 
     def __init__(self, feature_channels: Sequence[int], widths: Sequence[int],
                  latent_channels: int, level_noise: int) -> None:
@@ -137,16 +167,32 @@ class _Branch(nn.Module):
         with torch.no_grad():
             self.head.bias.zero_()
 
-    def forward(self, features: list[torch.Tensor], z: list[torch.Tensor]) -> torch.Tensor:
-        h = self.inp(torch.cat([features[0], z[0]], dim=1))
+    def shared(self, features: list[torch.Tensor]) -> list[Terms]:
+        """Per block (coarsest first), the terms of the features (B, C_l, ...) of the
+        mean path's decoder (`_LocalBlock.feature_terms`): the input's channels come
+        first in the bottleneck block, after the upsampled state in the others."""
+        terms = [self.inp.feature_terms(features[0], 0)]
+        for i, block in enumerate(self.blocks):
+            terms.append(block.feature_terms(features[i + 1], self.up[i].conv.out_channels))
+        return terms
+
+    def forward(self, shared: list[Terms], z: list[torch.Tensor],
+                widths: Sequence[int], m: int = 1) -> torch.Tensor:
+        """r of fields z per level (B m, C_l, ...), m samples per input, from the
+        inputs' `shared` terms (B, ...) and the feature widths per level."""
+        def terms(i: int) -> Terms:
+            t = shared[i]
+            return t if m == 1 else (t[0].repeat_interleave(m, dim=0),
+                                     t[1].repeat_interleave(m, dim=0))
+
+        h = self.inp.forward_with(z[0], 0, widths[0], terms(0))
         for i, (up, block) in enumerate(zip(self.up, self.blocks, strict=True)):
             # the bottleneck field again, repeated over each cell's voxels at this level
             coarse = z[0].repeat_interleave(2 ** (i + 1), 2).repeat_interleave(
                 2 ** (i + 1), 3).repeat_interleave(2 ** (i + 1), 4)
-            parts = [up(h), features[i + 1], coarse]
-            if len(z) > 1:
-                parts.append(z[i + 1])
-            h = block(torch.cat(parts, dim=1))
+            u = up(h)
+            own = torch.cat([u, coarse] if len(z) == 1 else [u, coarse, z[i + 1]], dim=1)
+            h = block.forward_with(own, int(u.shape[1]), widths[i + 1], terms(i + 1))
         return self.head(h)
 
 
@@ -220,16 +266,25 @@ class StochasticRestorer(nn.Module):
         mean, feats = self.mean.decode_features(code, skips, x)
         return mean, feats, code
 
-    def decode_branch(self, features: list[torch.Tensor], z: Field) -> torch.Tensor:
+    def branch_terms(self, features: list[torch.Tensor]) -> list[Terms]:
+        """The branch's terms of the mean path's features (B, C, ...) per level, the
+        same for every sample (`_Branch.shared`): computed once, they serve any number
+        of `decode_branch` calls on the same inputs."""
+        return self.branch.shared([f.detach() if self.config.detach_features else f
+                                   for f in features])
+
+    def decode_branch(self, features: list[torch.Tensor], z: Field,
+                      terms: list[Terms] | None = None) -> torch.Tensor:
         """r for every field: features per level (B, C, ...), z per level
-        (B, m, C_l, ...) -> (B, m, Z, Y, X)."""
+        (B, m, C_l, ...) -> (B, m, Z, Y, X). `terms`: `branch_terms` of the same
+        features, when already computed."""
         b, m = z[0].shape[:2]
         if len(z) != len(self.field_spec.channels):
             raise ValueError(f"the model takes {len(self.field_spec.channels)} field "
                              f"levels, got {len(z)}")
-        feats = [f.detach() if self.config.detach_features else f for f in features]
-        feats = [f.repeat_interleave(m, dim=0) for f in feats]
-        r = self.branch(feats, [v.reshape(b * m, *v.shape[2:]) for v in z])
+        terms = self.branch_terms(features) if terms is None else terms
+        r = self.branch(terms, [v.reshape(b * m, *v.shape[2:]) for v in z],
+                        [int(f.shape[1]) for f in features], m)
         return r.reshape(b, m, *r.shape[2:])
 
     def forward(self, x: torch.Tensor, z: Field | None = None, n_samples: int = 2,

@@ -53,7 +53,9 @@ from cryowae.tiling.plan import TilePlan
 #: CPU the branch decodes one sample at a time (`samplers.CPU_BRANCH_SAMPLES`), so the
 #: group costs this buffer, not G times the activations.
 GROUP_BUFFER_BYTES = 1 << 30
-#: at most this many samples per engine pass
+#: at most this many samples per engine pass where the branch decodes the whole group
+#: in one call (CUDA: G times the branch's activations); on the CPU the buffer alone
+#: bounds the group, so that a family the buffer holds runs the mean path once per tile
 MAX_GROUP = 8
 #: block edge (voxels) of `family_moments`: the chunk edge of samples.zarr
 MOMENT_BLOCK = 64
@@ -78,6 +80,15 @@ class FamilyResult:
     mean: np.ndarray
     std: np.ndarray
     info: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class CentreSink:
+    """Where `run_family` streams the mean path's restoration: ``sink`` receives its
+    blocks as the samples' sinks do; ``done()`` runs once it is complete."""
+
+    sink: Sink
+    done: Callable[[], None]
 
 
 @dataclass
@@ -121,7 +132,7 @@ def plan_family(restorer: Restorer | Sequence[Restorer], shape: Sequence[int],
     `restorer` is a `LoadedRestorer` (its ``stochastic`` attribute holds the branch for
     ``prior``), or a list of them for ``ensemble``. `geometry` defaults to the first
     model's. ``sampling.group``: samples per engine pass (``prior`` only; default: as
-    many as `GROUP_BUFFER_BYTES` of slab buffer allow, at most `MAX_GROUP`).
+    many as `GROUP_BUFFER_BYTES` of slab buffer allow, on CUDA at most `MAX_GROUP`).
     """
     sampling = sampling or SamplerSettings()
     sampler, settings, group = sampling.sampler, sampling.tiles, sampling.group
@@ -145,23 +156,33 @@ def plan_family(restorer: Restorer | Sequence[Restorer], shape: Sequence[int],
         src, g = EnsembleSampler([m.model for m in models], device, amp), 1
     if int(g) < 1:
         raise CryowaeInputError(f"samples per pass must be >= 1, got {g}")
+    most = MAX_GROUP if device.type == "cuda" else n
     return FamilyPlan(sampler, n, plan, src, device, settings.batch_size,
-                      min(int(g), MAX_GROUP, n), geometry)
+                      min(int(g), most, n), geometry)
 
 
 def run_family(fp: FamilyPlan, data: Any, norm: tuple[float, float],
                sink_for: Callable[[int], Sink], todo: Sequence[int] | None = None,
                progress: ProgressReporter | None = None,
-               on_done: Callable[[int], None] | None = None) -> None:
+               on_done: Callable[[int], None] | None = None,
+               centre: CentreSink | None = None) -> None:
     """Sample `todo` (default: all) of the family of `data` group by group, streaming
     sample s's blocks to ``sink_for(s)``; ``on_done(s)`` runs once sample s is
-    complete. Cancellation (`cryowae.progress.Cancelled`) stops between batches."""
+    complete. `centre` (``prior`` only): the mean path's restoration of the first
+    group's pass streams to it as well (`CentreSink`), so that it is not restored
+    again. Cancellation (`cryowae.progress.Cancelled`) stops between batches."""
     prog = ensure_progress(progress)
     groups = fp.groups(range(fp.n_samples) if todo is None else todo)
+    if centre is not None and not isinstance(fp.source, FieldSampler):
+        raise CryowaeInputError("the centre comes out of the sampling pass of the prior "
+                                "sampler only")
     prog.start(fp.plan.n_tiles * len(groups), f"sampling ({fp.sampler})")
     try:
-        for grp in groups:
+        for k, grp in enumerate(groups):
             sinks = [sink_for(s) for s in grp]
+            with_mean = centre is not None and k == 0
+            if with_mean:
+                sinks = [centre.sink, *sinks]
 
             def sink(where: Any, block: np.ndarray, sinks: list[Sink] = sinks) -> None:
                 if len(sinks) == 1:
@@ -170,9 +191,13 @@ def run_family(fp: FamilyPlan, data: Any, norm: tuple[float, float],
                 for c, snk in enumerate(sinks):
                     snk(where, block[c])
 
-            run_tiles(fp.source.tile_fn(grp), data, fp.plan, sink, norm=norm,
-                      device=fp.device, batch_size=fp.batch_size, progress=prog,
-                      task="sampling", channels=len(grp))
+            fn = fp.source.tile_fn(grp, with_mean=True) if with_mean \
+                else fp.source.tile_fn(grp)
+            run_tiles(fn, data, fp.plan, sink, norm=norm, device=fp.device,
+                      batch_size=fp.batch_size, progress=prog, task="sampling",
+                      channels=len(sinks))
+            if with_mean:
+                centre.done()
             for s in grp:
                 if on_done is not None:
                     on_done(s)
@@ -276,5 +301,5 @@ def sample_array(restorer: Restorer | Sequence[Restorer], data: Any,
     return FamilyResult(samples, mean, std, info)
 
 
-__all__ = ["FamilyPlan", "FamilyResult", "family_figures", "family_moments",
+__all__ = ["CentreSink", "FamilyPlan", "FamilyResult", "family_figures", "family_moments",
            "plan_family", "run_family", "sample_array"]

@@ -18,6 +18,13 @@ spread step (`cryowae.sampling.store_local_spread`, unless turned off), mean.mrc
 std.mrc, the self-check on a central crop; then the first K are copied into
 samples.zarr.
 
+Work is shared between the steps: the family's centre (the mean path's restoration,
+``centre.npy``) streams out of the first group's sampling pass, whose tiles run the mean
+path anyway (`cryowae.sampling.family_store`; restored on its own where that pass tiles
+the tomogram otherwise), and the crops the calibration, the local step and the
+self-check restore go through one `SharedRestoration`, so that a crop restored by one
+step is not restored again by another.
+
 While it runs, the work lives in ``.OUT.partial/`` beside OUT: the stores and
 ``state.json`` (the run's fingerprint and the finished samples, rewritten atomically
 after each group). A rerun with the same model, tomogram and settings continues from
@@ -43,7 +50,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import zarr
 from numcodecs import Blosc
 
@@ -51,19 +57,25 @@ from cryowae import __version__
 from cryowae.errors import CryowaeInputError
 from cryowae.io.atomic import atomic_path, check_output_path
 from cryowae.io.omezarr import OmeZarrWriter
+from cryowae.physics.crop import central_box, crop_of
 from cryowae.physics.geometry import TiltGeometry
 from cryowae.physics.wedge_estimate import spectrum_warning
 from cryowae.progress import ProgressReporter, ensure_progress
-from cryowae.sampling.family import (
-    MOMENT_BLOCK,
-    family_figures,
-    family_moments,
-    plan_family,
-    run_family,
-)
+from cryowae.sampling.consistency import CHECK_EDGE
+from cryowae.sampling.family import MOMENT_BLOCK, plan_family, run_family
 from cryowae.sampling.family_state import FamilyRun, fingerprint, write_json
+from cryowae.sampling.family_store import (
+    CENTRE,
+    SampleView,
+    centre_from_pass,
+    export_samples,
+    pass_gives_centre,
+    restored_centre,
+    write_moments,
+)
 from cryowae.sampling.local_spread import LocalSpreadSettings
 from cryowae.sampling.recalibrate import resolve_mode
+from cryowae.sampling.restorations import SharedRestoration
 from cryowae.sampling.selfcheck import self_check
 from cryowae.sampling.settings import (
     FLOAT16_TOLERANCE,
@@ -75,32 +87,13 @@ from cryowae.sampling.settings import (
 from cryowae.sampling.store_calibration import calibrate_store
 from cryowae.sampling.store_local_spread import localise_store
 from cryowae.tiling.engine import array_sink
-from cryowae.tiling.pages import page_releasing, release_pages
-from cryowae.tiling.settings import TileSettings
+from cryowae.tiling.pages import page_releasing
 
 #: zstd level of samples.zarr's chunks (Blosc, bit-shuffled: the sign and exponent bits
 #: of neighbouring float16 values are alike and compress; the low mantissa bits do not);
 #: level 1: higher levels hold megabytes more working memory per chunk and compress noisy
 #: tomograms barely better, and sampling keeps to a fixed memory bound
 ZSTD_LEVEL = 1
-#: float64 bytes of one block of `family_moments` over all samples (at least one chunk
-#: row), and float32 bytes of one slab copied into samples.zarr
-MOMENT_BYTES = 4 << 20
-#: MRC modes of std.mrc's dtypes
-MRC_MODES = {"float32": 2, "float16": 12}
-
-
-class _SampleView:
-    """Write access to sample s of an (S, Z, Y, X) zarr array, for `array_sink`."""
-
-    def __init__(self, arr: Any, s: int) -> None:
-        self.arr, self.s = arr, int(s)
-        self.shape = tuple(arr.shape[1:])
-
-    def __setitem__(self, key: Any, value: np.ndarray) -> None:
-        self.arr[(self.s, *key)] = value
-
-
 def _pyramid_levels(shape: tuple[int, ...], max_levels: int = 3, min_size: int = 16) -> int:
     levels = 1
     while levels < max_levels and min(shape) // 2**levels >= min_size:
@@ -123,55 +116,6 @@ def _load(model: Any, device: str) -> Any:
     from cryowae.models.checkpoint import load_restorer
 
     return load_restorer(model, resolve_device(device))
-
-
-def _centre(restorer: Any, data: Any, norm: tuple[float, float], settings: TileSettings,
-            partial: Path, state: dict[str, Any], save: Any, prog: ProgressReporter) -> Any:
-    """The mean path's restoration of the tomogram (as ``cryowae restore``), memory-mapped
-    in ``partial/centre.npy``: the centre of a calibrated family (`calibrate_store`).
-    Restored once; a resumed run reuses it."""
-    from cryowae.inference.restore import restore_array
-
-    path = partial / "centre.npy"
-    if not (state.get("centre_ready") and path.is_file()):
-        prog.log("family centre: the mean path's restoration")
-        out = np.lib.format.open_memmap(path, "w+", np.float32, tuple(data.shape))
-        restore_array(restorer, data, settings.tile, settings.overlap, settings.batch_size,
-                      out=out, norm=norm)
-        release_pages(out, flush=True)
-        del out
-        state["centre_ready"] = True
-        save()
-    return page_releasing(np.load(path, mmap_mode="r"))
-
-
-def _moment_block(samples: Any) -> tuple[int, int, int]:
-    """Blocks of `family_moments`: whole chunks of the store, about `MOMENT_BYTES` of
-    float64 over all samples."""
-    n = int(samples.shape[0])
-    cz, cy, cx = (int(c) for c in samples.chunks[1:])
-    per_chunk_slice = n * cy * cx * 8
-    return (cz * max(1, MOMENT_BYTES // max(1, per_chunk_slice * cz)), cy, cx)
-
-
-def _export(work: Any, folder: Path, level0: Any, keep: int, run: FamilyRun) -> None:
-    """Samples 0..keep-1 of the float32 working store (at `folder`) into samples.zarr,
-    whole chunk rows along Z at a time; each sample's working chunks are removed once
-    it is copied (and recorded in `run`), those of the others at once, so the disk
-    holds the working store or samples.zarr, not both."""
-    cz = int(level0.chunks[1])
-    shape = tuple(int(v) for v in work.shape[1:])
-    step = cz * max(1, MOMENT_BYTES // max(1, 4 * cz * shape[1] * shape[2]))
-    exported = run.output.setdefault("exported", [])
-    for i in range(int(work.shape[0])):
-        if i < keep and i not in exported:
-            for z in range(0, shape[0], step):
-                level0[i, z:z + step] = np.asarray(work[i, z:z + step], np.float32)
-            exported.append(i)
-            run.save()
-        # zarr format 2 keys: "s.z.y.x" under the store's folder
-        for chunk in folder.glob(f"{i}.*"):
-            chunk.unlink()
 
 
 def sample_file(model: Any, tomogram: str | os.PathLike, out_dir: str | os.PathLike,
@@ -285,25 +229,34 @@ def sample_file(model: Any, tomogram: str | os.PathLike, out_dir: str | os.PathL
             fill_value=0.0, zarr_format=2, compressor=None)
 
         t0 = time.perf_counter()
-        run_family(fp, vol.data, norm, lambda s: array_sink(_SampleView(work, s)),
-                   run.todo(), prog, run.finished)
+        stochastic = getattr(restorers[0], "stochastic", None) if fp.sampler == "prior" \
+            else None
+        localise = local.enabled and fp.n_samples > 1
+        calibrating = stochastic is not None and spread != "none"
+        todo = run.todo()
+        # the centre (the mean path's restoration) from the first group's pass, which
+        # runs the mean path on every tile anyway, where that gives it bit for bit
+        from_pass = ((calibrating or localise) and bool(todo)
+                     and not run.calibration.get("centre_ready")
+                     and pass_gives_centre(fp, restorers[0], settings, sampling.amp))
+        run_family(fp, vol.data, norm, lambda s: array_sink(SampleView(work, s)), todo,
+                   prog, run.finished,
+                   centre=centre_from_pass(partial, shape, run) if from_pass else None)
         if spread != "none":
             prog.log(f"spread calibration ({resolve_mode(spread, even is not None)})"
                      f": per-shell factors, then {fp.n_samples} samples filtered")
-        stochastic = getattr(restorers[0], "stochastic", None) if fp.sampler == "prior" \
-            else None
         from cryowae.inference.restore import restore_array
 
         # the centre's restoration as a function of an array (same tiles and
-        # normalisation as `_centre`): what the calibration's SURE differentiates, the
-        # local step's error model is fitted with and the self-check restores
-        restore = functools.partial(restore_array, restorers[0], tile=settings.tile,
-                                    overlap=settings.overlap,
-                                    batch_size=settings.batch_size, norm=norm)
-        localise = local.enabled and fp.n_samples > 1
-        calibrating = stochastic is not None and spread != "none"
-        centre = _centre(restorers[0], vol.data, norm, settings, partial, run.calibration,
-                         run.save, prog) if calibrating or localise else None
+        # normalisation as the centre): what the calibration's SURE differentiates, the
+        # local step's error model is fitted with and the self-check restores; the
+        # SURE's central crop, restored by the calibration and the self-check, once
+        restore = SharedRestoration(functools.partial(
+            restore_array, restorers[0], tile=settings.tile, overlap=settings.overlap,
+            batch_size=settings.batch_size, norm=norm),
+            keep=[crop_of(vol.data, central_box(shape, CHECK_EDGE, even=True)).numpy()])
+        centre = restored_centre(restorers[0], vol.data, norm, settings, partial, run,
+                                 prog) if calibrating or localise else None
         # page-releasing views: the wedge ratio scans the whole tomogram (statistics,
         # structure map), which would otherwise leave its pages resident
         data = page_releasing(vol.data)
@@ -323,8 +276,8 @@ def sample_file(model: Any, tomogram: str | os.PathLike, out_dir: str | os.PathL
         del centre
         figures = run.output.get("figures")
         if figures is None:  # mean.mrc and std.mrc are complete once figures are saved
-            figures = _moments(partial, work, vol, fp.geometry, norm,
-                               calibration.consistency, halves, storage.std_dtype)
+            figures = write_moments(partial, work, vol, fp.geometry, norm,
+                                    calibration.consistency, halves, storage.std_dtype)
             run.output["figures"] = figures
             run.save()
         checked = run.output.get("self_check")
@@ -335,7 +288,7 @@ def sample_file(model: Any, tomogram: str | os.PathLike, out_dir: str | os.PathL
             run.output["self_check"] = checked
             run.save()
         if not direct:
-            _export(work, partial / "work.zarr", writer.level0, keep, run)
+            export_samples(work, partial / "work.zarr", writer.level0, keep, run)
         per_slice = 2 * keep * shape[1] * shape[2] * 4  # pyramid: ~8 MiB slabs
         writer.finish(slab=max(1, min(32, (8 << 20) // max(1, per_slice))))
         meta = {"cryowae_version": __version__, "kind": "posterior-family",
@@ -354,32 +307,11 @@ def sample_file(model: Any, tomogram: str | os.PathLike, out_dir: str | os.PathL
                 } | fp.describe() | figures
         write_json(partial / "family.json", meta)
         shutil.rmtree(partial / "work.zarr", ignore_errors=True)
-        (partial / "centre.npy").unlink(missing_ok=True)  # a working file, not output
+        (partial / CENTRE).unlink(missing_ok=True)  # a working file, not output
         run.close()
     with atomic_path(out, overwrite=storage.overwrite) as tmp:
         os.replace(partial, tmp)
     return out
-
-
-def _moments(partial: Path, work: Any, vol: Any, geometry: TiltGeometry,
-             norm: tuple[float, float], consistency: str, halves: list[Any],
-             std_dtype: str) -> dict[str, Any]:
-    """mean.mrc (float32) and std.mrc (`std_dtype`) of all N float32 samples in
-    `work`, and the figures of ``family.json`` (`family_figures`)."""
-    from cryowae.io import open_mrc_writer
-
-    for name in ("mean.mrc", "std.mrc"):
-        (partial / name).unlink(missing_ok=True)
-    shape = tuple(int(v) for v in work.shape[1:])
-    with open_mrc_writer(partial / "mean.mrc", shape, vol.voxel_size, origin=vol.origin,
-                         overwrite=True) as m_out, \
-            open_mrc_writer(partial / "std.mrc", shape, vol.voxel_size, origin=vol.origin,
-                            overwrite=True, mode=MRC_MODES[std_dtype]) as s_out:
-        family_moments(work, m_out, s_out, _moment_block(work))
-        release_pages(m_out, flush=True)
-        release_pages(s_out, flush=True)
-        return family_figures(work, (m_out, s_out), vol.data, geometry, norm, consistency,
-                              *halves)
 
 
 __all__ = ["sample_file"]

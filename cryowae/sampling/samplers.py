@@ -141,7 +141,9 @@ class FieldSampler:
                                             sample_generator(self.seed, sample))
         return [v.to(self.device) for v in f]
 
-    def tile_fn(self, group: Sequence[int]) -> TileFn:
+    def tile_fn(self, group: Sequence[int], with_mean: bool = False) -> TileFn:
+        """The group's tile function; `with_mean`: the mean path's restoration as an
+        extra first channel (the family's centre, from the same pass)."""
         fields = [self.fields(s) for s in group]
         spec, tile = self.stochastic.field_spec, self.plan.tile
         model = self.stochastic
@@ -154,9 +156,17 @@ class FieldSampler:
                 mean, feats, _ = model.mean_and_features(x)
                 z = [v.to(feats[0].dtype) for v in z]
                 step = len(fields) if self.device.type == "cuda" else CPU_BRANCH_SAMPLES
-                return mean + torch.cat([model.decode_branch(feats, [v[:, i:i + step]
-                                                                     for v in z])
-                                         for i in range(0, len(fields), step)], dim=1)
+                terms = model.branch_terms(feats)  # once for all samples of the group
+                # the channels written into one tensor: no list of them, no copies
+                first = int(with_mean)
+                out = torch.empty((mean.shape[0], first + len(fields), *mean.shape[2:]),
+                                  dtype=mean.dtype, device=mean.device)
+                if with_mean:
+                    out[:, :1] = mean
+                for i in range(0, len(fields), step):
+                    r = model.decode_branch(feats, [v[:, i:i + step] for v in z], terms)
+                    out[:, first + i:first + i + r.shape[1]] = mean + r
+                return out
 
         return fn
 

@@ -55,8 +55,15 @@ class TileRef:
 
 
 #: ``fn(tiles (B, 1, tz, ty, tx) on the device, refs) -> (B, 1, tz, ty, tx)`` (or a tuple
-#: whose first element is that tensor), in normalised units
+#: whose first element is that tensor), in normalised units; the runner weights a float32
+#: result in place unless it shares memory with the tiles, so a function returns a tensor
+#: it does not keep
 TileFn = Callable[[torch.Tensor, Sequence[TileRef]], Any]
+
+
+def _shares_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether `a` and `b` lie in the same storage (a view of the other, or the same)."""
+    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
 
 
 def is_out_of_memory(exc: BaseException) -> bool:
@@ -160,7 +167,11 @@ class TileRunner:
             if tuple(y.shape) != (len(x), self.channels, *self.tile):
                 raise ValueError(f"tile function returned shape {tuple(y.shape)} for "
                                  f"tiles {(len(x), self.channels, *self.tile)}")
-            y = (y[:, 0].float() if self.channels == 1 else y.float()) * self.window
+            y = y[:, 0] if self.channels == 1 else y
+            if y.dtype == torch.float32 and not _shares_memory(y, t):
+                y = y.mul_(self.window)  # in place: no second copy of a C-channel batch
+            else:
+                y = y.float() * self.window
         return y.cpu().numpy()
 
     def __call__(self, tiles: np.ndarray | torch.Tensor,
