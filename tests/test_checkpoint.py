@@ -109,6 +109,7 @@ def test_training_files_load_weights_only(tmp_path):
     torch.testing.assert_close(tr.latent.prior.codes.cpu(), ck["prior"]["codes"])
 
 
+@pytest.mark.slow
 def test_format_1_model_loads(tmp_path):
     """A model.pt as the previous version wrote it (format 1, flat train_config with the
     tilt range inside) loads, with its geometry."""

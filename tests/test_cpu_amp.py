@@ -167,6 +167,7 @@ def _check_bf16_near_float32(f32, b16, low, input_rounding) -> None:
     assert 0 < err < 8 * u * corr, (err, corr)
 
 
+@pytest.mark.slow
 def test_bf16_restore_is_near_float32(bf16_cpu):
     _check_bf16_near_float32(*_bf16_against_fp32())
 

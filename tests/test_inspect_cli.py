@@ -85,6 +85,7 @@ def _warned(stderr: str) -> list[str]:
 TILE = ["--tile", "32", "--overlap", "8", "--device", "cpu"]
 
 
+@pytest.mark.slow
 def test_restore_warns_on_swapped_axes(tiny_model_path, sims, tmp_path):
     """The tiny model was trained on -60..60 about Y: restoring the Y/Z-swapped tomogram
     warns once, naming the swap; the unswapped one does not."""

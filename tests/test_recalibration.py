@@ -118,6 +118,7 @@ def _store(tmp_path, samples: torch.Tensor, name: str):
 
 
 # stopped after sample 0 is rewritten / sample 1 filtered / the last save
+@pytest.mark.slow
 @pytest.mark.parametrize("stop_at", [4, 5, 10])
 def test_calibrate_store_in_place_resumes_exactly(tmp_path, stop_at):
     c = gaussian_case(n_samples=4)

@@ -180,6 +180,7 @@ def test_no_seams_against_a_full_volume_pass():
     assert max(_seam_ratios(flat, edges)) > 3
 
 
+@pytest.mark.slow
 def test_no_seams_with_a_non_identity_restorer():
     """A real WAERestorer (GroupNorm, one latent code per tile) whose head is not zero:
     each tile's output depends on the whole tile, yet the blended volume shows no more
@@ -356,6 +357,7 @@ def test_restore_file_is_atomic_on_cancel(tiny_model_path, tomo, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tomo.mrc"]
 
 
+@pytest.mark.slow
 def test_restore_file_halves(tiny_model_path, tomo, tmp_path):
     x = _read(tomo)
     rng = np.random.default_rng(7)
@@ -494,6 +496,7 @@ def test_cli_restore_simulated_halves(tiny_model_path, tmp_path, small_sim):
     assert y.shape == _read(small_sim / "tomo.mrc").shape and np.all(np.isfinite(y))
 
 
+@pytest.mark.slow
 def test_cli_restore_reads_tlt_and_warns_on_another_geometry(tiny_model_path, tomo, tmp_path):
     """The tiny model was trained on -60..60 about Y: a .tlt next to the tomogram with
     another range is read and reported; one that matches, or --tilt-file with the

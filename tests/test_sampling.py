@@ -107,6 +107,7 @@ def test_zero_branch_sampling_equals_restoration():
     assert float(fam.std.max()) < 1e-5
 
 
+@pytest.mark.slow
 def test_samples_reproducible_and_independent_of_family_size_and_grouping():
     r, x = stochastic_restorer(), _tomogram((16, 24, 28))
     a = sample_array(r, x, _settings(3))
@@ -322,6 +323,7 @@ def test_sample_file_memory_bounded_on_memory_mapped_volume(tmp_path):
 
 
 # ------------------------------------------------------------------ CLI
+@pytest.mark.slow
 def test_cli_sample_and_evaluate_with_tlt(tiny_model_path, tmp_path):
     """Rotations of the identity model (no stochastic branch), a .tlt file for sample
     and evaluate, and the family calibration report."""

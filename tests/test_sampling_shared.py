@@ -52,6 +52,7 @@ def test_branch_terms_once_equal_the_concatenated_convolutions():
     assert torch.equal(one_by_one, split)  # shared terms or not: bit for bit
 
 
+@pytest.mark.slow
 def test_centre_from_the_sampling_pass_is_the_restoration_bit_for_bit():
     r = stochastic_restorer(seed=1)
     data = _tomogram((24, 40, 40))

@@ -184,6 +184,7 @@ def test_bad_atomic_model_files(tmp_path):
         read_atomic_model(junk)
 
 
+@pytest.mark.slow
 def test_separable_potential_equals_the_library(tmp_path):
     m = read_atomic_model(_write_protein(tmp_path / "p.pdb", 30))
     rot = torch.linalg.qr(torch.randn(3, 3, generator=torch.Generator().manual_seed(2)))[0]

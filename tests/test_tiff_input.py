@@ -219,6 +219,7 @@ def test_restore_and_evaluate_take_the_voxel_size(tiny_model_path, tmp_path):
     assert _notes(res.stderr) == [NOTE.format("gt.tif")]
 
 
+@pytest.mark.slow
 def test_sample_takes_the_voxel_size(tiny_model_path, tmp_path):
     p = tmp_path / "t.tif"
     tifffile.imwrite(p, _stack((16, 32, 32), seed=4))

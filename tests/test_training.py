@@ -169,6 +169,7 @@ def test_same_default_on_100x_intensities(tmp_path):
     assert results[0][1] == pytest.approx(results[1][1], rel=1e-3)
 
 
+@pytest.mark.slow
 def test_codes_start_on_the_prior_scale(tomo, tmp_path):
     """The data-dependent head initialisation puts the first codes at the prior's mean
     and spread; without it they start as a near-point cloud."""
@@ -356,6 +357,7 @@ def test_two_process_gloo_ddp(tomo, tiny_config, tmp_path):
     assert _metric_steps(run)[-1] == 3
 
 
+@pytest.mark.slow
 def test_train_reads_tlt_file_and_tilt_axis(tomo, tiny_config, tmp_path):
     """`cryowae train` takes the tilt range of a .tlt file next to the tomogram and the
     axis of --tilt-axis, and stores the geometry in model.pt."""

@@ -40,6 +40,7 @@ def _x_coded(shape=(24, 32, 48), halves: bool = True) -> TomogramSource:
     return src
 
 
+@pytest.mark.slow
 def test_held_out_slab_never_reaches_the_training_sampler(tmp_path):
     """By construction: 1000 training crops of the Trainer's own sampler hold no voxel
     of the held-out slab (X >= its start), and every validation crop lies in it."""
