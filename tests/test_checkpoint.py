@@ -147,6 +147,7 @@ def test_new_model_roundtrip_and_wrong_kind(tmp_path):
         load_state(tmp_path / "model.pt", KIND_CHECKPOINT)
 
 
+@pytest.mark.slow
 def test_stochastic_model_roundtrip_composed_at_construction(tmp_path):
     """The family branch is built around the mean path (`StochasticRestorer(cfg,
     mean=...)`): its state_dict keys are those of a model that built its own mean path

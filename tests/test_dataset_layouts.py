@@ -136,6 +136,7 @@ def test_missing_input_is_one_line_exit_2(tiny_model_path, tmp_path):
 
 # ----------------------------------------------------------------------------- Portal
 
+@pytest.mark.slow
 def test_portal_dataset_folder_voxel_sizes_and_fallback(tmp_path):
     ds = tmp_path / "10000"
     a = _portal_run(ds, "TS_026", "13.480", 13.48)
@@ -194,6 +195,7 @@ def _check_outputs(out: Path, series: list[Path]) -> None:
     assert sorted(p.name for p in out.iterdir()) == ["TS_01", "TS_02", "TS_03"]
 
 
+@pytest.mark.slow
 def test_repeated_names_plan_resumes_in_process(tiny_model_path, tmp_path):
     """The worker tasks in this process: the planner names the three outputs after their
     folders, a second plan finds the blocks the first run finished, the rest finishes.

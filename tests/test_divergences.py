@@ -327,6 +327,7 @@ def test_adversarial_penalty_grows_with_shift_after_discriminator_training():
     assert pens[3] > 2.5 * pens[0]
 
 
+@pytest.mark.slow
 def test_adversarial_discriminator_loss_decreases():
     adv = AdversarialDivergence(4, hidden=32, layers=2, lr=1e-3, seed=1)
     g = _gen(13)
@@ -450,6 +451,7 @@ def test_code_bank_state_dict_roundtrip():
 # --------------------------------------------------------------------- prefers the prior
 
 
+@pytest.mark.slow
 def test_prefers_prior_passes_for_mmd_at_1024_codes_d64():
     prior = GaussianPrior(64)
     res = prefers_prior(build_divergence("mmd", 64, prior), prior, 1024, n_seeds=5)

@@ -200,6 +200,7 @@ def test_compile_failures_fall_back_with_one_line():
         assert msgs[0].endswith("running eagerly")
 
 
+@pytest.mark.slow
 def test_compile_keeps_out_of_memory_errors_for_the_engine():
     class Oom(torch.nn.Module):
         def forward(self, x):

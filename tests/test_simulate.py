@@ -301,6 +301,7 @@ def test_noise_and_ctf_can_be_switched_off():
     assert corr(clean["tomo_even"], clean["tomo_odd"]) > 0.8
 
 
+@pytest.mark.slow
 def test_simulation_from_atomic_models(tmp_path):
     pdb = _write_protein(tmp_path / "ball.pdb")
     info: dict = {}

@@ -153,6 +153,7 @@ def test_training_lowers_the_loss(small_sim, tmp_path):
     assert after < 0.96 * before
 
 
+@pytest.mark.slow
 def test_same_default_on_100x_intensities(tmp_path):
     """lambda needs no per-dataset tuning: global normalisation + term balancing make a
     100x brighter tomogram train exactly like the original (same losses, same weight)."""
