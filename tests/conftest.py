@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 # OpenMP threads that spin while waiting made small torch ops 10-20x slower on this
@@ -141,6 +142,19 @@ def client():
     yield c
     c.close()
     cluster.close()
+
+
+def write_smooth_tomogram(folder: Path, shape=(24, 32, 32), seed=0) -> Path:
+    """``folder/tomo.mrc`` at 10 A: Gaussian voxels (mean 3, std 2) averaged over 5^3
+    boxes and scaled by 5, so it holds structure a few voxels wide to train and restore."""
+    from cryowae.io import write_mrc
+
+    v = np.random.default_rng(seed).normal(3.0, 2.0, size=shape).astype(np.float32)
+    v = torch.nn.functional.avg_pool3d(torch.from_numpy(v)[None, None], 5, stride=1,
+                                       padding=2)[0, 0].numpy() * 5
+    path = folder / "tomo.mrc"
+    write_mrc(path, v.astype(np.float32), 10.0)
+    return path
 
 
 @pytest.fixture(scope="session")

@@ -17,14 +17,14 @@ import pytest
 import torch
 
 import cryowae.precision as precision
-from cryowae.io import read_volume, write_mrc
+from cryowae.io import read_volume
 from cryowae.models.protocol import ModelOnDevice
 from cryowae.models.restorer import RestorerConfig, WAERestorer
 from cryowae.precision import ComputeSettings, amp_active, amp_note, cpuinfo_bf16_flags
 from cryowae.tiling import TileSettings, run_tiles
 from cryowae.tiling.runner import model_tile_fn
 
-from .conftest import invoke_cli
+from .conftest import invoke_cli, write_smooth_tomogram
 
 CPU_HAS_BF16 = precision.cpu_has_bf16()
 
@@ -215,11 +215,7 @@ def test_sampler_settings_carry_amp_to_the_family(bf16_cpu):
 
 @pytest.fixture()
 def tomo(tmp_path) -> Path:
-    v = torch.from_numpy(_volume((24, 32, 32), 0))[None, None]
-    v = torch.nn.functional.avg_pool3d(v, 5, stride=1, padding=2)[0, 0].numpy() * 5
-    p = tmp_path / "tomo.mrc"
-    write_mrc(p, v.astype(np.float32), 10.0)
-    return p
+    return write_smooth_tomogram(tmp_path)
 
 
 @pytest.mark.slow  # 6 s: six training steps, three in bf16 fallback kernels

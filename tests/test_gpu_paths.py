@@ -20,7 +20,7 @@ import torch
 import cryowae.precision as precision
 from cryowae.devices import preset_for
 from cryowae.errors import CryowaeInputError
-from cryowae.io import read_volume, write_mrc
+from cryowae.io import read_volume
 from cryowae.models.checkpoint import load_restorer
 from cryowae.models.protocol import ModelOnDevice
 from cryowae.models.restorer import RestorerConfig, WAERestorer
@@ -29,7 +29,7 @@ from cryowae.progress import Cancelled
 from cryowae.tiling import TileSettings, run_tiles
 from cryowae.tiling.runner import model_tile_fn, resolve_batch_size
 
-from .conftest import cancel_after, invoke_cli
+from .conftest import cancel_after, invoke_cli, write_smooth_tomogram
 
 HAS_CUDA = torch.cuda.is_available()
 
@@ -66,11 +66,7 @@ def _restore(fn, data, plan, *, prefetch, device="cpu", core=None, channels=1, *
 
 @pytest.fixture()
 def tomo(tmp_path) -> Path:
-    v = torch.from_numpy(_volume((24, 32, 32), 0))[None, None]
-    v = torch.nn.functional.avg_pool3d(v, 5, stride=1, padding=2)[0, 0].numpy() * 5
-    p = tmp_path / "tomo.mrc"
-    write_mrc(p, v.astype(np.float32), 10.0)
-    return p
+    return write_smooth_tomogram(tmp_path)
 
 
 @pytest.fixture()
