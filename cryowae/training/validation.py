@@ -33,7 +33,7 @@ from cryowae.training.augment import TrainingBatch, make_batch
 from cryowae.training.config import TrainConfig
 from cryowae.training.data import SubtomogramSampler, TomogramSource
 from cryowae.training.loss import masked_fourier_loss
-from cryowae.training.plateau import last_slope
+from cryowae.training.plateau import has_plateaued, last_slope
 from cryowae.training.validation_config import HOLDOUT_KEYS, ValidationSettings
 
 #: seed offset of the held-out crops' positions, halves and rotations
@@ -248,12 +248,11 @@ class ValidationMonitor:
         """The one line that says the curve has plateaued, the first time it has (the
         rule of `plateau.py` at the last evaluation, for a run of `horizon` steps);
         None otherwise."""
-        if self.plateau_step is not None:
-            return None
-        b = last_slope(self.steps, self.values, horizon, self.settings, self.floor)
-        if not b > -self.settings.threshold:  # NaN: the rule does not look yet
+        if self.plateau_step is not None or not has_plateaued(
+                self.steps, self.values, horizon, self.settings, self.floor):
             return None
         self.plateau_step = self.steps[-1]
+        b = last_slope(self.steps, self.values, horizon, self.settings, self.floor)
         return (f"step {self.plateau_step}: the validation loss has plateaued "
                 f"(val_loss {self.values[-1]:.4g}, noise floor {self.floor:.4g}; its excess "
                 f"changes by {100 * b:+.1f}% per tenth of the {horizon}-step run over the "
