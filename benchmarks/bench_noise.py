@@ -116,15 +116,15 @@ def real(every: int) -> None:
     """The slab estimate on the EMPIAR-10164 tomogram against the ramp fit."""
     from cryowae.data.samples import empiar_10164
     from cryowae.io import read_volume
-    from cryowae.physics.crop import central_box, crop_of
+    from cryowae.physics.crop import central_box
     from cryowae.physics.geometry import TiltGeometry
     from cryowae.training.noise import measured_shell_power, noise_without_halves
-    from cryowae.training.slab_noise import column_box, noise_from_empty_slabs
+    from cryowae.training.slab_noise import column_of, noise_from_empty_slabs
 
     sample = empiar_10164()
     with read_volume(sample.tomogram) as v:
         data = np.array(v.numpy(), dtype=np.float32)
-    col = crop_of(data, column_box(data.shape, central_box(data.shape, 96, even=True)))
+    col = column_of(data, central_box(data.shape, 96, even=True))
     geo = TiltGeometry(*sample.tilt_range, "y", "EMPIAR-10164")
     slabs = noise_from_empty_slabs(col, geo)
     ramp = noise_without_halves(col, geo)

@@ -34,7 +34,7 @@ from cryowae.metrics.calibration_checks import measured_residual_ratio
 from cryowae.physics.crop import central_box, crop_of, family_crop_of
 from cryowae.physics.geometry import TiltGeometry
 from cryowae.training.noise import NoiseSpectrum, noise_from_halves
-from cryowae.training.slab_noise import column_box, noise_from_empty_slabs
+from cryowae.training.slab_noise import column_of, noise_from_empty_slabs
 
 #: the check's crop edge (voxels): 96^3 float32 crops of S samples stay small
 CHECK_EDGE = 96
@@ -97,7 +97,7 @@ def consistency_check(samples: Any, data: Any, geometry: TiltGeometry,
     crop = central_box(shape, edge, even=True)
     d = crop_of(data, crop)
     halves = (crop_of(even, crop), crop_of(odd, crop)) if even is not None else (None, None)
-    column = crop_of(data, column_box(shape, crop)) if even is None else None
+    column = column_of(data, crop) if even is None else None
     noise = noise_of_data(d, geometry, *halves, column=column)
     s_count = int(np.shape(samples)[0])
     fam = family_crop_of(samples, crop)

@@ -238,7 +238,7 @@ def estimate_factors(samples: Any, data: Any, geometry: TiltGeometry, mode: str,
     spread per coefficient than the measured region (`cryowae.sampling.wedge_floor`)."""
     from cryowae.physics.crop import central_box, crop_of
     from cryowae.sampling.consistency import CHECK_EDGE
-    from cryowae.training.slab_noise import column_box, crop_noise
+    from cryowae.training.slab_noise import column_of, crop_noise
 
     crop = central_box(samples.shape[1:], CHECK_EDGE, even=True)
     view = _CropView(samples, crop)
@@ -256,8 +256,7 @@ def estimate_factors(samples: Any, data: Any, geometry: TiltGeometry, mode: str,
     else:
         halves = (crop_of(even, crop), crop_of(odd, crop)) if mode == "halves" \
             else (None, None)
-        column = crop_of(data, column_box(np.shape(data), crop)) if mode != "halves" \
-            else None
+        column = column_of(data, crop) if mode != "halves" else None
         error, source = shell_error_estimate(crop_of(data, crop), geometry, *halves,
                                              column=column)
     freq = _shell_frequencies(view.shape[1:])

@@ -238,6 +238,14 @@ def column_box(shape: Sequence[int], box: Box) -> Box:
     return (slice(0, int(shape[0])), box[1], box[2])
 
 
+def column_of(data: Any, box: Box) -> torch.Tensor:
+    """The column (`column_box`) of the crop `box` of a whole (Z, Y, X) tomogram `data`
+    (array-like), read as a float32 tensor; nothing else of `data` is read."""
+    from cryowae.physics.crop import crop_of
+
+    return crop_of(data, column_box(np.shape(data), box))
+
+
 def noise_from_empty_slabs(volume: Any, measured: TiltGeometry | torch.Tensor,
                            settings: SlabSettings | None = None,
                            column: Any = None) -> NoiseSpectrum:
@@ -279,9 +287,8 @@ def crop_noise(data: Any, box: Box, geometry: TiltGeometry | torch.Tensor,
     from cryowae.physics.crop import crop_of
 
     c = crop_of(data, box) if crop is None else crop
-    col = crop_of(data, column_box(np.shape(data), box))
-    return noise_from_empty_slabs(c, geometry, column=col)
+    return noise_from_empty_slabs(c, geometry, column=column_of(data, box))
 
 
-__all__ = ["EmptySlabs", "SlabSettings", "column_box", "crop_noise", "find_empty_slabs",
-           "noise_from_empty_slabs", "slab_noise"]
+__all__ = ["EmptySlabs", "SlabSettings", "column_box", "column_of", "crop_noise",
+           "find_empty_slabs", "noise_from_empty_slabs", "slab_noise"]
