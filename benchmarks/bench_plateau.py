@@ -8,15 +8,17 @@ For each seed: `cryowae simulate` (96 -> 64x96x96 at 8 A, procedural particles, 
 even/odd halves); train on the halves for a fixed number of steps (`SMALL`: the
 architecture of the quick measurement in docs/architecture.md, family branch off;
 validation on with its defaults; not stopping at the plateau, so the whole curve is
-seen), keeping the weights at each tenth of the steps and at the step of the plateau
-call. A step budget, not a time budget: on a shared machine the steps of a fixed time
-vary with the load. Each kept model restores the central ``--crop`` square of Y and X
-(all of Z; one pass, `restore_array`) and is scored by its Pearson correlation to the
-ground truth. The knee is the first tenth after which the best Pearson so far rises by
-no more than ``--rise`` (0.005) per tenth (`knee_index`); the plateau call passes when
-its step lies within ``--tolerance`` (20 %) of the knee's step. A run still rising in
-its last tenth has no knee: the call passes there only if it was not made. Prints a
-Markdown table, writes result_seed<seed>.json, and prints the command.
+seen), keeping the weights model.pt would store (the running average,
+`cryowae.training.averaging`) and the last step's at each tenth of the steps and at the
+step of the plateau call. A step budget, not a time budget: on a shared machine the
+steps of a fixed time vary with the load. Each kept model restores the central
+``--crop`` square of Y and X (all of Z; one pass, `restore_array`) and is scored by its
+Pearson correlation to the ground truth (the averaged weights decide; the last step's
+are scored beside them). The knee is the first tenth after which the best Pearson so far
+rises by no more than ``--rise`` (0.005) per tenth (`knee_index`); the plateau call
+passes when its step lies within ``--tolerance`` (20 %) of the knee's step. A run still
+rising in its last tenth has no knee: the call passes there only if it was not made.
+Prints a Markdown table, writes result_seed<seed>.json, and prints the command.
 """
 
 from __future__ import annotations
@@ -55,7 +57,7 @@ class Snapshots(ProgressReporter):
         from cryowae.training.augment import TrainingBatch
         from cryowae.training.loss import masked_fourier_loss
 
-        model = self.trainer.model
+        model = self.trainer.kept_model
         was = model.training
         model.eval()
         outs, per_crop = [], []
@@ -78,7 +80,8 @@ class Snapshots(ProgressReporter):
     def _keep(self, label: str) -> None:
         tr = self.trainer
         self.kept.append({"label": label, "step": tr.step, "elapsed": tr.elapsed,
-                          "weights": copy.deepcopy(tr.model.state_dict())})
+                          "weights": copy.deepcopy(tr.kept_model.state_dict()),
+                          "raw": copy.deepcopy(tr.model.state_dict())})
 
     def advance(self, n: int = 1, **info) -> None:
         super().advance(n, **info)
@@ -174,14 +177,21 @@ def run_seed(out: Path, seed: int, steps: int, config: str | None, size: int, ti
     model = WAERestorer(cfg.restorer).eval()
     scores = []
     t0 = time.time()
+    def score(weights: dict) -> float:
+        model.load_state_dict(weights)
+        return pearson(restore_array(ModelOnDevice(model, torch.device("cpu")), tomo,
+                                     tile=tile, overlap=tile // 3), gt)
+
     for k in snaps.kept:
-        model.load_state_dict(k["weights"])
-        rest = restore_array(ModelOnDevice(model, torch.device("cpu")), tomo, tile=tile,
-                             overlap=tile // 3)
+        # the stored (averaged) weights decide the knee; the last step's weights are
+        # scored beside them (the same when cfg.ema_decay is 0)
         scores.append({"label": k["label"], "step": k["step"],
-                       "elapsed": round(k["elapsed"], 1), "pearson": pearson(rest, gt)})
+                       "elapsed": round(k["elapsed"], 1), "pearson": score(k["weights"])})
+        if cfg.ema_decay > 0:
+            scores[-1]["pearson_raw"] = score(k["raw"])
         print(f"seed {seed} {k['label']:>7s} step {k['step']:4d} pearson "
-              f"{scores[-1]['pearson']:.4f}", flush=True)
+              f"{scores[-1]['pearson']:.4f} (last step's weights "
+              f"{scores[-1].get('pearson_raw', scores[-1]['pearson']):.4f})", flush=True)
     t_restore = time.time() - t0
     tenths = [s for s in scores if s["label"] != "plateau"]
     curve = [s["pearson"] for s in tenths]
@@ -261,7 +271,8 @@ def main() -> None:
                          a.tolerance, a.diagnostics) for s in a.seeds]
     print()
     print("| seed | steps (CPU min) | Pearson per tenth (1..10) | knee (tenth, step) | "
-          "plateau call (step) | within 20% | Pearson at call / end | validation time |")
+          "plateau call (step) | within 20% | Pearson at call / end (last step's weights) | "
+          "validation time |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         tenths = [s["pearson"] for s in r["scores"] if s["label"] != "plateau"]
@@ -270,10 +281,12 @@ def main() -> None:
         if "plateau_step_recorded" in r:
             call += f" (recorded {r['plateau_step_recorded'] or 'none'})"
         at_call = "-" if r["pearson_call"] is None else f"{r['pearson_call']:.3f}"
+        raw = [s.get("pearson_raw") for s in r["scores"] if s["label"] != "plateau"]
+        raw_end = "-" if raw[-1] is None else f"{raw[-1]:.3f}"
         print(f"| {r['seed']} | {r['steps']} ({r['train_cpu_s'] / 60:.1f}) | "
               f"{' '.join(f'{p:.3f}' for p in tenths)} | "
               f"{knee} | {call} | {'yes' if r['pass'] else 'no'} | {at_call} / "
-              f"{r['pearson_end']:.3f} | {100 * r['val_s'] / r['train_s']:.1f}% "
+              f"{r['pearson_end']:.3f} ({raw_end}) | {100 * r['val_s'] / r['train_s']:.1f}% "
               f"({r['evaluations']} evaluations) |")
     print(f"\ncommand: OMP_NUM_THREADS=1 python benchmarks/bench_plateau.py --seeds "
           f"{' '.join(map(str, a.seeds))} --steps {a.steps} --size {a.size} --crop "

@@ -130,7 +130,8 @@ def test_samples_depend_on_z_and_the_m1_ablation_collapses(tomo, tmp_path):
 @pytest.mark.slow
 def test_model_pt_and_resume_with_the_branch(tomo, tmp_path):
     """model.pt holds the branch: `load_restorer` gives the mean path and the whole
-    stochastic model (same samples as in training for the same field); the run reports
+    stochastic model (the running average of the trained one: the same samples for the
+    same field); the run reports
     the matching figure; --resume puts the branch back."""
     run = tmp_path / "run"
     tr = _trainer(tomo, run, SMALL_FAMILY, steps=2)
@@ -143,10 +144,10 @@ def test_model_pt_and_resume_with_the_branch(tomo, tmp_path):
     assert load_state(run / "model.pt", "cryowae-restorer")["extra"]["family_matching"] \
         == pytest.approx({k: v for k, v in fig.items() if k.startswith("family_")})
     x = torch.randn(1, 1, 16, 16, 16, generator=torch.Generator().manual_seed(0))
-    tr.family.model.eval()
+    kept = tr.average.module.eval()
     z = st.draw_prior((16, 16, 16), 1, 3, torch.Generator().manual_seed(1))
     with torch.no_grad():
-        a, b = st(x, z=z)[1], tr.family.model(x, z=z)[1]
+        a, b = st(x, z=z)[1], kept(x, z=z)[1]
     assert torch.equal(a, b) and float((a[0, 0] - a[0, 1]).abs().max()) > 0
     # metrics.csv carries the per-step figures and the final one
     header, *rows = (run / "metrics.csv").read_text().splitlines()

@@ -55,6 +55,10 @@ class TrainConfig:
     steps: int = 200
     minutes: float | None = None  # wall-clock budget; stops at whichever comes first
     grad_clip: float = 1.0
+    # decay of the running average of the weights (`averaging.py`) that validation
+    # scores and model.pt stores: about the last 1/(1 - ema_decay) steps (0: the last
+    # step's weights)
+    ema_decay: float = 0.99
     # self-supervision
     wedge_weight: float = 4.0  # loss weight of the missing-wedge region vs. measured
     structure_bias: float = 0.7  # fraction of subtomograms drawn from structured regions
@@ -182,6 +186,8 @@ class TrainConfig:
             raise CryowaeInputError(f"{source}: latent_dim must lie in 8..256")
         if self.batch_size < 1 or self.steps < 1:
             raise CryowaeInputError(f"{source}: batch_size and steps must be positive")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise CryowaeInputError(f"{source}: ema_decay must lie in [0, 1)")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise CryowaeInputError(f"{source}: unknown device {self.device!r}")
 

@@ -30,6 +30,7 @@ from cryowae.models.restorer import RestorerOutput, WAERestorer
 from cryowae.precision import autocast, compiled, to_layout
 from cryowae.progress import Cancelled, NullProgress, ProgressReporter, ensure_progress
 from cryowae.training.augment import make_batch
+from cryowae.training.averaging import WeightAverage
 from cryowae.training.config import TrainConfig, save_config
 from cryowae.training.data import SubtomogramSampler, TomogramSource
 from cryowae.training.distributed import (
@@ -136,6 +137,10 @@ class Trainer:
                 sources, cfg.geometry, cfg.family.noise))
             params += self.family.branch_parameters()
         self.opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        # the running average of the weights (the branch's too, around its mean path):
+        # what validation scores and model.pt stores
+        self.average = WeightAverage(self.family.model if self.family else self.model,
+                                     cfg.ema_decay)
         self.family_figure: dict[str, float] = {}
         self.latent = LatentMatcher(cfg, self.model, self.device, self.gen, references,
                                     prior_state=saved.get("prior") if saved else None)
@@ -165,7 +170,13 @@ class Trainer:
 
     def _run_state(self) -> RunState:
         return RunState(self.model, self.opt, self.latent, self.recent, self.balancer,
-                        self.sampler, self.gen, self.family)
+                        self.sampler, self.gen, self.family, self.average)
+
+    @property
+    def kept_model(self) -> WAERestorer:
+        """The mean path as model.pt stores it: the running average of the weights."""
+        avg = self.average.module
+        return avg.mean if self.family is not None else avg
 
     # -- checkpoints -----------------------------------------------------------------
     def save(self, codes: torch.Tensor | None = None) -> None:
@@ -185,10 +196,10 @@ class Trainer:
         if self.family is not None:
             extra |= {"family_noise": self.family.noise.to_dict(),
                       "family_matching": dict(self.family_figure)}
-        save_restorer(self.run_dir / "model.pt", self.model, self.cfg.to_dict(),
+        save_restorer(self.run_dir / "model.pt", self.kept_model, self.cfg.to_dict(),
                       src.voxel_size, src.stats["full"], codes.cpu(), extra=extra,
                       geometry=self.cfg.geometry,
-                      stochastic=self.family.model if self.family else None)
+                      stochastic=self.average.module if self.family else None)
 
     # -- one step --------------------------------------------------------------------
     def train_step(self) -> dict[str, float]:
@@ -252,6 +263,7 @@ class Trainer:
         if family is not None:
             family.after_backward(cfg.grad_clip, self.dist.enabled)
         self.opt.step()
+        self.average.update()
         out |= self.latent.after_step(z, fwd.pooled.float())
         if family is not None:
             out |= family.after_step(fam.joint if fam is not None else None)
@@ -269,10 +281,11 @@ class Trainer:
         codes = self.fresh_codes(n)
         self.model.standardise_codes(codes.mean(0), codes.std(0), self.cfg.prior_sigma)
 
-    def fresh_codes(self, n: int = 256) -> torch.Tensor:
-        """Codes (n, latent_dim) of `n` new training-style subtomograms under the current
-        weights (`monitor.fresh_codes`)."""
-        return fresh_codes(self.model, self.sampler, self.cfg, self.device, self.gen, n)
+    def fresh_codes(self, n: int = 256, model: WAERestorer | None = None) -> torch.Tensor:
+        """Codes (n, latent_dim) of `n` new training-style subtomograms under `model`'s
+        weights (default: the current ones; `monitor.fresh_codes`)."""
+        return fresh_codes(self.model if model is None else model, self.sampler, self.cfg,
+                           self.device, self.gen, n)
 
     def mmd_to_prior(self, codes: torch.Tensor | None = None) -> float:
         """Monitoring figure: IMQ MMD between codes (default: the recent training codes)
@@ -338,8 +351,8 @@ class Trainer:
         while self.step < cfg.steps and not stop:
             last = self.train_step()
             if self.validation is not None and self.dist.is_main:
-                last |= self.validation.after_step(self.model, self.step, self.total_steps,
-                                                   self.progress.log)
+                last |= self.validation.after_step(self.kept_model, self.step,
+                                                   self.total_steps, self.progress.log)
             self.elapsed = time.perf_counter() - t_start
             rate = (self.step - steps_at_start) * cfg.batch_size / max(
                 time.perf_counter() - t_run, 1e-9)
@@ -381,14 +394,14 @@ class Trainer:
             shutdown_distributed(self.dist)
             raise Cancelled(f"training cancelled at step {self.step}; its checkpoint is "
                             f"kept in {self.run_dir} (continue with --resume)")
-        # model.pt's codes: of fresh subtomograms under the final weights where a latent
-        # penalty shaped them; without one nothing reads them, so the recent training
-        # codes are stored instead of an extra encoding pass
-        codes = (self.fresh_codes() if self.latent.active else self.recent.codes()) \
-            if self.dist.is_main else None
+        # model.pt's codes: of fresh subtomograms under the stored (averaged) weights
+        # where a latent penalty shaped them; without one nothing reads them, so the
+        # recent training codes are stored instead of an extra encoding pass
+        codes = (self.fresh_codes(model=self.kept_model) if self.latent.active
+                 else self.recent.codes()) if self.dist.is_main else None
         if self.family is not None and self.dist.is_main:
             self.family_figure = matching_figure(
-                self.family.model, self.sampler, cfg, self.device, self.gen,
+                self.average.module, self.sampler, cfg, self.device, self.gen,
                 self.family.gen, cfg.family.report_subtomograms)
             self.progress.log(describe(self.family_figure))
             log.write(self.step, {"step": self.step} | self.family_figure)

@@ -40,6 +40,7 @@ class RunState:
     sampler: SubtomogramSampler
     generator: torch.Generator
     family: Any = None  # a `cryowae.training.family_step.FamilyTrainer`, or None
+    average: Any = None  # a `cryowae.training.averaging.WeightAverage`, or None
 
 
 def run_state_dict(run: RunState, cfg: TrainConfig, step: int,
@@ -53,7 +54,8 @@ def run_state_dict(run: RunState, cfg: TrainConfig, step: int,
         "rng": {"torch": torch.get_rng_state(), "gen": run.generator.get_state(),
                 "numpy": run.sampler.rng.bit_generator.state},
     } | run.latent.state_dict() | (
-        {"family": run.family.state_dict()} if run.family is not None else {})
+        {"family": run.family.state_dict()} if run.family is not None else {}) | (
+        {"average": run.average.state_dict()} if run.average is not None else {})
 
 
 def adopt_saved_family(saved: dict[str, Any], cfg: TrainConfig) -> TrainConfig:
@@ -99,6 +101,8 @@ def restore_run_state(run: RunState, state: dict[str, Any]) -> tuple[int, float]
         run.sampler.rng.bit_generator.state = state["rng"]["numpy"]
         if run.family is not None:
             run.family.load_state_dict(state["family"])
+        if run.average is not None:
+            run.average.load_state_dict(state.get("average"))
         return int(state["step"]), float(state["elapsed"])
     except (KeyError, RuntimeError, ValueError, TypeError) as exc:
         raise CryowaeInputError(f"--resume: checkpoint does not fit this run "
