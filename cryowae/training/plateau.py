@@ -20,11 +20,11 @@ Why this shape:
   restoration at a smaller step size), and the acceptance test of the call measures
   improvement per tenth;
 - a line through the logarithm over W tenths, not two points: one evaluation's loss
-  scatters by a few per cent (fixed crops, but weights that move every step), and the
-  fit averages some dozens of them;
+  scatters (fixed crops, but weights that move; `train` evaluates the running average
+  of the weights, `averaging.py`, which scatters less than one step's), and the fit
+  averages some dozens of them;
 - not before ``start`` of the run: the loss of a young model can rise for a few tenths
-  while the restoration improves (the model reorganising), and the cosine schedule's
-  second half, at smaller steps, is where the late gains come from;
+  while the restoration improves (the model reorganising);
 - the floor keeps the noise of the noise2noise target, which no model removes, from
   diluting the relative change.
 """
