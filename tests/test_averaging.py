@@ -98,3 +98,18 @@ def test_trainer_stores_validates_and_resumes_the_average(tmp_path):
     tr0.run()
     stored0 = load_restorer(run0).model.state_dict()
     assert all(torch.equal(stored0[k], v.cpu()) for k, v in tr0.model.state_dict().items())
+
+
+def test_a_checkpoint_without_an_average_restarts_it_from_the_weights():
+    lin = torch.nn.Linear(2, 2)
+    avg = WeightAverage(lin, decay=0.9)
+    avg.update()
+    with torch.no_grad():
+        lin.weight.add_(1.0)
+    avg.load_state_dict({})  # an older checkpoint.pt: no "average" entry
+    assert torch.equal(avg.module.weight, lin.weight)
+    with torch.no_grad():
+        lin.weight.add_(1.0)
+    avg.update()  # the second step averaged: d = min(0.9, 2 / 11)
+    d = 2 / 11
+    assert torch.allclose(avg.module.weight, lin.weight - d * 1.0)
