@@ -45,6 +45,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("bench_avg_out"))
     a = ap.parse_args()
 
+    import numpy as np
     import torch
 
     from cryowae.io import read_volume
@@ -76,7 +77,7 @@ def main() -> None:
         ckpt = load_state(train / "checkpoint.pt", KIND_CHECKPOINT)
         model["weights"] = ckpt["weights"]
         save_state(last, model, KIND_MODEL)
-    gt = read_volume(sim / "gt.mrc").numpy()
+    gt = np.array(read_volume(sim / "gt.mrc").numpy())
     geometry = TiltGeometry.from_dict(load_state(train / "model.pt", KIND_MODEL)["geometry"])
     row = {"pipeline": a.pipeline, "seed": a.seed, "minutes": a.minutes,
            "steps": int(load_state(train / "model.pt", KIND_MODEL)["extra"]["step"])}
@@ -84,15 +85,16 @@ def main() -> None:
         out = base / f"restored_{name}.mrc"
         if not out.exists():
             run(cryowae("restore", m, sim / "tomo.mrc", "--out", out, "--tilt-file", tlt), log)
-        rest = read_volume(out).numpy()
+        rest = np.array(read_volume(out).numpy())  # a writable copy of the memory map
         reg = region_correlations(torch.from_numpy(rest), torch.from_numpy(gt), geometry)
         row[name] = {"pearson": pearson(rest, gt)} | {k: float(v) for k, v in reg.items()}
     (base / "result.json").write_text(json.dumps(row, indent=1))
     av, la = row["average"], row["last"]
     print(json.dumps(row))
-    print(f"| {a.pipeline} | {a.seed} | {row['steps']} | {la['pearson']:.3f} -> "
-          f"{av['pearson']:.3f} | " + " | ".join(
-              f"{la[k]:.3f} -> {av[k]:.3f}" for k in av if k != "pearson") + " |")
+    print("| pipeline | seed | steps | " + " | ".join(
+        f"{k}, last -> average" for k in av) + " |")
+    print(f"| {a.pipeline} | {a.seed} | {row['steps']} | " + " | ".join(
+        f"{la[k]:.3f} -> {av[k]:.3f}" for k in av) + " |")
     print(f"command: OMP_NUM_THREADS=1 python benchmarks/bench_weight_average.py --pipeline "
           f"{a.pipeline} --seed {a.seed} --minutes {a.minutes:g} --out {a.out}")
 
