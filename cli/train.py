@@ -85,6 +85,10 @@ def train(
     holdout: float = typer.Option(None, "--holdout", help="Fraction of the longest "
                                   "lateral axis held out for validation, at least one "
                                   "patch [default: 0.1]."),
+    ema_decay: float = typer.Option(None, "--ema-decay", help="Decay of the running "
+                                    "average of the weights that validation scores and "
+                                    "model.pt stores (about the last 1/(1-d) steps; 0: "
+                                    "the last step's weights) [default: 0.99]."),
     seed: int = typer.Option(None, "--seed"),
     device: str = typer.Option(None, "--device", help="auto, cpu or cuda."),
     amp: bool = typer.Option(None, "--amp/--no-amp", help="bf16 autocast: on CUDA "
@@ -151,7 +155,7 @@ def train(
     cfg = cfg.replace(geometry=geometry, divergence=divergence, kernel=kernel,
                       lambda_=lam, steps=steps, minutes=minutes, batch_size=batch_size,
                       patch_size=patch_size, latent_dim=latent_dim, prior=prior, seed=seed,
-                      device=device, amp=amp, compile=compile_,
+                      device=device, amp=amp, compile=compile_, ema_decay=ema_decay,
                       compile_backend=compile_backend, channels_last=channels_last)
     note = amp_note(resolve_device(cfg.device), amp, cfg.amp)
     if note:

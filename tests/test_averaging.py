@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+import yaml
 
 from cryowae.models.checkpoint import KIND_CHECKPOINT, load_restorer, load_state
 from cryowae.training.averaging import WeightAverage
 from cryowae.training.config import TrainConfig
 from cryowae.training.data import load_sources
 from cryowae.training.loop import Trainer
-from tests.conftest import write_smooth_tomogram
+from tests.conftest import invoke_cli, write_smooth_tomogram
 
 TINY = {"patch_size": 16, "channels": 4, "depth": 2, "latent_dim": 8, "batch_size": 2,
         "bank_size": 64, "log_every": 1, "checkpoint_every": 2, "lr": 2e-3,
@@ -113,3 +114,21 @@ def test_a_checkpoint_without_an_average_restarts_it_from_the_weights():
     avg.update()  # the second step averaged: d = min(0.9, 2 / 11)
     d = 2 / 11
     assert torch.allclose(avg.module.weight, lin.weight - d * 1.0)
+
+
+@pytest.mark.slow
+def test_cli_ema_decay(tmp_path):
+    """`train --ema-decay` reaches the config (model.pt's train_config) and a decay
+    outside [0, 1) is refused with one line and exit code 2."""
+    tomo = write_smooth_tomogram(tmp_path)
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(yaml.safe_dump({"train": TINY | {"steps": 1}}))
+    tilt = ("--tilt-min", "-60", "--tilt-max", "60")
+    bad = invoke_cli("train", tomo, "--config", cfg, "--out", tmp_path / "bad",
+                     "--ema-decay", "1.5", *tilt)
+    assert bad.returncode == 2 and "ema_decay" in bad.stderr
+    assert len(bad.stderr.strip().splitlines()) == 1 and not (tmp_path / "bad").exists()
+    invoke_cli("train", tomo, "--config", cfg, "--out", tmp_path / "run", "--ema-decay",
+               "0.5", *tilt, check=True)
+    stored = load_state(tmp_path / "run" / "model.pt", "cryowae-restorer")
+    assert stored["train_config"]["ema_decay"] == 0.5
