@@ -20,20 +20,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 from pathlib import Path
 
-
-def run(cmd: list[str], log: Path) -> None:
-    with log.open("a") as fh:
-        fh.write("$ " + " ".join(cmd) + "\n")
-        fh.flush()
-        subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, check=True)
-
-
-def cryowae(*args: object) -> list[str]:
-    return [sys.executable, "-m", "cryowae", *(str(a) for a in args)]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_pipelines import _run as run  # noqa: E402
+from bench_pipelines import cryowae, structures  # noqa: E402
 
 
 def main() -> None:
@@ -45,17 +37,11 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("bench_avg_out"))
     a = ap.parse_args()
 
-    import numpy as np
-    import torch
-
     from cryowae.io import read_volume
     from cryowae.metrics.correlation import pearson
     from cryowae.metrics.fourier_regions import region_correlations
     from cryowae.models.checkpoint import KIND_CHECKPOINT, KIND_MODEL, load_state, save_state
     from cryowae.physics.geometry import TiltGeometry
-
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from bench_pipelines import structures
 
     base = a.out / f"{a.pipeline}_seed{a.seed}"
     base.mkdir(parents=True, exist_ok=True)
@@ -71,22 +57,21 @@ def main() -> None:
         run(cryowae("train", sim / "tomo.mrc", "--even", sim / "tomo_even.mrc", "--odd",
                     sim / "tomo_odd.mrc", "--tilt-file", tlt, "--out", train, "--minutes",
                     a.minutes, "--seed", a.seed), log)
+    model = load_state(train / "model.pt", KIND_MODEL)
     last = train / "model_last.pt"
     if not last.exists():
-        model = load_state(train / "model.pt", KIND_MODEL)
         ckpt = load_state(train / "checkpoint.pt", KIND_CHECKPOINT)
-        model["weights"] = ckpt["weights"]
-        save_state(last, model, KIND_MODEL)
-    gt = np.array(read_volume(sim / "gt.mrc").numpy())
-    geometry = TiltGeometry.from_dict(load_state(train / "model.pt", KIND_MODEL)["geometry"])
+        save_state(last, model | {"weights": ckpt["weights"]}, KIND_MODEL)
+    gt = read_volume(sim / "gt.mrc").numpy()
+    geometry = TiltGeometry.from_dict(model["geometry"])
     row = {"pipeline": a.pipeline, "seed": a.seed, "minutes": a.minutes,
-           "steps": int(load_state(train / "model.pt", KIND_MODEL)["extra"]["step"])}
+           "steps": int(model["extra"]["step"])}
     for name, m in (("average", train / "model.pt"), ("last", last)):
         out = base / f"restored_{name}.mrc"
         if not out.exists():
             run(cryowae("restore", m, sim / "tomo.mrc", "--out", out, "--tilt-file", tlt), log)
-        rest = np.array(read_volume(out).numpy())  # a writable copy of the memory map
-        reg = region_correlations(torch.from_numpy(rest), torch.from_numpy(gt), geometry)
+        rest = read_volume(out).numpy()
+        reg = region_correlations(rest, gt, geometry)
         row[name] = {"pearson": pearson(rest, gt)} | {k: float(v) for k, v in reg.items()}
     (base / "result.json").write_text(json.dumps(row, indent=1))
     av, la = row["average"], row["last"]

@@ -54,7 +54,6 @@ class WeightAverage:
     def __init__(self, model: torch.nn.Module, decay: float) -> None:
         if not 0.0 <= decay < 1.0:
             raise ValueError(f"ema_decay {decay} must lie in [0, 1)")
-        self.decay = decay
         self._model = model
         self._avg = AveragedModel(model, multi_avg_fn=_ema_with_warmup(decay),
                                   use_buffers=True) if decay > 0 else None
