@@ -94,10 +94,10 @@ def main() -> None:
     # the centre of `cryowae sample`'s local step: the mean path's restoration
     centre = torch.as_tensor(np.asarray(restore(data.numpy()), np.float32))
     t0 = time.perf_counter()
-    local, info = localise_family(fam, restore, data.numpy(), geo, centre.numpy(), st)
+    local, info = localise_family(fam, centre.numpy(), geo, st)
     info["seconds"] = round(time.perf_counter() - t0, 1)
     err = centre - truth
-    res: dict[str, Any] = {"local_fit": info, "restoration_only_gain": {
+    res: dict[str, Any] = {"local_step": info, "restoration_only_gain": {
         "local_deviation": sparsification(local_deviation_map(centre), err).gain,
         "local_detail_power": sparsification(local_detail_power_map(centre), err).gain}}
     crop = central_box(tuple(data.shape), CHECK_EDGE, even=True)
@@ -120,7 +120,7 @@ def main() -> None:
               f"{chk['spread_skill']['wedge']:.2f} -> {chk['verdict']} (truth: "
               f"{row['truth_verdict']}); local rank {chk['local_rank_correlation']:.2f}",
               flush=True)
-    print(f"restoration-only gains: {res['restoration_only_gain']}; fit {info}")
+    print(f"restoration-only gains: {res['restoration_only_gain']}; local step {info}")
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(res, indent=2, default=float) + "\n")
 

@@ -34,7 +34,6 @@ PHASES = (
     ("cryowae.sampling.store_calibration", "estimate_factors", "  factors (wedge ratio, SURE)"),
     ("cryowae.sampling.wedge_ratio", "wedge_ratio", "    wedge ratio"),
     ("cryowae.sampling.files", "localise_store", "local spread"),
-    ("cryowae.sampling.store_local_spread", "fit_on_crop", "  error-model fit"),
     ("cryowae.sampling.files", "_moments", "moments + consistency check"),
     ("cryowae.sampling.files", "write_moments", "moments + consistency check"),
     ("cryowae.sampling.files", "self_check", "self-check"),

@@ -256,6 +256,8 @@ def _print_family_table(report: dict) -> None:
         ("ENCE", f"{rel['ence']:.3f}", "0", f"|RMV - RMSE| / RMV, {rel['n_bins']} std bins"),
         ("sparsification gain, std", f"{sp['std']['gain']:.3f}", "1",
          "1 = oracle order, 0 = random"),
+        ("  local magnitude", f"{sp['local_magnitude']['gain']:.3f}", "",
+         f"map of the {sp['restoration_maps_from']} alone"),
         ("  local deviation", f"{sp['local_deviation']['gain']:.3f}", "",
          f"map of the {sp['restoration_maps_from']} alone"),
         ("  local detail power", f"{sp['local_detail_power']['gain']:.3f}", "",

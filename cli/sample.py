@@ -36,9 +36,9 @@ def sample(
         "halves when given, else data."),
     local_spread: bool = typer.Option(
         True, "--local-spread/--no-local-spread", help="After the per-shell calibration, "
-        "scale each sample's deviation from the mean by a smooth gain g(x) so that the "
-        "std follows where the restoration is likely wrong (fitted on the self-"
-        "supervised extra-wedge task; docs/benchmarks.md, Local spread)."),
+        "scale each sample's deviation from the mean by a gain g(x) so that the std "
+        "follows where the restoration is likely wrong: the local power of what the data "
+        "measured of it (docs/benchmarks.md, Local spread)."),
     even: Path = typer.Option(None, "--even", help="Even half tomogram (noise power "
                               "for the check and the spread calibration)."),
     odd: Path = typer.Option(None, "--odd", help="Odd half tomogram."),

@@ -157,8 +157,10 @@ def test_calibrate_store_in_place_resumes_exactly(tmp_path, stop_at):
 @pytest.mark.slow  # 6.3 s: two families, SURE and the wedge ratio
 def test_sample_file_records_the_calibration_and_centres_on_the_restoration(tmp_path):
     """A calibrated family is centred on the mean path's restoration (what `cryowae
-    restore` writes), its deviations filtered from the raw family's."""
+    restore` writes), its deviations filtered from the raw family's (the local step,
+    tested in test_local_spread.py and test_sample_local.py, off)."""
     from cryowae.inference.restore import restore_array
+    from cryowae.sampling.local_spread import LocalSpreadSettings
     from cryowae.sampling.recalibrate import ShellFactors, recalibrate_sample
 
     r = stochastic_restorer()
@@ -166,7 +168,8 @@ def test_sample_file_records_the_calibration_and_centres_on_the_restoration(tmp_
     write_mrc(tomo, _tomogram(), voxel_size=10.0)
     # float32 samples and std: the figures below compare the stored family exactly
     kw = dict(sampling=_settings(3), storage=StorageSettings(sample_dtype="float32",
-                                                             std_dtype="float32"))
+                                                             std_dtype="float32"),
+              local=LocalSpreadSettings(enabled=False))
     raw = sample_file(r, tomo, tmp_path / "raw", calibration=CalibrationSettings("none"),
                       **kw)
     cal = sample_file(r, tomo, tmp_path / "cal", **kw)

@@ -265,18 +265,8 @@ MEMORY_SCRIPT = textwrap.dedent("""
     # crop (measured: that crop alone was the 13-20 MB "growth" when the warm-up was
     # thinner than 128 slices)
     write_mrc(warm, rng.normal(size=(96, 128, 128)).astype("f4"), 10.0)
-    # and the one-time cost of the local step's first L-BFGS fit (torch.optim's lazy
-    # imports: 68 MB anonymous memory measured, for any size), paid before the
-    # warm-up family's peak instead of after it
-    from cryowae.sampling.local_spread import fit_error_model
-    fit_error_model(torch.rand(8, 8, 8) + 0.1, torch.rand(8, 8, 8), 0.0)
     sample_file(r, warm, out + "_warm", **kw)
     spectrum_warning(rng.normal(size=(128, 128, 128)).astype("f4"), geometry, "warm-up")
-    # the local step's fit on its largest crop, 128^3 (FIT_EDGE; the warm-up's is 96
-    # deep): its FFT volumes then set the base peak, so an O(volume) buffer elsewhere
-    # must outgrow that crop's working set (about 30 MB measured) before it shows
-    from cryowae.sampling.local_spread import fit_on_crop
-    fit_on_crop(lambda a: a, rng.normal(size=(128, 128, 128)).astype("f4"), geometry)
     def peak():
         with open("/proc/self/status") as f:
             return next(int(l.split()[1]) * 1024 for l in f if l.startswith("VmHWM"))

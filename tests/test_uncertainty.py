@@ -15,6 +15,7 @@ from cryowae.metrics.sparsification import (
     gaussian_smooth,
     local_detail_power_map,
     local_deviation_map,
+    local_magnitude_map,
     sparsification,
 )
 from cryowae.metrics.uncertainty import (
@@ -166,8 +167,9 @@ def test_std_map_of_a_family_whose_error_sits_in_one_region():
 
 
 def test_restoration_only_maps_find_a_noisy_region():
-    """A smooth truth restored exactly except for white noise on one region: both
-    restoration-only maps rank that region first, a smooth map of the truth does not."""
+    """A smooth truth restored exactly except for white noise on one region: the local
+    deviation and detail power rank that region first; the local magnitude, which also
+    follows the truth's own amplitude, less well but far better than at random."""
     gen = torch.Generator().manual_seed(4)
     truth = gaussian_smooth(torch.randn(24, 32, 32, generator=gen), 3.0) * 10
     region = torch.zeros_like(truth, dtype=torch.bool)
@@ -176,6 +178,9 @@ def test_restoration_only_maps_find_a_noisy_region():
     err = restored - truth
     for m in (local_deviation_map(restored), local_detail_power_map(restored)):
         assert sparsification(m, err).gain > 0.75
+    assert 0.4 < sparsification(local_magnitude_map(restored), err).gain < 0.75
+    flat = torch.full((8, 8, 8), 2.5)
+    assert local_magnitude_map(flat).abs().max() < 1e-6
     assert local_detail_power_map(torch.full((8, 8, 8), 2.5)).abs().max() < 1e-4
 
 

@@ -17,8 +17,9 @@ from typing import Any
 
 import numpy as np
 
-_CURVES = (("std", "family std", "C0"), ("local_deviation", "restoration: local deviation",
-                                          "C2"),
+_CURVES = (("std", "family std", "C0"),
+           ("local_magnitude", "restoration: local magnitude", "C1"),
+           ("local_deviation", "restoration: local deviation", "C2"),
            ("local_detail_power", "restoration: local detail power", "C4"))
 
 

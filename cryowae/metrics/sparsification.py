@@ -25,6 +25,7 @@ random order, negative for one that removes the small errors first.
 Maps that need no family, from one (Z, Y, X) restoration r and a Gaussian G of
 standard deviation `DETAIL_SIGMA_VOXELS` voxels (per axis):
 
+- `local_magnitude_map`: G * |r - mean r| (how far r departs from its overall mean);
 - `local_deviation_map`: G * |r - G * r| (how far r departs from its local mean);
 - `local_detail_power_map`: G * (r^2) - (G * r)^2 (r's local variance, the power of its
   detail within the Gaussian window).
@@ -71,6 +72,12 @@ def gaussian_smooth(volume: Any, sigma: float) -> torch.Tensor:
     out = torch.fft.irfftn(torch.fft.rfftn(padded, dim=_DIMS) * transfer, s=shp, dim=_DIMS)
     z, y, x = v.shape
     return out[pad:pad + z, pad:pad + y, pad:pad + x].float().to(v.device)
+
+
+def local_magnitude_map(restoration: Any, sigma: float = DETAIL_SIGMA_VOXELS) -> torch.Tensor:
+    """G * |r - mean r| (module docstring), (Z, Y, X)."""
+    r = as_tensor(restoration, "restoration").double()
+    return gaussian_smooth((r - r.mean()).abs(), sigma)
 
 
 def local_deviation_map(restoration: Any, sigma: float = DETAIL_SIGMA_VOXELS) -> torch.Tensor:
@@ -172,4 +179,5 @@ def sparsification(uncertainty: Any, error: Any, n_points: int = CURVE_POINTS
 
 
 __all__ = ["CURVE_POINTS", "DETAIL_SIGMA_VOXELS", "Sparsification", "gaussian_smooth",
-           "local_detail_power_map", "local_deviation_map", "sparsification"]
+           "local_detail_power_map", "local_deviation_map", "local_magnitude_map",
+           "sparsification"]

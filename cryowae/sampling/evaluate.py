@@ -26,9 +26,9 @@ conventions of `cryowae.metrics.calibration`, `cryowae.metrics.uncertainty` and
   (std sqrt((S + 1) / S)) against the family mean's error, and the bins (reliability
   diagram);
 - sparsification curves of the error of the family mean: ordered by the std map, by
-  the oracle |error|, and by two maps of the restoration alone (`--restored`, else the
-  family mean: its local deviation and local detail power, Gaussian of
-  `DETAIL_SIGMA_VOXELS`), with their gains (1 = oracle, 0 = random order);
+  the oracle |error|, and by three maps of the restoration alone (`--restored`, else
+  the family mean: its local magnitude, local deviation and local detail power,
+  Gaussian of `DETAIL_SIGMA_VOXELS`), with their gains (1 = oracle, 0 = random order);
 - the fair CRPS of the family beside the mean absolute error of the family mean and,
   with `restored`, of the single restoration;
 - the family mean's Pearson correlation and wedge CC to the raw ground truth
@@ -267,16 +267,18 @@ def evaluate_family(family: str | os.PathLike, gt: str | os.PathLike,
 
 def _sparsification(pred: torch.Tensor, error: torch.Tensor, restoration: torch.Tensor,
                     source: str) -> dict[str, Any]:
-    """Sparsification curves of the family mean's error by the std map and by the two
+    """Sparsification curves of the family mean's error by the std map and by the three
     restoration-only maps (module docstring)."""
     from cryowae.metrics.sparsification import (
         DETAIL_SIGMA_VOXELS,
         local_detail_power_map,
         local_deviation_map,
+        local_magnitude_map,
         sparsification,
     )
 
-    maps = {"std": pred, "local_deviation": local_deviation_map(restoration),
+    maps = {"std": pred, "local_magnitude": local_magnitude_map(restoration),
+            "local_deviation": local_deviation_map(restoration),
             "local_detail_power": local_detail_power_map(restoration)}
     return {"error": "family mean - truth", "restoration_maps_from": source,
             "smoothing_sigma_voxels": DETAIL_SIGMA_VOXELS,

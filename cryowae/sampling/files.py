@@ -248,9 +248,8 @@ def sample_file(model: Any, tomogram: str | os.PathLike, out_dir: str | os.PathL
         from cryowae.inference.restore import restore_array
 
         # the centre's restoration as a function of an array (same tiles and
-        # normalisation as the centre): what the calibration's SURE differentiates, the
-        # local step's error model is fitted with and the self-check restores; the
-        # SURE's central crop, restored by the calibration and the self-check, once
+        # normalisation as the centre): what the calibration's SURE differentiates and
+        # the self-check restores; the SURE's central crop, restored by both, once
         restore = SharedRestoration(functools.partial(
             restore_array, restorers[0], tile=settings.tile, overlap=settings.overlap,
             batch_size=settings.batch_size, norm=norm),
@@ -269,10 +268,10 @@ def sample_file(model: Any, tomogram: str | os.PathLike, out_dir: str | os.PathL
         # the local step on all N float32 samples, before their moments and the export
         localised = {"settings": local.describe()}
         if localise:
-            prog.log(f"local spread: error model from the extra-wedge task, then "
+            prog.log(f"local spread: the family's std set by the centre's measured power, "
                      f"{fp.n_samples} samples modulated")
-            localised = localise_store(work, centre, data, fp.geometry, restore, run.local,
-                                       run.save, partial, local)
+            localised = localise_store(work, centre, fp.geometry, run.local, run.save,
+                                       partial, local)
         del centre
         figures = run.output.get("figures")
         if figures is None:  # mean.mrc and std.mrc are complete once figures are saved

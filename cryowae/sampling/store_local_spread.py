@@ -1,13 +1,13 @@
 """The local spread step (`cryowae.sampling.local_spread`) on a family held in a writable
 (S, Z, Y, X) store (a zarr array), in place, slab by slab and resumable.
 
-Steps, each recorded in the caller's `state` and saved: the error model, fitted on the
-extra-wedge task of a central crop of the data (`fit_on_crop`);
-the per-voxel maps in ``workdir`` (memory-mapped float32 .npy files): the family mean m
-and variance V, G_w * V, the centre's detail power D and the gain g; then per sample
-``m + g (X_s - m)`` into ``workdir/local_sample.npy`` and its copy into the store, so
-that a rerun never modulates a sample twice. Gaussian smoothing runs on Z slabs with a
-halo of 3 sigma (`smooth_slabs`): memory is a few slabs, not volumes.
+Steps, each recorded in the caller's `state` and saved: the per-voxel maps in
+``workdir`` (memory-mapped float32 .npy files): the family mean m and variance V, the
+centre's measured power F and the gain g; then per sample ``m + g (X_s - m)`` into
+``workdir/local_sample.npy`` and its copy into the store, so that a rerun never
+modulates a sample twice. Gaussian smoothing runs on Z slabs with a halo of 3 sigma
+(`smooth_slabs`) and the measured component on blocks of planes (`measured_square`):
+memory is a few slabs, not volumes.
 """
 
 from __future__ import annotations
@@ -23,11 +23,11 @@ import torch
 from cryowae.metrics.sparsification import gaussian_smooth
 from cryowae.physics.geometry import TiltGeometry
 from cryowae.sampling.local_spread import (
-    ErrorModel,
     LocalSpreadSettings,
-    fit_on_crop,
+    measured_square,
     normalising_factor,
     raw_gain_squared,
+    variance_floor,
 )
 from cryowae.tiling.pages import release_pages
 
@@ -94,10 +94,9 @@ def store_moments(samples: Any, mean_out: Any, var_out: Any) -> None:
         release_pages(a, flush=True)
 
 
-def _maps(samples: Any, centre: Any, model: ErrorModel, st: LocalSpreadSettings,
+def _maps(samples: Any, centre: Any, geometry: TiltGeometry, st: LocalSpreadSettings,
           workdir: Path) -> dict[str, float]:
-    """m, V, G_w * V, D and g into ``workdir`` (module docstring); returns the gain's
-    range."""
+    """m, V, F and g into ``workdir`` (module docstring); returns the gain's range."""
     shape = tuple(int(v) for v in samples.shape[1:])
 
     def mm(name: str) -> _PagedMap:
@@ -105,25 +104,17 @@ def _maps(samples: Any, centre: Any, model: ErrorModel, st: LocalSpreadSettings,
 
     mean, var = mm("mean"), mm("var")
     store_moments(samples, mean, var)
-    vs = smooth_slabs(lambda a, b: var[a:b], shape, st.window_sigma, mm("var_smooth"))
-    low = smooth_slabs(lambda a, b: centre[a:b], shape, st.detail_sigma, mm("detail"))
-    # the detail's square, in place of its low-pass, then smoothed into the same file
+    square = measured_square(centre, geometry, mm("component"))
     step = _step(shape)
-    for z in range(0, shape[0], step):
-        low[z:z + step] = (np.asarray(centre[z:z + step], np.float64) - low[z:z + step]) ** 2
-    detail = smooth_slabs(lambda a, b: low[a:b], shape, st.window_sigma,
-                          mm("detail_power"))
-    d_mean = sum(float(np.asarray(detail[z:z + step], np.float64).sum())
-                 for z in range(0, shape[0], step)) / float(np.prod(shape))
+    feature = smooth_slabs(lambda a, b: square[a:b], shape, st.feature_sigma,
+                           mm("feature"))
+    voxels = float(np.prod(shape))
+    f_mean = sum(float(np.asarray(feature[z:z + step], np.float64).sum())
+                 for z in range(0, shape[0], step)) / voxels
     total = sum(float(np.asarray(var[z:z + step], np.float64).sum())
                 for z in range(0, shape[0], step))
-    floor = total / float(np.prod(shape)) * 1e-6
+    floor = variance_floor(total, int(voxels))
     gain = mm("gain")
-
-    def raw(z: int) -> torch.Tensor:
-        v = torch.from_numpy(np.asarray(vs[z:z + step], np.float64)).clamp_min(floor)
-        return raw_gain_squared(torch.from_numpy(np.asarray(detail[z:z + step])), v, model,
-                                d_mean)
 
     def weighted(g2: Any) -> float:
         return sum(float((np.asarray(g2[z:z + step], np.float64)
@@ -131,7 +122,8 @@ def _maps(samples: Any, centre: Any, model: ErrorModel, st: LocalSpreadSettings,
                    for z in range(0, shape[0], step))
 
     for z in range(0, shape[0], step):
-        gain[z:z + step] = raw(z).numpy()
+        gain[z:z + step] = raw_gain_squared(feature[z:z + step], var[z:z + step], st,
+                                            f_mean, floor).numpy()
     c1 = normalising_factor(total, weighted(gain))
     lo, hi = st.max_gain**-2, st.max_gain**2
     for z in range(0, shape[0], step):
@@ -145,24 +137,18 @@ def _maps(samples: Any, centre: Any, model: ErrorModel, st: LocalSpreadSettings,
     return {"gain_min": lo, "gain_max": hi}
 
 
-def localise_store(samples: Any, centre: Any, data: Any, geometry: TiltGeometry,
-                   restore: Callable[[np.ndarray], Any], state: dict[str, Any],
-                   save: Callable[[], None], workdir: Path,
+def localise_store(samples: Any, centre: Any, geometry: TiltGeometry,
+                   state: dict[str, Any], save: Callable[[], None], workdir: Path,
                    settings: LocalSpreadSettings | None = None) -> dict[str, Any]:
     """The local step on a writable (S, Z, Y, X) store in place, resumably (module
     docstring); returns what ``family.json`` records. `centre` (Z, Y, X): the
-    restoration the family is centred on (its detail power gives v); `restore`: that
-    restoration as a function of an array (the fit's extra-wedge task)."""
+    restoration the family is centred on (its measured power gives v)."""
     st = settings or LocalSpreadSettings()
     n = int(samples.shape[0])
     shape = tuple(int(v) for v in samples.shape[1:])
-    if "model" not in state:
-        model, info = fit_on_crop(restore, data, geometry, st)
-        state.update(model=model.to_dict(), fit=info, done=[])
-        save()
-    model = ErrorModel(**state["model"])
+    state.setdefault("done", [])
     if not state.get("maps"):
-        state["maps"] = _maps(samples, centre, model, st, workdir)
+        state["maps"] = _maps(samples, centre, geometry, st, workdir)
         save()
 
     def load(name: str) -> _PagedMap:
@@ -188,12 +174,11 @@ def localise_store(samples: Any, centre: Any, data: Any, geometry: TiltGeometry,
             samples[i, z:z + step] = np.asarray(mod[z:z + step])
         state["done"].append(i)
         save()
-    for name in ("mean", "var", "var_smooth", "detail", "detail_power", "gain", "sample"):
+    for name in ("mean", "var", "component", "feature", "gain", "sample"):
         (workdir / f"local_{name}.npy").unlink(missing_ok=True)
-    return {"model": state["model"], "fit": state["fit"], "gain": state["maps"],
-            "settings": st.describe(),
-            "columns": "v = a (D~^b + c), D~ the centre's detail power over its mean; "
-                       "g^2 ~ v / smoothed family variance, total variance kept"}
+    return {"gain": state["maps"], "settings": st.describe(),
+            "columns": "v = (F / mean F)^b, F the centre's measured power; "
+                       "g^2 ~ v / the family's per-voxel variance, total variance kept"}
 
 
 __all__ = ["localise_store", "smooth_slabs", "store_moments"]
