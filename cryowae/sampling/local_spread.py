@@ -19,13 +19,12 @@ power of what the data measured of R,
 
     F(x) = G_s * (F^-1[1_M F(R - mean R)])^2,     v(x) = (F(x) / mean F)^b,
 
-M the measured region of the tilt geometry (ortho FFT, rfft grid), G_s a Gaussian of
-`feature_sigma` voxels. Where the data show structure, the restoration can be wrong
-(wedge-smeared edges, tops and bottoms); in empty ice it has little to get wrong. The
-exponent b (`exponent`) is a setting: on development pipelines the errors' local power
-followed F with b about 1 (docs/benchmarks.md, "Local spread"), and fitting b on the
-self-supervised extra-wedge task gave 0.1-0.2, a task whose error in its band is mostly
-the data's noise.
+M the measured region of the tilt geometry (a mask: the FFT's normalisation cancels),
+G_s a Gaussian of `feature_sigma` voxels. Where the data show structure, the
+restoration can be wrong (wedge-smeared edges, tops and bottoms); in empty ice it has
+little to get wrong. The exponent b (`exponent`) is a setting, not fitted: the
+self-supervised extra-wedge task's error in its band is mostly the data's noise and
+does not resolve b (docs/benchmarks.md, "Local spread on the development pipelines").
 
 Smoothing: `cryowae.metrics.sparsification.gaussian_smooth` (mirrored edges).
 """
