@@ -15,8 +15,10 @@ Development and held-out sets (also in docs/benchmarks.md, "Pipeline benchmark")
   final table.
 
 For each pipeline x seed, as command lines (all through ``python -m cryowae``):
-``simulate`` (``--size``, 8 A voxels, the example protein structures when they can be
-fetched, else procedural species; CTF, 120 e/A^2, -60..60 step 3), ``train`` on the
+``simulate`` (``--size``, 8 A voxels, ``--empty-planes`` planes at each Z face without
+objects, as in a reconstruction thicker than its specimen, the example protein
+structures when they can be fetched, else procedural species; CTF, 120 e/A^2, -60..60
+step 3), ``train`` on the
 halves (``--even/--odd``, ``--minutes``), ``restore``, ``sample --n`` without
 (``nohalves``) and with the halves (``halves``: ``--even/--odd``, the noise of the
 spread calibration and the consistency check from the halves), and
@@ -108,7 +110,8 @@ def run_one(out: Path, pipeline: str, seed: int, a: argparse.Namespace,
         timing[name] = round(time.time() - t0, 1)
 
     sim_cmd = cryowae("simulate", sim, "--size", a.size, "--seed", seed, "--voxel-size", 8,
-                      "--pipeline", pipeline, "--overwrite")
+                      "--empty-planes", a.empty_planes, "--pipeline", pipeline,
+                      "--overwrite")
     for p in pdbs:
         sim_cmd += ["--pdb", str(p)]
     step("simulate", sim / "meta.json", sim_cmd)
@@ -251,6 +254,9 @@ def main() -> None:
     ap.add_argument("--pipelines", nargs="+", help="instead of the split's pipelines")
     ap.add_argument("--seeds", type=int, nargs="+", help="instead of the split's seeds")
     ap.add_argument("--size", type=int, default=128)
+    ap.add_argument("--empty-planes", type=int, default=16,
+                    help="planes at each Z face without objects (`cryowae simulate "
+                         "--empty-planes`): 16 of the 80 at --size 128")
     ap.add_argument("--minutes", type=float, default=10.0)
     ap.add_argument("--n", type=int, default=16, help="samples per family")
     ap.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))

@@ -13,6 +13,9 @@ def simulate(
     size: int = typer.Option(128, "--size", help="Y and X in voxels."),
     thickness: int = typer.Option(None, "--thickness", help="Slab thickness Z in voxels "
                                   "[default: size * 5/8, a multiple of 8]."),
+    empty_planes: int = typer.Option(0, "--empty-planes", help="Planes at each Z face "
+                                     "left free of objects (ice and noise only), as in a "
+                                     "reconstruction thicker than its specimen."),
     voxel_size: float = typer.Option(8.0, "--voxel-size", help="Angstrom per voxel."),
     tilt_min: float | None = typer.Option(None, "--tilt-min", help="Lowest tilt (degrees) "
                                           "[default: -60]."),
@@ -63,7 +66,8 @@ def simulate(
                                     tilt_file=tilt_file, axis=tilt_axis)
     angles = read_tilt_angles(tilt_file) if tilt_file is not None else ()
     cfg = SimulationConfig.from_geometry(
-        geometry, angles, size=size, thickness=thickness, voxel_size=voxel_size,
+        geometry, angles, size=size, thickness=thickness, empty_planes=empty_planes,
+        voxel_size=voxel_size,
         tilt_step=tilt_step, seed=seed, pdb=tuple(str(p) for p in (pdb or [])),
         defocus=defocus, voltage=voltage, cs=cs, amplitude_contrast=amplitude_contrast,
         dose=dose, noise=not no_noise, ctf=not no_ctf,

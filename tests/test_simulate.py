@@ -219,6 +219,28 @@ def test_simulation_is_deterministic_per_seed():
     assert not torch.equal(a["tomo"], c["tomo"])
 
 
+def test_empty_planes_hold_no_object_and_their_noise_is_found():
+    """With 12 empty planes at each Z face, the ground truth is nil there (the
+    objects' potential tails aside: below 1e-3 of its peak) and the
+    tomogram's empty-slab noise estimate finds them; without, the scene fills the slab
+    (the one-voxel margin) and the estimate falls back to the ramp fit."""
+    from cryowae.training.slab_noise import find_empty_slabs
+
+    cfg = SimulationConfig(**{**SMALL, "thickness": 40}, seed=5, empty_planes=12)
+    out = simulate_tomogram(cfg)
+    gt = out["gt"]
+    peak = float(gt.abs().max())
+    assert peak > 0 and float(gt[12:-12].abs().max()) == peak
+    assert float(gt[:12].abs().max()) < 1e-3 * peak and float(gt[-12:].abs().max()) < 1e-3 * peak
+    found = find_empty_slabs(out["tomo"])
+    assert not found.reason and sum(s.stop - s.start for s in found.slabs) >= 16
+    full = simulate_tomogram(SimulationConfig(**{**SMALL, "thickness": 40}, seed=5))
+    edge = max(float(full["gt"][1:4].abs().max()), float(full["gt"][-4:-1].abs().max()))
+    assert edge > 0.1 * float(full["gt"].abs().max())
+    with pytest.raises(CryowaeInputError, match="--empty-planes"):
+        SimulationConfig(thickness=40, empty_planes=17).validate()
+
+
 @pytest.mark.parametrize("axis", ["y", "x"])
 def test_missing_wedge_orientation_with_an_asymmetric_range(axis):
     """Tilts -54..+66 must fill wedge_mask(-54, 66), not its mirror image (-66..54),

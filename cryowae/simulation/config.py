@@ -30,6 +30,10 @@ class SimulationConfig:
         Y and X in voxels.
     thickness
         Z in voxels (the slab); None: `default_thickness(size)`.
+    empty_planes
+        Planes at each Z face that hold no object, only ice and noise (a
+        reconstruction thicker than its specimen, as labs make them); 0: the specimen
+        fills the slab but for a one-voxel margin.
     voxel_size
         Angstrom per voxel (also the detector pixel size).
     tilt_min, tilt_max, tilt_step
@@ -63,6 +67,7 @@ class SimulationConfig:
 
     size: int = 128
     thickness: int | None = None
+    empty_planes: int = 0
     voxel_size: float = 8.0
     tilt_min: float = -60.0
     tilt_max: float = 60.0
@@ -125,6 +130,11 @@ class SimulationConfig:
         if self.thickness is not None and int(self.thickness) < 8:
             raise CryowaeInputError(f"--thickness must be at least 8 voxels, got "
                                     f"{self.thickness}")
+        if not 0 <= int(self.empty_planes) <= (self.shape[0] - 8) // 2:
+            raise CryowaeInputError(
+                f"--empty-planes must lie in [0, {(self.shape[0] - 8) // 2}] for a "
+                f"{self.shape[0]}-plane slab (8 planes left to the specimen), got "
+                f"{self.empty_planes}")
         positive("voxel-size", self.voxel_size)
         geo = self.geometry  # checks the range and the axis
         positive("tilt-step", self.tilt_step)

@@ -4,7 +4,9 @@ Volumes are (Z, Y, X) float32 in volts: the electrostatic-potential *contrast* a
 vitreous ice (ice is 0, protein about +2.6 V, lipid tails slightly negative). Lengths
 are in Angstrom unless a name says voxels; voxel ``i`` has its centre at
 ``i * voxel_size``. Everything is kept inside the volume (a slab of Z voxels) with a
-margin of one voxel, and no two objects overlap (bounding spheres, plus the
+margin of one voxel, plus `empty_planes` planes at each Z face left free of objects
+(empty ice: what a reconstruction thicker than its specimen holds there), and no two
+objects overlap (bounding spheres, plus the
 filament's cylinder, are kept apart by a gap of at least 1 nm).
 
 Scene contents, placed in this order (random sequential placement):
@@ -81,19 +83,22 @@ class _Obstacles:
 class _Slab:
     """The volume being filled, its obstacles and the placement constants."""
 
-    def __init__(self, shape: Sequence[int], voxel_size: float) -> None:
+    def __init__(self, shape: Sequence[int], voxel_size: float, empty_planes: int = 0
+                 ) -> None:
         zdim, ydim, xdim = (int(s) for s in shape)
         self.vs = float(voxel_size)
         self.vol = torch.zeros(zdim, ydim, xdim, dtype=torch.float32)
         self.dims = np.array([zdim, ydim, xdim], dtype=float)
-        self.margin = 1.0  # voxels kept empty at every face
+        # voxels kept empty at each face: one, and the empty planes at the Z faces
+        self.margin = np.array([1.0 + empty_planes, 1.0, 1.0])
+        self.inner = self.dims - 2 * self.margin  # where objects go
         self.gap = max(1 * NM, 0.5 * self.vs) / self.vs  # voxels between objects
         self.obst = _Obstacles()
 
     def room(self, r_vox: float) -> tuple[np.ndarray, np.ndarray] | None:
         """Bounds (voxels) of the centres of a sphere of radius `r_vox` kept inside the
         slab with the margin, or None when it does not fit."""
-        lo = np.full(3, r_vox + self.margin)
+        lo = r_vox + self.margin
         hi = self.dims - 1 - r_vox - self.margin
         return None if bool((hi < lo).any()) else (lo, hi)
 
@@ -101,7 +106,7 @@ class _Slab:
 def _place_vesicle(slab: _Slab, rng: np.random.Generator) -> dict[str, Any] | None:
     """Add a vesicle (bilayer mid-plane radius R, outer edge R + 3.5 nm) if one fits."""
     vs, dims = slab.vs, slab.dims
-    r_max = (min(dims) * vs / 2 - slab.margin * vs - 3.5 * NM) * 0.95
+    r_max = (float(min(dims / 2 - slab.margin)) * vs - 3.5 * NM) * 0.95
     if r_max < 10 * NM:
         return None
     for _ in range(200):
@@ -121,9 +126,9 @@ def _place_filament(slab: _Slab, rng: np.random.Generator) -> dict[str, Any] | N
     """Add a filament lying nearly flat across the field of view, clear of what is
     there, if one fits (at most a third of the slab's thickness)."""
     vs, dims = slab.vs, slab.dims
-    zdim, ydim, xdim = (int(d) for d in dims)
+    ydim, xdim = (int(d) for d in dims[1:])
     kinds = [k for k, r in FILAMENTS.items()
-             if slab.room(r / vs) is not None and 6 * r <= zdim * vs]
+             if slab.room(r / vs) is not None and 6 * r <= (slab.inner[0] + 2) * vs]
     if not kinds:
         return None
     kind = kinds[-1] if len(kinds) > 1 and rng.random() < 0.5 else kinds[0]
@@ -184,7 +189,7 @@ def _place_particles(slab: _Slab, rng: np.random.Generator, gen: torch.Generator
         radii = np.array([s.radius for s in fits])
         weights = rng.dirichlet(np.full(len(fits), 2.0)) * (radii.min() / radii) ** 1.5
         weights /= weights.sum()
-        slab_volume = float(np.prod(dims - 2 * slab.margin)) * vs**3
+        slab_volume = float(np.prod(slab.inner)) * vs**3
         target = crowding * slab_volume
         todo: list[int] = []
         planned = 0.0
@@ -226,7 +231,7 @@ def _place_particles(slab: _Slab, rng: np.random.Generator, gen: torch.Generator
 def make_scene(shape: Sequence[int], voxel_size: float, rng: np.random.Generator,
                species: Sequence[Species] | None = None, n_species: int = 6,
                crowding: float = 0.3, vesicle: bool = True, filament: bool = True,
-               progress=None) -> Scene:
+               progress=None, empty_planes: int = 0) -> Scene:
     """Build a crowded phantom.
 
     Parameters
@@ -247,6 +252,8 @@ def make_scene(shape: Sequence[int], voxel_size: float, rng: np.random.Generator
         Whether to add a vesicle and a filament (skipped when the slab is too thin).
     progress
         Optional `ProgressReporter`, advanced once per placed particle.
+    empty_planes
+        Planes at each Z face left free of objects (the specimen is the slab between).
 
     Returns
     -------
@@ -255,13 +262,14 @@ def make_scene(shape: Sequence[int], voxel_size: float, rng: np.random.Generator
         diameter_nm, copies), particles (species, centre in voxels, rotation),
         vesicle and filament parameters, volume fraction of particles.
     """
-    slab = _Slab(shape, voxel_size)
+    slab = _Slab(shape, voxel_size, empty_planes)
     info: dict[str, Any] = {"units": "volts (potential contrast against vitreous ice)"}
     gen = torch.Generator().manual_seed(int(rng.integers(0, 2**62)))
     info["vesicle"] = _place_vesicle(slab, rng) if vesicle else None
     info["filament"] = _place_filament(slab, rng) if filament else None
     if species is None:
         # particles at most half the slab thick, so that many fit
-        species = procedural_species(rng, n_species, max_diameter=slab.dims[0] * slab.vs / 2)
+        species = procedural_species(rng, n_species,
+                                     max_diameter=(slab.inner[0] + 2) * slab.vs / 2)
     _place_particles(slab, rng, gen, species, crowding, info, progress)
     return Scene(volume=slab.vol, info=info)

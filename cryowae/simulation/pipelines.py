@@ -189,6 +189,7 @@ def scene_config(config: SimulationConfig, pipeline: PipelineSettings) -> Simula
         return config
     z, y, _ = config.shape
     return dataclasses.replace(config, size=2 * y, thickness=2 * z,
+                               empty_planes=2 * int(config.empty_planes),
                                voxel_size=float(config.voxel_size) / 2)
 
 

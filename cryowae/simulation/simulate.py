@@ -55,7 +55,7 @@ def _species(config: SimulationConfig) -> list | None:
         return None
     species = [AtomicSpecies(read_atomic_model(p)) for p in config.pdb]
     vs = float(config.voxel_size)
-    slab_nm = config.shape[0] * vs / 10
+    slab_nm = (config.shape[0] - 2 * int(config.empty_planes)) * vs / 10
     for sp in species:
         d_nm = 2 * sp.radius / 10
         if d_nm > slab_nm - 2 * vs / 10:
@@ -104,7 +104,8 @@ def simulate_tomogram(config: SimulationConfig, progress: ProgressReporter | Non
     rng, noise_gen = _seeds(config.seed)
     scene = make_scene(grid.shape, float(grid.voxel_size), rng, species=_species(grid),
                        n_species=grid.n_species, crowding=grid.crowding,
-                       vesicle=grid.vesicle, filament=grid.filament, progress=prog)
+                       vesicle=grid.vesicle, filament=grid.filament, progress=prog,
+                       empty_planes=int(grid.empty_planes))
     info.update(scene.info)
     res, imaging = run_pipeline(scene.volume, config, pipeline, noise_gen, progress=prog)
     prog.finish()
