@@ -12,7 +12,11 @@ is printed), `sure_shell_error` of the model's restoration, and per shell of the
 measured region the mean power per coefficient (ortho FFT) of the restoration minus the
 truth (the truth filtered by |CTF| and put on the data's scale, as `cryowae evaluate`)
 and of the tomogram minus that truth (the noise plus what the truth model misses: an
-upper bound on the noise). Prints every third shell.
+upper bound on the noise). Prints every third shell. Then, per band of 0.05 cycles/voxel,
+the tomogram-minus-truth power in the self-check's extra-wedge band B (the measured
+region less a wedge rotated 90 degrees about Z, `extra_wedge_task`) over that in the
+whole measured region: 1 where the noise is isotropic within a shell, as the per-shell
+noise the self-check subtracts in B assumes.
 """
 
 from __future__ import annotations
@@ -33,9 +37,12 @@ def main() -> None:
     from cryowae.metrics.calibration_checks import truth_seen_by_data
     from cryowae.models.checkpoint import load_restorer
     from cryowae.physics.crop import central_box, crop_of
+    from cryowae.physics.fourier import radial_frequency
     from cryowae.physics.geometry import TiltGeometry
+    from cryowae.physics.wedge import wedge_mask
     from cryowae.sampling.consistency import CHECK_EDGE
     from cryowae.sampling.evaluate import _read, truth_ctf, truth_on_data_scale
+    from cryowae.sampling.local_spread import LocalSpreadSettings, _rotation_z
     from cryowae.sampling.sure import sure_shell_error
     from cryowae.training.slab_noise import crop_noise
 
@@ -78,6 +85,19 @@ def main() -> None:
     for i in range(1, len(f), 3):
         print(f"| {f[i]:.3f} | {sure[i]:.4f} | {err[i]:.4f} | {sure[i] / err[i]:.2f} "
               f"| {est[i]:.4f} | {excess[i]:.4f} | {est[i] / excess[i]:.2f} |")
+    shape = tuple(dc.shape)
+    m = grid.measured > 0.5
+    rotated = wedge_mask(shape, geo.tilt_min, geo.tilt_max, geo.axis, rfft=True,
+                         rotation=_rotation_z(LocalSpreadSettings().rotation_deg)) > 0.5
+    band = m & ~rotated
+    power = torch.fft.rfftn((dc - tc).double(), norm="ortho").abs().square()
+    k = radial_frequency(shape, rfft=True)
+    cells = []
+    for lo in np.arange(0.05, 0.5, 0.05):
+        sh = (k >= lo) & (k < lo + 0.05)
+        cells.append(f"{lo:.2f}-{lo + 0.05:.2f}: "
+                     f"{float(power[sh & band].mean()) / float(power[sh & m].mean()):.2f}")
+    print("tomogram - truth, band B / measured region: " + ", ".join(cells))
 
 
 if __name__ == "__main__":
