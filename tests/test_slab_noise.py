@@ -180,3 +180,39 @@ def test_thin_slabs_window_correction(gain2):
     assert abs(np.median(r) - 1) < 0.05
     assert np.all(np.abs(r - 1) < 0.2)
     assert np.all(weight[_BAND] > 0)
+
+
+def test_noise_of_a_part_of_each_shell():
+    """Noise whose power grows with |kx| / |k| (as weighted back-projection's grows
+    away from the tilt axis): the estimate in a region of the measured one (here
+    |kx| > |ky|) follows that region's own power, not the shell's average."""
+    k = radial_frequency(SHAPE, rfft=True).double()
+    kx = torch.fft.rfftfreq(SHAPE[2]).double()[None, None, :].expand(SHAPE[0], SHAPE[1], -1)
+
+    def gain2(r: torch.Tensor) -> torch.Tensor:
+        return 0.2 + 2.0 * (kx.abs() / r.clamp_min(1e-9)) ** 2
+
+    def region(shape: tuple[int, int, int]) -> torch.Tensor:
+        gx = torch.fft.rfftfreq(shape[2]).double()[None, None, :]
+        gy = torch.fft.fftfreq(shape[1]).double()[None, :, None]
+        return ((gx.abs() > gy.abs()).expand(shape[0], -1, -1)
+                & (GEO.wedge_mask(shape, rfft=True) > 0.5))
+
+    noise, _ = _noise(7, gain2)
+    vol = _specimen(8) + noise
+    grid = SpectralGrid.of(SHAPE, GEO)
+    part = region(SHAPE)
+    power = gain2(k)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        known_part = grid.shell_sums(power, part) / grid.shell_sums(torch.ones_like(power), part)
+        known_all = grid.shell_sums(power, grid.measured) / grid.shell_sums(
+            torch.ones_like(power), grid.measured)
+    est_part = noise_from_empty_slabs(vol, GEO, region=region)
+    est_all = noise_from_empty_slabs(vol, GEO)
+    assert "part of the measured region" in est_part.source
+    freq = shell_frequencies(SHAPE)
+    assert np.all(known_part[_BAND] > 1.2 * known_all[_BAND])  # the part is noisier
+    ratio = est_part.at(torch.as_tensor(freq)).numpy()[_BAND] / known_part[_BAND]
+    assert np.median(ratio) == pytest.approx(1.0, abs=0.12), ratio
+    assert np.median(est_all.at(torch.as_tensor(freq)).numpy()[_BAND] / known_all[_BAND]) \
+        == pytest.approx(1.0, abs=0.12)

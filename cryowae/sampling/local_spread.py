@@ -110,6 +110,17 @@ def _rotation_z(deg: float) -> torch.Tensor:
     return torch.tensor([[1.0, 0.0, 0.0], [0.0, c, -s], [0.0, s, c]])
 
 
+def extra_wedge_band(shape: tuple[int, int, int], geometry: TiltGeometry,
+                     settings: LocalSpreadSettings | None = None) -> torch.Tensor:
+    """B (rfft bool mask of a (Z, Y, X) grid): the measured region less the wedge
+    rotated by ``rotation_deg`` about Z, within the Nyquist sphere (`extra_wedge_task`)."""
+    st = settings or LocalSpreadSettings()
+    m = geometry.wedge_mask(shape, rfft=True) > 0.5
+    m_r = wedge_mask(shape, geometry.tilt_min, geometry.tilt_max, geometry.axis, rfft=True,
+                     rotation=_rotation_z(st.rotation_deg)) > 0.5
+    return m & ~m_r & nyquist_sphere(shape)
+
+
 @dataclass
 class ExtraWedgeTask:
     """The self-supervised extra-wedge task on one (crop of a) tomogram
@@ -143,8 +154,9 @@ def extra_wedge_task(restore: Callable[[np.ndarray], Any], data: Any,
     (ortho FFT, full-spectrum counting).
 
     `restore` maps a (Z, Y, X) float32 array to its restoration (same units);
-    `noise` a `cryowae.training.noise.NoiseSpectrum` of the data (default: the ramp fit
-    `noise_without_halves`)."""
+    `noise` a `cryowae.training.noise.NoiseSpectrum` of the data in B (the noise need
+    not be isotropic within a shell: `cryowae.training.slab_noise.crop_noise` with
+    `extra_wedge_band` as the region; default: the ramp fit `noise_without_halves`)."""
     from cryowae.metrics.calibration import SpectralGrid
     from cryowae.training.noise import noise_without_halves
 
@@ -155,10 +167,9 @@ def extra_wedge_task(restore: Callable[[np.ndarray], Any], data: Any,
         raise CryowaeInputError(f"local spread: data must be (Z, Y, X), got {shape}")
     if noise is None:
         noise = noise_without_halves(x, geometry)
-    m = geometry.wedge_mask(shape, rfft=True) > 0.5
     m_r = wedge_mask(shape, geometry.tilt_min, geometry.tilt_max, geometry.axis, rfft=True,
                      rotation=_rotation_z(st.rotation_deg)) > 0.5
-    band = m & ~m_r & nyquist_sphere(shape)
+    band = extra_wedge_band(shape, geometry, st)
     fx = torch.fft.rfftn(x.double(), dim=_DIMS, norm="ortho")
     x_in = torch.fft.irfftn(fx * m_r, s=shape, dim=_DIMS, norm="ortho").float()
     r = torch.as_tensor(np.asarray(restore(x_in.numpy()), dtype=np.float32)).double()
@@ -286,6 +297,7 @@ def localise_family(samples: Any, centre: Any, geometry: TiltGeometry,
     return modulate(x, x.mean(dim=0), gain), info
 
 
-__all__ = ["BLOCK_BYTES", "ExtraWedgeTask", "LocalSpreadSettings", "extra_wedge_task",
+__all__ = ["BLOCK_BYTES", "ExtraWedgeTask", "LocalSpreadSettings", "extra_wedge_band",
+           "extra_wedge_task",
            "family_variance", "local_gain", "localise_family", "measured_power", "measured_square",
            "modulate", "normalising_factor", "raw_gain_squared", "variance_floor"]

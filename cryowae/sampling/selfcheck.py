@@ -9,9 +9,11 @@ with two error estimates of the restoration R that the data give:
 - measured region: Stein's unbiased risk estimate of R's squared error per shell
   (`cryowae.sampling.sure`, one probe with its own seed);
 - wedge region: the error of R on the data with a second, rotated wedge removed, in the
-  band the data measured and the input lacked, less the data's noise there
-  (`cryowae.sampling.local_spread.extra_wedge_task`): a wedge the restoration must
-  fill, observed. Its per-coefficient error per shell stands for the wedge's.
+  band the data measured and the input lacked, less the data's noise there (read from
+  the empty slabs in that band itself where there are slabs: the noise is not
+  isotropic within a shell) (`cryowae.sampling.local_spread.extra_wedge_task`): a wedge
+  the restoration must fill, observed. Its per-coefficient error per shell stands for
+  the wedge's.
 
 Per region, ``spread/skill = sqrt(sum_k spread / sum_k error)`` over the coefficients
 of the region (each shell's error estimate counted once per coefficient of the region
@@ -46,7 +48,12 @@ import torch
 
 from cryowae.metrics.sparsification import gaussian_smooth
 from cryowae.physics.geometry import TiltGeometry
-from cryowae.sampling.local_spread import ExtraWedgeTask, LocalSpreadSettings, extra_wedge_task
+from cryowae.sampling.local_spread import (
+    ExtraWedgeTask,
+    LocalSpreadSettings,
+    extra_wedge_band,
+    extra_wedge_task,
+)
 
 #: spread/skill band of a calibrated family (as `cryowae evaluate` reads it)
 LOW, HIGH = 0.8, 1.25
@@ -97,9 +104,10 @@ def self_check(samples: Any, data: Any, geometry: TiltGeometry,
         The restoration the family is centred on, as a function of a (Z, Y, X) float32
         array (e.g. ``restore_array`` of the mean path).
     noise
-        The data's `NoiseSpectrum` on the crop's grid (default:
+        The data's `NoiseSpectrum` on the crop's grid, for both estimates (default:
         `cryowae.training.slab_noise.crop_noise`, the empty Z slabs of the crop's
-        column, else the ramp fit `noise_without_halves` of the crop).
+        column, else the ramp fit `noise_without_halves` of the crop; the extra-wedge
+        task's from the slabs in its band, `extra_wedge_band`).
     edge, seed, task
         Crop edge (voxels), the SURE probe's seed, an already computed
         `extra_wedge_task` of the same crop.
@@ -119,8 +127,13 @@ def self_check(samples: Any, data: Any, geometry: TiltGeometry,
     st = settings or LocalSpreadSettings()
     crop = central_box(np.shape(data), edge, even=True)
     d = crop_of(data, crop)
+    band_noise = noise
     if noise is None:
         noise = crop_noise(data, crop, geometry, d)
+        # the task's band holds a part of each shell, where the noise may differ from
+        # the shell's average (weighted back-projection's grows away from the tilt axis)
+        band_noise = crop_noise(data, crop, geometry, d,
+                                region=lambda shp: extra_wedge_band(shp, geometry, st))
     n = int(np.shape(samples)[0])
     fam = family_crop_of(samples, crop)
     fs = family_spread(fam, geometry)
@@ -128,7 +141,7 @@ def self_check(samples: Any, data: Any, geometry: TiltGeometry,
     count = fs.counts
     sure = sure_shell_error(restore, d.numpy(), geometry, noise, seed=seed)
     if task is None:
-        task = extra_wedge_task(restore, d.numpy(), geometry, noise, st)
+        task = extra_wedge_task(restore, d.numpy(), geometry, band_noise, st)
     error = {"measured": np.asarray(sure.error), "wedge": np.asarray(task.shell_error)}
     ratio = {k: _ratio(spread[k], error[k], count[k]) for k in ("measured", "wedge")}
     words = {k: _word(v, lower_bound=k == "wedge") for k, v in ratio.items()}

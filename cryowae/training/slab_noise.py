@@ -62,7 +62,7 @@ pipeline of the simulator (`cryowae.simulation.pipelines`).
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -181,22 +181,29 @@ def _sine_window(n: int) -> torch.Tensor:
     return w * math.sqrt(n / float(w.square().sum()))
 
 
-class _Slab:
-    """One tapered slab: its observed power per shell of the measured region and its
-    reference R (module docstring)."""
+#: a Fourier region as a function of a (Z, Y, X) grid: its rfft mask (1 inside)
+Region = Callable[[tuple[int, int, int]], torch.Tensor]
 
-    def __init__(self, box: torch.Tensor, geometry: TiltGeometry) -> None:
+
+class _Slab:
+    """One tapered slab: its observed power per shell of a Fourier region (default:
+    the measured region) and its reference R (module docstring)."""
+
+    def __init__(self, box: torch.Tensor, geometry: TiltGeometry,
+                 region: Region | None = None) -> None:
         n_z, n_y, n_x = (int(n) for n in box.shape)
         w = _sine_window(n_z)
         spec = torch.fft.rfftn((box - box.mean()) * w[:, None, None], dim=_DIMS,
                                norm="ortho").abs().square()
+        mask: Region = region or (lambda shp: geometry.wedge_mask(shp, rfft=True))
         self.grid = SpectralGrid.of((n_z, n_y, n_x), geometry)
+        self.region = mask((n_z, n_y, n_x)) > 0.5
         self.freq = shell_frequencies((n_z, n_y, n_x))
-        self.observed = self.grid.shell_sums(spec, self.grid.measured)
+        self.observed = self.grid.shell_sums(spec, self.region)
         per_plane = max(4, min(FINE_KZ, MAX_FINE // n_z))
         g = per_plane * n_z
         fine_shape = (g, n_y, n_x)
-        self.fine_mask = geometry.wedge_mask(fine_shape, rfft=True).double().reshape(g, -1)
+        self.fine_mask = mask(fine_shape).double().reshape(g, -1)
         # |D|^2 on the fine grid (zero-padded FFT of the window); kz_j - kz_g falls on it
         d2 = torch.fft.fft(w, n=g).abs().square()
         diff = (torch.arange(n_z)[:, None] * per_plane - torch.arange(g)[None, :]) % g
@@ -207,20 +214,21 @@ class _Slab:
         """R per shell of the measured region: the expected shell sums of the tapered
         slab's power for noise of unit power in the measured region."""
         return self.grid.shell_sums((self.kernel @ self.fine_mask).reshape(self.rshape),
-                                    self.grid.measured)
+                                    self.region)
 
 
-def slab_noise(volume: Any, slabs: tuple[slice, ...], geometry: TiltGeometry
-               ) -> tuple[np.ndarray, np.ndarray]:
-    """Noise power per shell of the measured region from the given Z slabs of a
-    (Z, Y, X) volume, on the volume's shells (`shell_frequencies`), and the reference
-    sum per shell (how many coefficients' worth of noise each shell holds; 0: none).
+def slab_noise(volume: Any, slabs: tuple[slice, ...], geometry: TiltGeometry,
+               region: Region | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Noise power per shell of the measured region (or of `region`, a part of it: the
+    noise need not be isotropic within a shell) from the given Z slabs of a (Z, Y, X)
+    volume, on the volume's shells (`shell_frequencies`), and the reference sum per
+    shell (how many coefficients' worth of noise each shell holds; 0: none).
     """
     v = as_tensor(volume, "volume")
     freq = shell_frequencies(v.shape)
     est, weight = np.zeros(freq.size), np.zeros(freq.size)
     for sl in slabs:
-        part = _Slab(v[sl].double(), geometry)
+        part = _Slab(v[sl].double(), geometry, region)
         ref = part.reference()
         ok = ref > 0
         if ok.sum() < 2:
@@ -248,16 +256,20 @@ def column_of(data: Any, box: Box) -> torch.Tensor:
 
 def noise_from_empty_slabs(volume: Any, measured: TiltGeometry | torch.Tensor,
                            settings: SlabSettings | None = None,
-                           column: Any = None) -> NoiseSpectrum:
+                           column: Any = None, region: Region | None = None
+                           ) -> NoiseSpectrum:
     """Noise power per shell of the measured region, on `volume`'s shells and in its
     units, from the empty Z slabs (module docstring) of `column`: the tomogram's planes
     over `volume`'s Y, X box (`column_box`; None: `volume` itself, which must then hold
     all Z planes). Capped, as the ramp fit is, by `volume`'s measured power per shell
     (noise cannot exceed the total).
 
+    `region` (a part of the measured region as a function of the grid, `Region`): the
+    noise power per shell in that part only, capped by the data's power there.
+
     Without empty slabs, or with a measured mask instead of a `TiltGeometry` (the slab's
-    grid needs the tilt range), returns `noise_without_halves(volume)` (the ramp fit),
-    saying why in `NoiseSpectrum.source`.
+    grid needs the tilt range), returns `noise_without_halves(volume)` (the ramp fit,
+    isotropic within a shell), saying why in `NoiseSpectrum.source`.
     """
     v = as_tensor(volume, "volume")
     if not isinstance(measured, TiltGeometry):
@@ -267,28 +279,33 @@ def noise_from_empty_slabs(volume: Any, measured: TiltGeometry | torch.Tensor,
         found = find_empty_slabs(col, settings)
         reason = found.reason
         if not reason:
-            est, _ = slab_noise(col, found.slabs, measured)
+            est, _ = slab_noise(col, found.slabs, measured, region)
             freq = shell_frequencies(v.shape)
-            power, count = measured_shell_power(v, measured)
+            # the cap: the data's own power per shell in the same region
+            power, count = measured_shell_power(
+                v, measured if region is None else region(tuple(v.shape)) > 0.5)
             est = np.interp(freq, shell_frequencies(col.shape), est)
             est = np.where(count > 0, np.minimum(est, np.nan_to_num(power, nan=np.inf)), est)
             planes = "+".join(f"{sl.start}-{sl.stop - 1}" for sl in found.slabs)
+            where = "" if region is None else ", in a part of the measured region"
             return NoiseSpectrum(freq, est, f"empty Z slabs (planes {planes} of "
-                                            f"{col.shape[0]})")
+                                            f"{col.shape[0]}{where})")
     ramp = noise_without_halves(v, measured)
     return NoiseSpectrum(ramp.frequency, ramp.power, f"{ramp.source} ({reason})")
 
 
 def crop_noise(data: Any, box: Box, geometry: TiltGeometry | torch.Tensor,
-               crop: torch.Tensor | None = None) -> NoiseSpectrum:
+               crop: torch.Tensor | None = None, region: Region | None = None
+               ) -> NoiseSpectrum:
     """The no-halves noise estimate of the crop `box` of a whole (Z, Y, X) tomogram
     `data` (array-like; only the box's column is read): `noise_from_empty_slabs` with
-    the slabs looked for in the column (`column_box`). `crop`: the box, already read."""
+    the slabs looked for in the column (`column_box`). `crop`: the box, already read;
+    `region`: a part of the measured region (`Region`)."""
     from cryowae.physics.crop import crop_of
 
     c = crop_of(data, box) if crop is None else crop
-    return noise_from_empty_slabs(c, geometry, column=column_of(data, box))
+    return noise_from_empty_slabs(c, geometry, column=column_of(data, box), region=region)
 
 
-__all__ = ["EmptySlabs", "SlabSettings", "column_box", "column_of", "crop_noise",
+__all__ = ["EmptySlabs", "Region", "SlabSettings", "column_box", "column_of", "crop_noise",
            "find_empty_slabs", "noise_from_empty_slabs", "slab_noise"]
