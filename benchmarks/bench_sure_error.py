@@ -39,10 +39,9 @@ def main() -> None:
     from cryowae.physics.crop import central_box, crop_of
     from cryowae.physics.fourier import radial_frequency
     from cryowae.physics.geometry import TiltGeometry
-    from cryowae.physics.wedge import wedge_mask
     from cryowae.sampling.consistency import CHECK_EDGE
     from cryowae.sampling.evaluate import _read, truth_ctf, truth_on_data_scale
-    from cryowae.sampling.local_spread import LocalSpreadSettings, _rotation_z
+    from cryowae.sampling.local_spread import extra_wedge_band
     from cryowae.sampling.sure import sure_shell_error
     from cryowae.training.slab_noise import crop_noise
 
@@ -87,9 +86,7 @@ def main() -> None:
               f"| {est[i]:.4f} | {excess[i]:.4f} | {est[i] / excess[i]:.2f} |")
     shape = tuple(dc.shape)
     m = grid.measured > 0.5
-    rotated = wedge_mask(shape, geo.tilt_min, geo.tilt_max, geo.axis, rfft=True,
-                         rotation=_rotation_z(LocalSpreadSettings().rotation_deg)) > 0.5
-    band = m & ~rotated
+    band = extra_wedge_band(shape, geo)
     power = torch.fft.rfftn((dc - tc).double(), norm="ortho").abs().square()
     k = radial_frequency(shape, rfft=True)
     cells = []

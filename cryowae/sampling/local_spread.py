@@ -298,6 +298,6 @@ def localise_family(samples: Any, centre: Any, geometry: TiltGeometry,
 
 
 __all__ = ["BLOCK_BYTES", "ExtraWedgeTask", "LocalSpreadSettings", "extra_wedge_band",
-           "extra_wedge_task",
-           "family_variance", "local_gain", "localise_family", "measured_power", "measured_square",
-           "modulate", "normalising_factor", "raw_gain_squared", "variance_floor"]
+           "extra_wedge_task", "family_variance", "local_gain", "localise_family",
+           "measured_power", "measured_square", "modulate", "normalising_factor",
+           "raw_gain_squared", "variance_floor"]

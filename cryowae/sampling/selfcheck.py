@@ -105,9 +105,9 @@ def self_check(samples: Any, data: Any, geometry: TiltGeometry,
         array (e.g. ``restore_array`` of the mean path).
     noise
         The data's `NoiseSpectrum` on the crop's grid, for both estimates (default:
-        `cryowae.training.slab_noise.crop_noise`, the empty Z slabs of the crop's
-        column, else the ramp fit `noise_without_halves` of the crop; the extra-wedge
-        task's from the slabs in its band, `extra_wedge_band`).
+        `cryowae.training.slab_noise.noise_from_empty_slabs` of the crop, the empty Z
+        slabs of its column, else the ramp fit `noise_without_halves` of the crop; the
+        extra-wedge task's from the slabs in its band, `extra_wedge_band`).
     edge, seed, task
         Crop edge (voxels), the SURE probe's seed, an already computed
         `extra_wedge_task` of the same crop.
@@ -122,18 +122,14 @@ def self_check(samples: Any, data: Any, geometry: TiltGeometry,
     from cryowae.metrics.calibration import family_spread, shell_frequencies
     from cryowae.physics.crop import central_box, crop_of, family_crop_of
     from cryowae.sampling.sure import sure_shell_error
-    from cryowae.training.slab_noise import crop_noise
+    from cryowae.training.slab_noise import column_of, noise_from_empty_slabs
 
     st = settings or LocalSpreadSettings()
     crop = central_box(np.shape(data), edge, even=True)
     d = crop_of(data, crop)
-    band_noise = noise
+    column = column_of(data, crop) if noise is None else None  # read once, for both
     if noise is None:
-        noise = crop_noise(data, crop, geometry, d)
-        # the task's band holds a part of each shell, where the noise may differ from
-        # the shell's average (weighted back-projection's grows away from the tilt axis)
-        band_noise = crop_noise(data, crop, geometry, d,
-                                region=lambda shp: extra_wedge_band(shp, geometry, st))
+        noise = noise_from_empty_slabs(d, geometry, column=column)
     n = int(np.shape(samples)[0])
     fam = family_crop_of(samples, crop)
     fs = family_spread(fam, geometry)
@@ -141,6 +137,11 @@ def self_check(samples: Any, data: Any, geometry: TiltGeometry,
     count = fs.counts
     sure = sure_shell_error(restore, d.numpy(), geometry, noise, seed=seed)
     if task is None:
+        # the task's band holds a part of each shell, where the noise may differ from
+        # the shell's average (weighted back-projection's grows away from the tilt axis)
+        band_noise = noise if column is None else noise_from_empty_slabs(
+            d, geometry, column=column,
+            region=lambda shp: extra_wedge_band(shp, geometry, st))
         task = extra_wedge_task(restore, d.numpy(), geometry, band_noise, st)
     error = {"measured": np.asarray(sure.error), "wedge": np.asarray(task.shell_error)}
     ratio = {k: _ratio(spread[k], error[k], count[k]) for k in ("measured", "wedge")}

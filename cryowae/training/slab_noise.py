@@ -295,16 +295,14 @@ def noise_from_empty_slabs(volume: Any, measured: TiltGeometry | torch.Tensor,
 
 
 def crop_noise(data: Any, box: Box, geometry: TiltGeometry | torch.Tensor,
-               crop: torch.Tensor | None = None, region: Region | None = None
-               ) -> NoiseSpectrum:
+               crop: torch.Tensor | None = None) -> NoiseSpectrum:
     """The no-halves noise estimate of the crop `box` of a whole (Z, Y, X) tomogram
     `data` (array-like; only the box's column is read): `noise_from_empty_slabs` with
-    the slabs looked for in the column (`column_box`). `crop`: the box, already read;
-    `region`: a part of the measured region (`Region`)."""
+    the slabs looked for in the column (`column_box`). `crop`: the box, already read."""
     from cryowae.physics.crop import crop_of
 
     c = crop_of(data, box) if crop is None else crop
-    return noise_from_empty_slabs(c, geometry, column=column_of(data, box), region=region)
+    return noise_from_empty_slabs(c, geometry, column=column_of(data, box))
 
 
 __all__ = ["EmptySlabs", "Region", "SlabSettings", "column_box", "column_of", "crop_noise",
