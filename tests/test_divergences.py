@@ -118,6 +118,7 @@ def test_blockwise_equals_dense_values_and_gradients(kernel):
         assert float((a - b).abs().max()) < 1e-15
 
 
+@pytest.mark.slow(seconds=2)  # measured on this 2-core machine; keeps test-fast under a minute
 def test_blockwise_gradcheck_small():
     g = _gen(3)
     x = torch.randn(7, 3, generator=g, dtype=torch.float64, requires_grad=True)
@@ -346,6 +347,7 @@ def test_none_divergence_is_zero_with_graph():
     assert v.item() == 0.0 and float(z.grad.abs().sum()) == 0.0
 
 
+@pytest.mark.slow(seconds=2)  # measured on this 2-core machine; keeps test-fast under a minute
 def test_every_registered_divergence_builds_and_backpropagates():
     for name in DIVERGENCES:
         div = build_divergence(name, 6)
