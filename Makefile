@@ -14,6 +14,10 @@ TEST_WORKERS ?= auto
 # idle OpenMP threads sleep instead of spinning: small torch ops were 10-20x slower
 # with spinning threads on a busy 2-core machine
 export OMP_WAIT_POLICY ?= PASSIVE
+# bytecode caches written even where the environment says not to: without them every
+# test worker and every `python -m cryowae` a test runs compiles cryowae again and
+# pytest rewrites the tests again (make test-fast: 64 s, 45 s once the caches exist)
+unexport PYTHONDONTWRITEBYTECODE
 # system packages the tests need: a virtual X server and Mesa software OpenGL (napari),
 # a one-node SLURM with munge (restore-batch --cluster slurm test)
 SYSTEM_PACKAGES := xvfb xauth libgl1-mesa-dri libegl1 libglib2.0-0 libfontconfig1 \
