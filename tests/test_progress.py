@@ -134,7 +134,7 @@ def test_training_with_a_budget_reports_the_budget(tmp_path):
 
 
 def test_budget_horizon_counts_the_steps_that_fit():
-    from cryowae.training.loop import budget_horizon
+    from cryowae.training.schedule import budget_horizon
 
     assert budget_horizon(10, 10**9, 30.0, 2.0) == 25
     assert budget_horizon(10, 20, 30.0, 2.0) == 20  # --steps ends first

@@ -6,7 +6,8 @@ posterior) are pulled towards the prior by the chosen divergence (`latent.py`). 
 (`Trainer.train_step`) is: sample a batch, one forward pass, the reconstruction term
 (`loss.py`), the latent term weighted by the `TermBalancer`, one optimiser step.
 Checkpoints and resumption live in `resume.py`, the metrics log and the monitoring
-figures in `monitor.py`. With ``cfg.family`` on, the posterior-family branch
+figures in `monitor.py`, the learning-rate schedule and its time budget in
+`schedule.py`. With ``cfg.family`` on, the posterior-family branch
 (`family_step.FamilyTrainer`) adds its terms to the same step without touching the mean
 path, and `family_report.matching_figure` gives the final latent-matching figure.
 """
@@ -15,7 +16,6 @@ from __future__ import annotations
 
 import math
 import random
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,6 +52,7 @@ from cryowae.training.resume import (
     restore_run_state,
     run_state_dict,
 )
+from cryowae.training.schedule import RunClock, learning_rate
 from cryowae.training.validation import ValidationMonitor, resumed_settings
 
 
@@ -72,20 +73,6 @@ def _seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def learning_rate(step: int, total_steps: int, lr: float, warm: int = 10) -> float:
-    """Linear warm-up over `warm` steps, then a cosine decay to 0.1 lr at `total_steps`."""
-    if step < warm:
-        return lr * (step + 1) / warm
-    frac = min(1.0, (step - warm) / max(1, total_steps - warm))
-    return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
-
-
-def budget_horizon(step: int, max_steps: int, left_s: float, per_step_s: float) -> int:
-    """The step at which a time budget runs out: `step` plus the steps of `per_step_s`
-    seconds that fit in the `left_s` seconds left, at most `max_steps`."""
-    return min(max_steps, step + int(max(0.0, left_s) / max(per_step_s, 1e-9)))
 
 
 class Trainer:
@@ -343,31 +330,19 @@ class Trainer:
         self.progress.start(cfg.steps, "training", done=self.step)
         # --minutes: the bar and the remaining time follow the budget, not the step total
         self.progress.set_time_budget(budget, spent_s=self.elapsed)
-        t_start = time.perf_counter() - self.elapsed
+        clock = RunClock(budget, self.elapsed, self.step, cfg.batch_size)
         last: dict[str, float] = {}
-        steps_at_start = self.step
-        t_run = t_first = time.perf_counter()
         stop = cancelled = False
         while self.step < cfg.steps and not stop:
             last = self.train_step()
             if self.validation is not None and self.dist.is_main:
                 last |= self.validation.after_step(self.kept_model, self.step,
                                                    self.total_steps, self.progress.log)
-            self.elapsed = time.perf_counter() - t_start
-            rate = (self.step - steps_at_start) * cfg.batch_size / max(
-                time.perf_counter() - t_run, 1e-9)
-            done = self.step - steps_at_start
-            if done == 1:
-                t_first = time.perf_counter()  # the first step also warms up: not timed
-            horizon = -1
-            if budget and done >= 3:
-                # the LR schedule's horizon follows the time budget, re-estimated every
-                # step from the mean step time so far (one early estimate was often 30%
-                # off, so the cosine ended long before the budget or was cut off
-                # mid-way); rank 0's horizon for all (below), so every rank applies the
-                # same lr from the next step on
-                horizon = budget_horizon(self.step, cfg.steps, budget - self.elapsed,
-                                         (time.perf_counter() - t_first) / (done - 1))
+            # the LR schedule's horizon follows the time budget (`schedule.RunClock`);
+            # rank 0's horizon for all (below), so every rank applies the same lr from
+            # the next step on
+            rate, horizon = clock.after_step(self.step, cfg.steps)
+            self.elapsed = clock.elapsed_s
             if self.step % cfg.log_every == 0 or self.step == cfg.steps or "val_loss" in last:
                 log.write(self.step, {"step": self.step, "elapsed_s": round(self.elapsed, 2),
                                       "mmd_to_prior": self.mmd_to_prior(),
@@ -379,7 +354,7 @@ class Trainer:
             self.progress.advance(1, loss=last["loss"], rec=last["rec"],
                                   div=last.get("div", 0.0),
                                   **{k: v for k, v in last.items() if k == "val_loss"})
-            spent = (budget is not None and self.elapsed >= budget) or bool(
+            spent = clock.spent or bool(
                 self.validation and self.validation.stop)  # or the plateau, if asked
             # rank 0's horizon, cancellation and stop for every rank: one collective
             horizon, cancelled, stop = broadcast_ints(
@@ -423,4 +398,4 @@ def train(sources: list[TomogramSource], cfg: TrainConfig, run_dir: str | Path,
     return Trainer(sources, cfg, run_dir, resume, references, progress).run()
 
 
-__all__ = ["TrainResult", "Trainer", "budget_horizon", "learning_rate", "train"]
+__all__ = ["TrainResult", "Trainer", "train"]
