@@ -1,6 +1,7 @@
 """What one posterior sample costs against the mean path, on one tile.
 
-    OMP_NUM_THREADS=1 python benchmarks/bench_branch_cost.py MODEL [--tile 96] [--m 4]
+    OMP_NUM_THREADS=1 python benchmarks/bench_branch_cost.py MODEL [--tile 96] [--m 4] \
+        [--layout contiguous|channels_last] [--compile]
 
 For a trained stochastic restorer (a ``model.pt`` with a family branch), on a random
 tile of ``tile^3`` voxels (batch 1), prints the wall time (best of 3 after one warm-up
@@ -11,6 +12,12 @@ the convolutions and matrix products) of:
   what one restoration computes per tile;
 - the branch's terms of those features (`branch_terms`), once per tile for all samples;
 - the branch for ``m`` samples (`decode_branch`), and per sample.
+
+``--layout channels_last`` converts the model and the tile to ``channels_last_3d``
+(`cryowae.precision.prepare`, `to_layout`); ``--compile`` times `torch.compile`d
+versions of the three calls (inductor), after a first call that compiles them (its time
+printed) and checks their outputs against the eager calls' (largest absolute
+difference). FLOPs are counted on the eager calls.
 
 The sampling pass of ``cryowae sample --n N`` computes, per tile, the mean path once,
 the terms once and the branch N times: per tile it costs
@@ -27,6 +34,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from cryowae.models.checkpoint import load_restorer
+from cryowae.precision import ComputeSettings, prepare, to_layout
 
 
 def _best(fn: Callable[[], object], repeats: int = 3) -> float:
@@ -37,6 +45,14 @@ def _best(fn: Callable[[], object], repeats: int = 3) -> float:
         fn()
         best = min(best, time.perf_counter() - t0)
     return best
+
+
+def _largest_difference(a: object, b: object) -> float:
+    """Largest absolute difference between the tensors of two outputs (nested alike)."""
+    if isinstance(a, torch.Tensor):
+        return float((a - b).abs().max())
+    return max((_largest_difference(u, v) for u, v in zip(a, b, strict=True)),
+               default=0.0)
 
 
 def _flops(fn: Callable[[], object]) -> int:
@@ -50,6 +66,9 @@ def main() -> None:
     ap.add_argument("model")
     ap.add_argument("--tile", type=int, default=96)
     ap.add_argument("--m", type=int, default=4, help="samples per branch call")
+    ap.add_argument("--layout", choices=("contiguous", "channels_last"),
+                    default="contiguous")
+    ap.add_argument("--compile", action="store_true")
     args = ap.parse_args()
     loaded = load_restorer(args.model)
     model = loaded.stochastic
@@ -57,20 +76,36 @@ def main() -> None:
         raise SystemExit(f"{args.model}: no family branch in this model")
     model.eval()
     print(f"model: {model.config}")
-    x = torch.randn(1, 1, args.tile, args.tile, args.tile,
-                    generator=torch.Generator().manual_seed(0))
+    layout = args.layout == "channels_last"
+    prepare(model, ComputeSettings(channels_last=layout))
+    x = to_layout(torch.randn(1, 1, args.tile, args.tile, args.tile,
+                              generator=torch.Generator().manual_seed(0)), layout)
     z = model.draw_prior(x.shape[-3:], 1, args.m, torch.Generator().manual_seed(1))
     with torch.no_grad():
         _, feats, _ = model.mean_and_features(x)
         terms = model.branch_terms(feats)
-        rows = {
+        calls = (model.mean_and_features, model.branch_terms, model.decode_branch)
+        eager = {
             "mean path": (lambda: model.mean_and_features(x)),
             "branch terms (once per tile)": (lambda: model.branch_terms(feats)),
             f"branch, {args.m} samples": (lambda: model.decode_branch(feats, z, terms)),
         }
-        got = {k: (_best(fn), _flops(fn)) for k, fn in rows.items()}
+        rows = eager
+        if args.compile:
+            mf, bt, db = (torch.compile(c) for c in calls)
+            rows = {
+                "mean path": (lambda: mf(x)),
+                "branch terms (once per tile)": (lambda: bt(feats)),
+                f"branch, {args.m} samples": (lambda: db(feats, z, terms)),
+            }
+            t0 = time.perf_counter()
+            diffs = [_largest_difference(rows[k](), eager[k]()) for k in rows]
+            print(f"compiling: {time.perf_counter() - t0:.1f} s; largest difference from "
+                  f"the eager calls: " + ", ".join(f"{d:.2g}" for d in diffs))
+        got = {k: (_best(rows[k]), _flops(eager[k])) for k in rows}
     t_mean, f_mean = got["mean path"]
-    print(f"tile {args.tile}^3, {torch.get_num_threads()} thread(s)")
+    print(f"tile {args.tile}^3, {torch.get_num_threads()} thread(s), layout {args.layout}"
+          f"{', compiled' if args.compile else ''}")
     print(f"{'part':32s} {'seconds':>8s} {'GFLOP':>8s} {'x mean (time)':>14s} "
           f"{'x mean (FLOP)':>14s}")
     for k, (t, f) in got.items():

@@ -67,11 +67,8 @@ def main() -> None:
     from cryowae.models.checkpoint import load_restorer
     from cryowae.physics.crop import central_box, crop_of
     from cryowae.sampling.consistency import CHECK_EDGE
-    from cryowae.sampling.local_spread import (
-        LocalSpreadSettings,
-        extra_wedge_task,
-        localise_family,
-    )
+    from cryowae.sampling.extra_wedge import extra_wedge_task
+    from cryowae.sampling.local_spread import LocalSpreadSettings, localise_family
     from cryowae.sampling.selfcheck import self_check
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -41,7 +41,7 @@ def main() -> None:
     from cryowae.physics.geometry import TiltGeometry
     from cryowae.sampling.consistency import CHECK_EDGE
     from cryowae.sampling.evaluate import _read, truth_ctf, truth_on_data_scale
-    from cryowae.sampling.local_spread import extra_wedge_band
+    from cryowae.sampling.extra_wedge import extra_wedge_band
     from cryowae.sampling.sure import sure_shell_error
     from cryowae.training.slab_noise import crop_noise
 

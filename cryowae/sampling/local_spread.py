@@ -32,7 +32,6 @@ Smoothing: `cryowae.metrics.sparsification.gaussian_smooth` (mirrored edges).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,16 +40,15 @@ import torch
 
 from cryowae.errors import CryowaeInputError
 from cryowae.metrics.sparsification import gaussian_smooth
-from cryowae.physics.fourier import hermitian_weights, nyquist_sphere, radial_frequency
 from cryowae.physics.geometry import TiltGeometry
-from cryowae.physics.wedge import wedge_mask
 
 _DIMS = (-3, -2, -1)
 
 
 @dataclass(frozen=True)
 class LocalSpreadSettings:
-    """Settings of the local spread and of the self-check's extra-wedge task.
+    """Settings of the local spread, and of the self-check and its extra-wedge task
+    (`cryowae.sampling.extra_wedge`), which `cryowae sample` records with them.
 
     feature_sigma
         Width (voxels) of the Gaussian that averages the measured component's square
@@ -101,90 +99,6 @@ class LocalSpreadSettings:
                 "exponent": self.exponent, "max_gain": self.max_gain,
                 "window_sigma": self.window_sigma, "rotation_deg": self.rotation_deg,
                 "border": self.border}
-
-
-def _rotation_z(deg: float) -> torch.Tensor:
-    a = math.radians(deg)
-    c, s = math.cos(a), math.sin(a)
-    # (z, y, x) coordinates: a rotation in the Y-X plane
-    return torch.tensor([[1.0, 0.0, 0.0], [0.0, c, -s], [0.0, s, c]])
-
-
-def extra_wedge_band(shape: tuple[int, int, int], geometry: TiltGeometry,
-                     settings: LocalSpreadSettings | None = None) -> torch.Tensor:
-    """B (rfft bool mask of a (Z, Y, X) grid): the measured region less the wedge
-    rotated by ``rotation_deg`` about Z, within the Nyquist sphere (`extra_wedge_task`)."""
-    st = settings or LocalSpreadSettings()
-    m = geometry.wedge_mask(shape, rfft=True) > 0.5
-    m_r = wedge_mask(shape, geometry.tilt_min, geometry.tilt_max, geometry.axis, rfft=True,
-                     rotation=_rotation_z(st.rotation_deg)) > 0.5
-    return m & ~m_r & nyquist_sphere(shape)
-
-
-@dataclass
-class ExtraWedgeTask:
-    """The self-supervised extra-wedge task on one (crop of a) tomogram
-    (`extra_wedge_task`), which the self-check (`cryowae.sampling.selfcheck`) reads.
-
-    restoration: R(x_R) (Z, Y, X); error_power: p = G_w * e_B^2; noise_power: n_B (the
-    data noise's local power in B); band: B (rfft mask); shell_error and shell_count:
-    per shell of `cryowae.physics.fourier.shell_index`, mean |R(x_R) - x|^2 - N over the
-    coefficients of B (data units squared per coefficient) and their number."""
-
-    restoration: torch.Tensor
-    error_power: torch.Tensor
-    noise_power: float
-    band: torch.Tensor
-    shell_error: np.ndarray
-    shell_count: np.ndarray
-
-
-def extra_wedge_task(restore: Callable[[np.ndarray], Any], data: Any,
-                     geometry: TiltGeometry, noise: Any = None,
-                     settings: LocalSpreadSettings | None = None) -> ExtraWedgeTask:
-    """Restore `data` (Z, Y, X) without a second, rotated wedge and measure the error
-    in the band the data hold and the input lacks.
-
-    The data x (measured region M of the tilt geometry) lose a second wedge rotated by
-    ``rotation_deg`` about Z (input ``F^-1[M_R F x]``, the training task of
-    `cryowae.training.augment.make_batch` with the rotation on the mask). In the band
-    B = M minus M_R the data measured what the input lacks, so the restoration's error
-    there, e_B = ``F^-1[1_B F(R(x_R) - x)]``, is observed up to the data's noise, which
-    is independent of the input in B and has the local power n_B = sum_B N(k) / voxels
-    (ortho FFT, full-spectrum counting).
-
-    `restore` maps a (Z, Y, X) float32 array to its restoration (same units);
-    `noise` a `cryowae.training.noise.NoiseSpectrum` of the data in B (the noise need
-    not be isotropic within a shell: `cryowae.training.slab_noise.crop_noise` with
-    `extra_wedge_band` as the region; default: the ramp fit `noise_without_halves`)."""
-    from cryowae.metrics.calibration import SpectralGrid
-    from cryowae.training.noise import noise_without_halves
-
-    st = settings or LocalSpreadSettings()
-    x = torch.as_tensor(np.ascontiguousarray(np.asarray(data, dtype=np.float32)))
-    shape = tuple(int(v) for v in x.shape)
-    if len(shape) != 3:
-        raise CryowaeInputError(f"local spread: data must be (Z, Y, X), got {shape}")
-    if noise is None:
-        noise = noise_without_halves(x, geometry)
-    m_r = wedge_mask(shape, geometry.tilt_min, geometry.tilt_max, geometry.axis, rfft=True,
-                     rotation=_rotation_z(st.rotation_deg)) > 0.5
-    band = extra_wedge_band(shape, geometry, st)
-    fx = torch.fft.rfftn(x.double(), dim=_DIMS, norm="ortho")
-    x_in = torch.fft.irfftn(fx * m_r, s=shape, dim=_DIMS, norm="ortho").float()
-    r = torch.as_tensor(np.asarray(restore(x_in.numpy()), dtype=np.float32)).double()
-    diff = torch.fft.rfftn(r, dim=_DIMS, norm="ortho") - fx
-    e_b = torch.fft.irfftn(diff * band, s=shape, dim=_DIMS, norm="ortho")
-    n_k = noise.at(radial_frequency(shape, rfft=True)).double()
-    w = hermitian_weights(shape[-1], torch.float64).expand(n_k.shape)
-    voxels = float(np.prod(shape))
-    n_b = float((w * n_k * band).sum()) / voxels
-    grid = SpectralGrid.of(shape, geometry)
-    count = grid.shell_sums(torch.ones(band.shape), band)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        shell_error = grid.shell_sums(diff.abs().square() - n_k, band) / count
-    return ExtraWedgeTask(r.float(), gaussian_smooth(e_b**2, st.window_sigma), n_b, band,
-                          shell_error, count)
 
 
 #: bytes of complex64 planes transformed at once by `measured_square`
@@ -297,7 +211,6 @@ def localise_family(samples: Any, centre: Any, geometry: TiltGeometry,
     return modulate(x, x.mean(dim=0), gain), info
 
 
-__all__ = ["BLOCK_BYTES", "ExtraWedgeTask", "LocalSpreadSettings", "extra_wedge_band",
-           "extra_wedge_task", "family_variance", "local_gain", "localise_family",
-           "measured_power", "measured_square", "modulate", "normalising_factor",
-           "raw_gain_squared", "variance_floor"]
+__all__ = ["BLOCK_BYTES", "LocalSpreadSettings", "family_variance", "local_gain",
+           "localise_family", "measured_power", "measured_square", "modulate",
+           "normalising_factor", "raw_gain_squared", "variance_floor"]

@@ -11,7 +11,7 @@ with two error estimates of the restoration R that the data give:
 - wedge region: the error of R on the data with a second, rotated wedge removed, in the
   band the data measured and the input lacked, less the data's noise there (read from
   the empty slabs in that band itself where there are slabs: the noise is not
-  isotropic within a shell) (`cryowae.sampling.local_spread.extra_wedge_task`): a wedge
+  isotropic within a shell) (`cryowae.sampling.extra_wedge.extra_wedge_task`): a wedge
   the restoration must fill, observed. Its per-coefficient error per shell stands for
   the wedge's.
 
@@ -48,12 +48,8 @@ import torch
 
 from cryowae.metrics.sparsification import gaussian_smooth
 from cryowae.physics.geometry import TiltGeometry
-from cryowae.sampling.local_spread import (
-    ExtraWedgeTask,
-    LocalSpreadSettings,
-    extra_wedge_band,
-    extra_wedge_task,
-)
+from cryowae.sampling.extra_wedge import ExtraWedgeTask, extra_wedge_band, extra_wedge_task
+from cryowae.sampling.local_spread import LocalSpreadSettings
 
 #: spread/skill band of a calibrated family (as `cryowae evaluate` reads it)
 LOW, HIGH = 0.8, 1.25
