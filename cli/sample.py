@@ -57,6 +57,9 @@ def sample(
     amp: bool = typer.Option(None, "--amp/--no-amp", help="bf16 autocast: on CUDA "
                              "[default: on]; on a CPU with bf16 instructions when given "
                              "[default: off], else ignored (said in one line)."),
+    channels_last: bool = typer.Option(False, "--channels-last", help="channels_last_3d "
+                                       "memory layout of the branch that decodes every "
+                                       "sample (--sampler prior)."),
     seed: int = typer.Option(0, "--seed", help="Sample s is drawn from (seed, s)."),
     keep: int = typer.Option(None, "--keep", help="Store the first K samples in "
                              "samples.zarr [default: all N]; mean, std, calibration and "
@@ -104,7 +107,7 @@ def sample(
     from cryowae.tiling.settings import TileSettings
 
     sampling = SamplerSettings(n, sampler, TileSettings(tile, overlap, batch_size), seed,
-                               amp=amp)
+                               amp=amp, channels_last=channels_last)
     calibration = CalibrationSettings(spread_calibration, consistency)
     storage = StorageSettings(sample_dtype=sample_dtype, keep=keep, compression=compression,
                               pyramid=pyramid, std_dtype=std_dtype, overwrite=overwrite)

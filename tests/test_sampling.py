@@ -121,6 +121,32 @@ def test_samples_reproducible_and_independent_of_family_size_and_grouping():
     np.testing.assert_allclose(a.std, a.samples.std(0), atol=1e-5)
 
 
+def test_branch_channels_last_gives_the_same_samples():
+    """--channels-last: the branch's weights in channels_last_3d, the same family up to
+    float32 rounding (the samples' deviations from the mean agree to 1e-5 of their
+    RMS), recorded in the plan's description; the default layout is left as it was."""
+    x = _tomogram((16, 24, 28))
+    a = sample_array(stochastic_restorer(), x, _settings(3))
+    r = stochastic_restorer()
+    b = sample_array(r, x, SamplerSettings(3, "prior", TileSettings(16, 8), 0,
+                                           channels_last=True))
+    head = r.stochastic.branch.blocks[-1].conv1.weight
+    assert head.is_contiguous(memory_format=torch.channels_last_3d)
+    assert not head.is_contiguous()
+    # the mean path (the restoration, the centre) keeps its layout
+    assert all(p.is_contiguous() for p in r.stochastic.mean.parameters())
+    dev = a.samples - a.mean
+    rms = float(np.sqrt(np.mean(dev**2)))
+    assert rms > 1e-3  # the samples differ, so the comparison says something
+    assert float(np.abs((b.samples - b.mean) - dev).max()) < 1e-5 * rms * 100
+    assert float(np.sqrt(np.mean(((b.samples - b.mean) - dev) ** 2))) < 1e-5 * rms
+    np.testing.assert_allclose(a.mean, b.mean, atol=1e-5)
+    assert b.info["branch_channels_last"] is True
+    assert a.info["branch_channels_last"] is False
+    with pytest.raises(CryowaeInputError, match="channels_last"):
+        SamplerSettings(3, channels_last="yes")
+
+
 def test_overlapping_tiles_of_one_sample_agree():
     """Two overlapping tiles decode one sample alike: the field-driven part (sample
     minus mean path) agrees in the middle of their overlap, far better than with

@@ -114,7 +114,8 @@ class FamilyPlan:
                 "tile": list(self.plan.tile), "n_tiles": self.plan.n_tiles,
                 "tile_starts": [list(a.starts) for a in self.plan.axes],
                 "samples_per_pass": self.group, "geometry": self.geometry.to_dict(),
-                "bf16_autocast": amp_active(self.device, self.source.amp)}
+                "bf16_autocast": amp_active(self.device, self.source.amp),
+                "branch_channels_last": bool(getattr(self.source, "channels_last", False))}
 
 
 def _restorers(restorer: Restorer | Sequence[Restorer]) -> list[Any]:
@@ -147,7 +148,8 @@ def plan_family(restorer: Restorer | Sequence[Restorer], shape: Sequence[int],
     plan = aligned_plan(settings, shape, multiple, cubic=sampler == "rotations")
     src: FieldSampler | RotationSampler | EnsembleSampler
     if sampler == "prior":
-        src = FieldSampler(stochastic, plan, sampling.seed, device, amp)
+        src = FieldSampler(stochastic, plan, sampling.seed, device, amp,
+                           sampling.channels_last)
         slab = plan.tile[0] * plan.shape[1] * plan.shape[2] * 4
         g = group if group is not None else max(1, GROUP_BUFFER_BYTES // max(1, slab))
     elif sampler == "rotations":

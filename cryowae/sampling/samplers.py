@@ -38,7 +38,7 @@ from cryowae.errors import CryowaeInputError
 from cryowae.models.stochastic_field import aligned_starts
 from cryowae.physics.geometry import TiltGeometry
 from cryowae.physics.wedge import apply_fourier_mask
-from cryowae.precision import autocast
+from cryowae.precision import ComputeSettings, autocast, prepare
 from cryowae.tiling.engine import TileFn, TileRef
 from cryowae.tiling.plan import AxisPlan, TilePlan
 from cryowae.tiling.settings import TileSettings
@@ -134,6 +134,12 @@ class FieldSampler:
     seed: int
     device: torch.device
     amp: bool | None = None  # bf16 autocast (cryowae.precision.amp_active)
+    #: the branch's weights in channels_last_3d (`SamplerSettings.channels_last`)
+    channels_last: bool = False
+
+    def __post_init__(self) -> None:
+        if self.channels_last:
+            prepare(self.stochastic.branch, ComputeSettings(channels_last=True))
 
     def fields(self, sample: int) -> list[torch.Tensor]:
         """Sample `sample`'s field per level (1, C, cells...) on the device."""

@@ -53,6 +53,11 @@ class SamplerSettings:
     amp
         bf16 autocast of the networks (`cryowae.precision.amp_active`): None = the
         device's default, True = on where the device supports it, False = float32.
+    channels_last
+        ``prior``: the branch's weights in ``channels_last_3d`` (converted in place: the
+        same numbers in another memory order), so its convolutions, which decode every
+        sample, take the layout's kernels. The samples differ from the default layout's
+        by float32 rounding (sums in another order).
     """
 
     n_samples: int = 16
@@ -61,6 +66,7 @@ class SamplerSettings:
     seed: int = 0
     group: int | None = None
     amp: bool | None = None
+    channels_last: bool = False
 
     def __post_init__(self) -> None:
         if self.sampler not in SAMPLERS:
@@ -75,6 +81,9 @@ class SamplerSettings:
             raise CryowaeInputError("tiles must be a TileSettings")
         if self.amp not in (None, True, False):
             raise CryowaeInputError(f"amp must be None, True or False, got {self.amp!r}")
+        if not isinstance(self.channels_last, bool):
+            raise CryowaeInputError(f"channels_last must be True or False, got "
+                                    f"{self.channels_last!r}")
 
 
 @dataclass(frozen=True)
