@@ -42,15 +42,25 @@ def _rotation_z(deg: float) -> torch.Tensor:
     return torch.tensor([[1.0, 0.0, 0.0], [0.0, c, -s], [0.0, s, c]])
 
 
+def _rotated_measured(shape: tuple[int, int, int], geometry: TiltGeometry,
+                      st: LocalSpreadSettings) -> torch.Tensor:
+    """M_R (rfft bool mask): the measured region rotated by ``rotation_deg`` about Z."""
+    return wedge_mask(shape, geometry.tilt_min, geometry.tilt_max, geometry.axis, rfft=True,
+                      rotation=_rotation_z(st.rotation_deg)) > 0.5
+
+
+def _band(shape: tuple[int, int, int], geometry: TiltGeometry,
+          rotated: torch.Tensor) -> torch.Tensor:
+    """M less `rotated` (M_R), within the Nyquist sphere."""
+    return (geometry.wedge_mask(shape, rfft=True) > 0.5) & ~rotated & nyquist_sphere(shape)
+
+
 def extra_wedge_band(shape: tuple[int, int, int], geometry: TiltGeometry,
                      settings: LocalSpreadSettings | None = None) -> torch.Tensor:
     """B (rfft bool mask of a (Z, Y, X) grid): the measured region less the wedge
     rotated by ``rotation_deg`` about Z, within the Nyquist sphere (`extra_wedge_task`)."""
     st = settings or LocalSpreadSettings()
-    m = geometry.wedge_mask(shape, rfft=True) > 0.5
-    m_r = wedge_mask(shape, geometry.tilt_min, geometry.tilt_max, geometry.axis, rfft=True,
-                     rotation=_rotation_z(st.rotation_deg)) > 0.5
-    return m & ~m_r & nyquist_sphere(shape)
+    return _band(shape, geometry, _rotated_measured(shape, geometry, st))
 
 
 @dataclass
@@ -99,9 +109,8 @@ def extra_wedge_task(restore: Callable[[np.ndarray], Any], data: Any,
         raise CryowaeInputError(f"local spread: data must be (Z, Y, X), got {shape}")
     if noise is None:
         noise = noise_without_halves(x, geometry)
-    m_r = wedge_mask(shape, geometry.tilt_min, geometry.tilt_max, geometry.axis, rfft=True,
-                     rotation=_rotation_z(st.rotation_deg)) > 0.5
-    band = extra_wedge_band(shape, geometry, st)
+    m_r = _rotated_measured(shape, geometry, st)
+    band = _band(shape, geometry, m_r)  # M_R once, for the input and the band
     fx = torch.fft.rfftn(x.double(), dim=_DIMS, norm="ortho")
     x_in = torch.fft.irfftn(fx * m_r, s=shape, dim=_DIMS, norm="ortho").float()
     r = torch.as_tensor(np.asarray(restore(x_in.numpy()), dtype=np.float32)).double()
