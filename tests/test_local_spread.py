@@ -49,6 +49,28 @@ def test_settings_are_validated() -> None:
         ls.LocalSpreadSettings(exponent=-1.0)
     with pytest.raises(CryowaeInputError):
         ls.LocalSpreadSettings(feature_sigma=float("nan"))
+    for bad in (-0.1, 1.5, float("nan")):
+        with pytest.raises(CryowaeInputError, match="total_weight"):
+            ls.LocalSpreadSettings(total_weight=bad)
+
+
+def test_feature_weighs_the_measured_and_the_total_power() -> None:
+    """A wave along X lies in the measured region (F = P), one along Z in the missing
+    wedge (F = 0): H = F^(1 - a) P^a is F for a = 0, P for a = 1 and their geometric
+    mean between; the in-memory feature equals the powers it combines."""
+    shape = (16, 8, 16)
+    z = torch.arange(shape[0]).double()[:, None, None].expand(shape)
+    x = torch.arange(shape[2]).double()[None, None, :].expand(shape)
+    along_x = torch.cos(2 * math.pi * 3 * x / shape[2]).float()
+    along_z = torch.cos(2 * math.pi * 3 * z / shape[0]).float()
+    for wave, measured in ((along_x, 0.5), (along_z, 0.0)):
+        for a, want in ((0.0, measured), (0.5, math.sqrt(measured * 0.5)), (1.0, 0.5)):
+            h = ls.local_feature(wave, GEO, ls.LocalSpreadSettings(total_weight=a))
+            assert float(h.mean()) == pytest.approx(want, abs=1e-4), (a, measured)
+    f = torch.full(shape, 4.0, dtype=torch.float64)
+    p = torch.full(shape, 9.0, dtype=torch.float64)
+    got = ls.combine_powers(f, p, ls.LocalSpreadSettings(total_weight=0.5))
+    np.testing.assert_allclose(got, 6.0)
 
 
 def test_gain_keeps_total_variance_and_sets_the_variance_to_the_error_model() -> None:

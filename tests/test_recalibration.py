@@ -87,6 +87,7 @@ def test_estimated_factors_recover_a_known_underdispersion(mode):
     raised = factors.wedge != factors.measured
     assert np.all(factors.wedge >= factors.measured)
     assert raised.sum() == info["wedge_floor_shells"] <= 8  # 6 of 27 measured (margin)
+    assert info["tail_from_shell"] == factors.frequency.size  # the Wiener error: not pooled
     plain, _ = estimate_factors(c["samples"], c["data"], GEO, mode, c["even"], c["odd"],
                                 wedge_floor=False)
     np.testing.assert_array_equal(plain.measured, plain.wedge)
@@ -268,3 +269,67 @@ def test_sample_file_with_halves_uses_the_wedge_ratio(tmp_path):
     f = info["factors"]
     np.testing.assert_allclose(f["wedge"], np.asarray(f["measured"])
                                * ratio.at(np.asarray(f["frequency"])), rtol=1e-6)
+
+
+def test_pooled_tail_replaces_noisy_shells_and_reaches_the_corners():
+    """From the first shell past the transfer's peak where the restoration passes less
+    than 2 % of the data, every shell's error is the median error / spread ratio times
+    its spread (one factor for all); below, nothing changes; the box's corners beyond
+    Nyquist take the pooled factor, not the last shell's outlier (whose transfer, read
+    against a noise estimate too low at Nyquist, looks high again)."""
+    from cryowae.errors import CryowaeInputError
+    from cryowae.metrics.spectral import shell_frequencies
+    from cryowae.sampling.recalibrate import (
+        TAIL_TRANSFER,
+        ShellFactors,
+        factors_from_data,
+        pooled_tail,
+    )
+
+    freq = shell_frequencies(SHAPE)  # 17 shells
+    spread = np.geomspace(1.0, 1e-3, freq.size)
+    ratio = np.full(freq.size, 4.0)
+    ratio[11:] = [1.0, 9.0, -2.0, 6.0, 2.0, 121.0]  # noisy, negative, an outlier at Nyquist
+    error = ratio * spread
+    transfer = np.r_[np.nan, np.linspace(0.6, 0.1, 9), 0.05, 0.01, 0.03, 0.01, 0.005,
+                     0.0, 0.04]
+    pooled, start = pooled_tail(error, spread, transfer)
+    assert TAIL_TRANSFER == 0.02
+    assert start == 11  # the first shell past the peak below 2 %
+    np.testing.assert_array_equal(pooled[:11], error[:11])
+    np.testing.assert_allclose(pooled[11:], 4.0 * spread[11:])  # median of 1 9 -2 6 2 121
+    factors = factors_from_data(spread, pooled, freq, "test")
+    np.testing.assert_allclose(factors.measured[11:], 2.0)
+    fmap = ShellFactors(freq, factors.measured, factors.wedge).coefficient_map(SHAPE, GEO)
+    assert float(fmap[16, 16, 16]) == pytest.approx(2.0)  # |k| = 0.87: a corner
+    # a restoration that passes data up to Nyquist leaves the estimate as it is
+    same, start = pooled_tail(error, spread, np.full(freq.size, 0.5))
+    np.testing.assert_array_equal(same, error)
+    assert start == freq.size
+    with pytest.raises(CryowaeInputError, match="transfer"):
+        pooled_tail(error, spread, transfer[:-1])
+
+
+def test_sure_calibration_pools_the_tail_of_a_known_posterior():
+    """The exact posterior spread by C and its mean's own filter as the restoration
+    (SURE, as `cryowae sample` runs it): the shells where the filter passes less than
+    2 % (near 0.3 cycles/voxel) share one factor, recorded in the estimate, and the
+    recalibrated family's spread/skill is 1 in each region."""
+    c = gaussian_case()
+    k = radial_frequency(SHAPE, rfft=True)
+    p, noise = 6.0 / (1.0 + (k / 0.08) ** 4), 4.0 * k
+    w = torch.where(GEO.wedge_mask(SHAPE, rfft=True) > 0.5, p / (p + noise), 0.0)
+
+    def restore(x: np.ndarray) -> np.ndarray:
+        return torch.fft.irfftn(torch.fft.rfftn(torch.as_tensor(x)) * w, s=SHAPE).numpy()
+
+    factors, info = estimate_factors(c["samples"], c["data"], GEO, "data",
+                                     wedge_floor=False, restore=restore)
+    tail = info["tail_from_shell"]
+    assert 0.2 < factors.frequency[tail] < 0.4
+    assert "tail from" in factors.source
+    assert np.all(factors.measured[tail:] == factors.measured[-1])
+    assert len(set(factors.measured[1:tail].tolist())) > 3  # below the tail: per shell
+    after = spread_skill(recalibrate_family(c["samples"], factors, GEO), c["truth"], GEO)
+    assert after.ratio_measured == pytest.approx(1.0, abs=0.15)
+    assert after.ratio_wedge == pytest.approx(1.0, abs=0.15)

@@ -15,16 +15,22 @@ family's per-voxel variance becomes k v(x) wherever g stays within its clip
 variance's noise (a ratio to a smoothed V lets that noise into the map's order).
 
 The error model is relative: the restoration R's error variance grows with the local
-power of what the data measured of R,
+power of R, weighted towards what the data measured of it,
 
-    F(x) = G_s * (F^-1[1_M F(R - mean R)])^2,     v(x) = (F(x) / mean F)^b,
+    F(x) = G_s * (F^-1[1_M F(R - mean R)])^2,     P(x) = G_s * (R - mean R)^2,
+    H(x) = F(x)^(1 - a) P(x)^a,                   v(x) = (H(x) / mean H)^b,
 
 M the measured region of the tilt geometry (a mask: the FFT's normalisation cancels),
-G_s a Gaussian of `feature_sigma` voxels. Where the data show structure, the
-restoration can be wrong (wedge-smeared edges, tops and bottoms); in empty ice it has
-little to get wrong. The exponent b (`exponent`) is a setting, not fitted: the
-self-supervised extra-wedge task's error in its band is mostly the data's noise and
-does not resolve b (docs/benchmarks.md, "Local spread on the development pipelines").
+G_s a Gaussian of `feature_sigma` voxels, a = `total_weight`. Where the data show
+structure, the restoration can be wrong (wedge-smeared edges, tops and bottoms); in
+empty ice it has little to get wrong. F alone (a = 0) misses the errors of structure
+whose content lies mostly in the wedge; P alone (a = 1) ranks noise the restorer
+invented in empty planes as high as measured structure: on the development pipelines
+their geometric mean ranks the errors better than either (docs/benchmarks.md, "Local
+spread: the measured and the total power"). The exponent b (`exponent`) is a setting,
+not fitted: the self-supervised extra-wedge task's error in its band is mostly the
+data's noise and does not resolve b (docs/benchmarks.md, "Local spread on the
+development pipelines").
 
 Smoothing: `cryowae.metrics.sparsification.gaussian_smooth` (mirrored edges).
 """
@@ -51,8 +57,10 @@ class LocalSpreadSettings:
     (`cryowae.sampling.extra_wedge`), which `cryowae sample` records with them.
 
     feature_sigma
-        Width (voxels) of the Gaussian that averages the measured component's square
-        into the measured power F.
+        Width (voxels) of the Gaussian that averages the squares of the measured
+        component and of the restoration into F and P.
+    total_weight
+        a of the feature H = F^(1 - a) P^a (0: the measured power alone).
     exponent
         b of the error model v = (F / mean F)^b (b = 1: the error's local power is a
         fixed fraction of F's).
@@ -72,8 +80,9 @@ class LocalSpreadSettings:
     """
 
     feature_sigma: float = 1.0
+    total_weight: float = 0.5
     exponent: float = 1.0
-    max_gain: float = 4.0
+    max_gain: float = 8.0
     window_sigma: float = 3.0
     rotation_deg: float = 90.0
     border: int = 6
@@ -86,6 +95,9 @@ class LocalSpreadSettings:
                 raise CryowaeInputError(f"local spread: {name} must be > 0, got {v}")
         if self.max_gain < 1:
             raise CryowaeInputError(f"local spread: max_gain must be >= 1, got {self.max_gain}")
+        if not (math.isfinite(self.total_weight) and 0 <= self.total_weight <= 1):
+            raise CryowaeInputError("local spread: total_weight must be within [0, 1], "
+                                    f"got {self.total_weight}")
         if not (math.isfinite(self.exponent) and self.exponent >= 0):
             raise CryowaeInputError(f"local spread: exponent must be >= 0, got {self.exponent}")
         if not math.isfinite(self.rotation_deg):
@@ -96,9 +108,9 @@ class LocalSpreadSettings:
     def describe(self) -> dict[str, Any]:
         """The settings as ``family.json`` and the resume fingerprint record them."""
         return {"enabled": self.enabled, "feature_sigma": self.feature_sigma,
-                "exponent": self.exponent, "max_gain": self.max_gain,
-                "window_sigma": self.window_sigma, "rotation_deg": self.rotation_deg,
-                "border": self.border}
+                "total_weight": self.total_weight, "exponent": self.exponent,
+                "max_gain": self.max_gain, "window_sigma": self.window_sigma,
+                "rotation_deg": self.rotation_deg, "border": self.border}
 
 
 #: bytes of complex64 planes transformed at once by `measured_square`
@@ -143,10 +155,46 @@ def measured_power(restoration: Any, geometry: TiltGeometry,
     return gaussian_smooth(torch.from_numpy(square), st.feature_sigma).double()
 
 
+def total_square(restoration: Any, out: Any) -> Any:
+    """(R - mean R)^2 of a (Z, Y, X) restoration into `out` (same shape, written Z slab by
+    Z slab), and `out`."""
+    shape = tuple(int(v) for v in np.shape(restoration))
+    zstep = max(1, BLOCK_BYTES // max(1, 8 * shape[1] * shape[2]))
+    mean = sum(float(np.asarray(restoration[z:z + zstep], np.float64).sum())
+               for z in range(0, shape[0], zstep)) / float(np.prod(shape))
+    for z in range(0, shape[0], zstep):
+        out[z:z + zstep] = np.square(np.asarray(restoration[z:z + zstep], np.float64) - mean)
+    return out
+
+
+def combine_powers(measured: Any, total: Any, settings: LocalSpreadSettings) -> np.ndarray:
+    """H = F^(1 - a) P^a (float64) of the smoothed measured and total powers (module
+    docstring), elementwise: whole volumes or matching slabs."""
+    a = settings.total_weight
+    f = np.clip(np.asarray(measured, dtype=np.float64), 0.0, None)
+    p = np.clip(np.asarray(total, dtype=np.float64), 0.0, None)
+    if a == 0:
+        return f
+    if a == 1:
+        return p
+    return f ** (1.0 - a) * p**a
+
+
+def local_feature(restoration: Any, geometry: TiltGeometry,
+                  settings: LocalSpreadSettings | None = None) -> torch.Tensor:
+    """H of a (Z, Y, X) restoration held in memory (module docstring), float64."""
+    st = settings or LocalSpreadSettings()
+    shape = np.shape(restoration)
+    total = gaussian_smooth(torch.from_numpy(total_square(restoration, np.empty(
+        shape, np.float64))), st.feature_sigma).double()
+    return torch.from_numpy(combine_powers(measured_power(restoration, geometry, st),
+                                           total, st))
+
+
 def raw_gain_squared(feature: Any, variance: Any, settings: LocalSpreadSettings,
                      feature_mean: float, variance_floor: float) -> torch.Tensor:
-    """v / V before normalisation, v = (F / `feature_mean`)^b (float64; a slab of a
-    volume passes the volume's mean of F and its floor of V)."""
+    """v / V before normalisation, v = (H / `feature_mean`)^b (float64; a slab of a
+    volume passes the volume's mean of H and its floor of V)."""
     f = torch.as_tensor(np.asarray(feature, dtype=np.float64))
     var = torch.as_tensor(np.asarray(variance, dtype=np.float64)).clamp_min(variance_floor)
     v = (f / max(float(feature_mean), 1e-300)).clamp_min(1e-12) ** settings.exponent
@@ -167,7 +215,7 @@ def variance_floor(total_variance: float, voxels: int) -> float:
 def local_gain(feature: torch.Tensor, family_variance: torch.Tensor,
                settings: LocalSpreadSettings | None = None) -> torch.Tensor:
     """g(x) (float32, (Z, Y, X)): g^2 = k v / V (module docstring), v from the
-    measured power `feature`, V = `family_variance` (per voxel): normalised
+    feature H (`local_feature`), V = `family_variance` (per voxel): normalised
     (`normalising_factor`), clipped to [1 / max_gain^2, max_gain^2], normalised again,
     so that ``sum(g^2 V) == sum(V)`` and g stays within about the clip."""
     st = settings or LocalSpreadSettings()
@@ -199,18 +247,19 @@ def family_variance(samples: torch.Tensor) -> torch.Tensor:
 def localise_family(samples: Any, centre: Any, geometry: TiltGeometry,
                     settings: LocalSpreadSettings | None = None
                     ) -> tuple[torch.Tensor, dict[str, Any]]:
-    """The local step on an in-memory (S, Z, Y, X) family: g from the measured power
+    """The local step on an in-memory (S, Z, Y, X) family: g from the feature H
     of `centre` (the restoration the family is centred on, (Z, Y, X)) and the family's
     variance, applied about the family mean. Returns the family and the gain's range
     (benchmarks and tests; `cryowae sample` streams the same steps:
     `cryowae.sampling.store_local_spread`)."""
     st = settings or LocalSpreadSettings()
     x = torch.as_tensor(np.asarray(samples, dtype=np.float32))
-    gain = local_gain(measured_power(centre, geometry, st), family_variance(x), st)
+    gain = local_gain(local_feature(centre, geometry, st), family_variance(x), st)
     info = {"gain_range": [float(gain.min()), float(gain.max())]}
     return modulate(x, x.mean(dim=0), gain), info
 
 
-__all__ = ["BLOCK_BYTES", "LocalSpreadSettings", "family_variance", "local_gain",
-           "localise_family", "measured_power", "measured_square", "modulate",
-           "normalising_factor", "raw_gain_squared", "variance_floor"]
+__all__ = ["BLOCK_BYTES", "LocalSpreadSettings", "combine_powers", "family_variance",
+           "local_feature", "local_gain", "localise_family", "measured_power",
+           "measured_square", "modulate", "normalising_factor", "raw_gain_squared",
+           "total_square", "variance_floor"]

@@ -45,6 +45,9 @@ _DIMS = (-3, -2, -1)
 SPREAD_CALIBRATIONS = ("auto", "halves", "data", "none")
 #: largest amplitude factor applied (shells where the family has almost no spread)
 MAX_FACTOR = 20.0
+#: shells where the restoration passes less than this fraction of the data (its transfer)
+#: form the high-frequency tail, whose factors are pooled (`pooled_tail`)
+TAIL_TRANSFER = 0.02
 
 
 @dataclass
@@ -176,6 +179,42 @@ def factors_from_data(spread_measured: np.ndarray, error: np.ndarray,
     return ShellFactors(frequency, a, a, source)
 
 
+def pooled_tail(error: np.ndarray, spread: np.ndarray, transfer: np.ndarray,
+                threshold: float = TAIL_TRANSFER) -> tuple[np.ndarray, int]:
+    """The per-shell error estimate with its high-frequency tail pooled, and the tail's
+    first shell (``len(error)`` when there is none).
+
+    The tail starts at the first shell above the peak of the restoration's `transfer`
+    (per shell: the fraction of the data it passes, e.g. SURE's divergence over the
+    noise) where the transfer is below `threshold`, and runs to Nyquist. There the error
+    estimate is the data's power less the noise's, a difference smaller than the noise
+    estimate's own inaccuracy (near Nyquist, slab and ramp estimates are off by
+    10-30 %), so one shell's estimate is noise. Each tail shell's error becomes
+    rho x its `spread`, rho the median over the tail of error / spread (pass the
+    estimate unclipped: negative values keep the median unbiased), so that every tail
+    shell gets the factor sqrt(rho). The last shell's factor also applies to the box's
+    corners beyond Nyquist (`ShellFactors.coefficient_map`), about half of all
+    coefficients, so an outlier there would set much of the family's variance."""
+    e = np.asarray(error, dtype=np.float64).copy()
+    sp = np.asarray(spread, dtype=np.float64)
+    t = np.asarray(transfer, dtype=np.float64)
+    if not e.shape == sp.shape == t.shape:
+        raise CryowaeInputError("pooled_tail: one error, spread and transfer value per "
+                                "shell is needed")
+    finite = np.isfinite(t)
+    if not finite.any():
+        return e, e.size
+    peak = int(np.argmax(np.where(finite, t, -np.inf)))
+    below = np.flatnonzero((np.arange(e.size) > peak) & finite & (t < threshold))
+    start = int(below[0]) if below.size else e.size
+    with np.errstate(invalid="ignore", divide="ignore"):
+        ratio = e[start:] / sp[start:]
+    ratio = ratio[np.isfinite(ratio)]
+    if ratio.size >= 2:
+        e[start:] = max(float(np.median(ratio)), 0.0) * sp[start:]
+    return e, start
+
+
 def recalibrate_sample(sample: Any, mean: Any, factor_map: torch.Tensor) -> torch.Tensor:
     """``mean + F^-1[factor_map F(sample - mean)]`` of one (Z, Y, X) sample (float32)."""
     x = torch.as_tensor(np.asarray(sample, dtype=np.float32))
@@ -230,8 +269,10 @@ def estimate_factors(samples: Any, data: Any, geometry: TiltGeometry, mode: str,
     axis) of the family, the data and (``mode == "halves"``) the halves; with the
     per-shell error estimate and spread it used. The error estimate is the SURE of
     `restore` (the family's centre, e.g. ``restore_array`` of the mean path) on the
-    crop (`cryowae.sampling.sure`); without it, the Wiener error
-    (`shell_error_estimate`). With the stochastic restorer `model`, the wedge factors
+    crop (`cryowae.sampling.sure`), its high-frequency tail pooled (`pooled_tail`:
+    SURE is unbiased there, so the median of its unclipped ratios is too); without it,
+    the Wiener error (`shell_error_estimate`, clipped at zero within, not pooled). With
+    the stochastic restorer `model`, the wedge factors
     are multiplied by the self-supervised wedge ratio gamma(k) of the whole tomogram
     (`cryowae.sampling.wedge_ratio`; from the halves in ``halves`` mode).
     `wedge_floor`: no shell leaves the wedge, where nothing was measured, with less
@@ -245,13 +286,20 @@ def estimate_factors(samples: Any, data: Any, geometry: TiltGeometry, mode: str,
     fs = family_spread(view, geometry)
     spread, grid = _per_shell(fs), fs.grid
     info: dict[str, Any] = {}
+    freq = _shell_frequencies(view.shape[1:])
+    tail = freq.size
     if restore is not None:
         from cryowae.sampling.sure import sure_shell_error
 
         d = crop_of(data, crop)
         sure = sure_shell_error(restore, d, geometry, crop_noise(data, crop, geometry, d))
-        error = np.clip(np.nan_to_num(sure.error), 0.0, None)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            transfer = sure.divergence / sure.noise
+        error, tail = pooled_tail(np.nan_to_num(sure.error), spread["measured"], transfer)
+        error = np.clip(error, 0.0, None)
         source = f"SURE of the restoration, noise {sure.noise_source}"
+        if tail < freq.size:
+            source += f"; tail from {freq[tail]:.3f} cycles/voxel pooled"
         info["sure"] = sure.to_dict()
     else:
         halves = (crop_of(even, crop), crop_of(odd, crop)) if mode == "halves" \
@@ -259,9 +307,9 @@ def estimate_factors(samples: Any, data: Any, geometry: TiltGeometry, mode: str,
         column = column_of(data, crop) if mode != "halves" else None
         error, source = shell_error_estimate(crop_of(data, crop), geometry, *halves,
                                              column=column)
-    freq = _shell_frequencies(view.shape[1:])
     factors = factors_from_data(spread["measured"], error, freq, f"{mode}: {source}")
     info |= {"crop": [[c.start, c.stop] for c in crop],
+             "tail_from_shell": tail,
              "error_measured": [float(v) for v in np.nan_to_num(error)],
              "spread_measured": [float(v) for v in np.nan_to_num(spread["measured"])]}
     if model is not None:
@@ -283,7 +331,7 @@ def estimate_factors(samples: Any, data: Any, geometry: TiltGeometry, mode: str,
     return factors, info
 
 
-__all__ = ["MAX_FACTOR", "SPREAD_CALIBRATIONS", "ShellFactors", "estimate_factors",
-           "factors_from_data", "factors_from_errors", "factors_from_truth",
-           "recalibrate_family", "recalibrate_sample",
+__all__ = ["MAX_FACTOR", "SPREAD_CALIBRATIONS", "TAIL_TRANSFER", "ShellFactors",
+           "estimate_factors", "factors_from_data", "factors_from_errors", "factors_from_truth",
+           "pooled_tail", "recalibrate_family", "recalibrate_sample",
            "resolve_mode", "shell_error_estimate", "wiener_error"]

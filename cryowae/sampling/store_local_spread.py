@@ -3,7 +3,8 @@
 
 Steps, each recorded in the caller's `state` and saved: the per-voxel maps in
 ``workdir`` (memory-mapped float32 .npy files): the family mean m and variance V, the
-centre's measured power F and the gain g; then per sample ``m + g (X_s - m)`` into
+centre's feature H (its measured power F, then combined with its total power P) and
+the gain g; then per sample ``m + g (X_s - m)`` into
 ``workdir/local_sample.npy`` and its copy into the store, so that a rerun never
 modulates a sample twice. Gaussian smoothing runs on Z slabs with a halo of 3 sigma
 (`smooth_slabs`) and the measured component on blocks of planes (`measured_square`):
@@ -24,9 +25,11 @@ from cryowae.metrics.sparsification import gaussian_smooth
 from cryowae.physics.geometry import TiltGeometry
 from cryowae.sampling.local_spread import (
     LocalSpreadSettings,
+    combine_powers,
     measured_square,
     normalising_factor,
     raw_gain_squared,
+    total_square,
     variance_floor,
 )
 from cryowae.tiling.pages import release_pages
@@ -96,7 +99,8 @@ def store_moments(samples: Any, mean_out: Any, var_out: Any) -> None:
 
 def _maps(samples: Any, centre: Any, geometry: TiltGeometry, st: LocalSpreadSettings,
           workdir: Path) -> dict[str, float]:
-    """m, V, F and g into ``workdir`` (module docstring); returns the gain's range."""
+    """m, V, the feature H and g into ``workdir`` (module docstring); returns the
+    gain's range."""
     shape = tuple(int(v) for v in samples.shape[1:])
 
     def mm(name: str) -> _PagedMap:
@@ -108,6 +112,12 @@ def _maps(samples: Any, centre: Any, geometry: TiltGeometry, st: LocalSpreadSett
     step = _step(shape)
     feature = smooth_slabs(lambda a, b: square[a:b], shape, st.feature_sigma,
                            mm("feature"))
+    if st.total_weight > 0:
+        square = total_square(centre, square)
+        total = smooth_slabs(lambda a, b: square[a:b], shape, st.feature_sigma,
+                             mm("total"))
+        for z in range(0, shape[0], step):
+            feature[z:z + step] = combine_powers(feature[z:z + step], total[z:z + step], st)
     voxels = float(np.prod(shape))
     f_mean = sum(float(np.asarray(feature[z:z + step], np.float64).sum())
                  for z in range(0, shape[0], step)) / voxels
@@ -174,11 +184,12 @@ def localise_store(samples: Any, centre: Any, geometry: TiltGeometry,
             samples[i, z:z + step] = np.asarray(mod[z:z + step])
         state["done"].append(i)
         save()
-    for name in ("mean", "var", "component", "feature", "gain", "sample"):
+    for name in ("mean", "var", "component", "feature", "total", "gain", "sample"):
         (workdir / f"local_{name}.npy").unlink(missing_ok=True)
     return {"gain": state["maps"], "settings": st.describe(),
-            "columns": "v = (F / mean F)^b, F the centre's measured power; "
-                       "g^2 ~ v / the family's per-voxel variance, total variance kept"}
+            "columns": "v = (H / mean H)^b, H = F^(1 - a) P^a, F the centre's measured "
+                       "power, P its total power, a = total_weight; g^2 ~ v / the "
+                       "family's per-voxel variance, total variance kept"}
 
 
 __all__ = ["localise_store", "smooth_slabs", "store_moments"]
