@@ -26,8 +26,8 @@ structure, the restoration can be wrong (wedge-smeared edges, tops and bottoms);
 empty ice it has little to get wrong. F alone (a = 0) misses the errors of structure
 whose content lies mostly in the wedge; P alone (a = 1) ranks noise the restorer
 invented in empty planes as high as measured structure: on the development pipelines
-their geometric mean ranks the errors better than either (docs/benchmarks.md, "Local
-spread: the measured and the total power"). The exponent b (`exponent`) is a setting,
+their geometric mean ranks the errors better than either (docs/benchmarks.md, "The
+high-frequency tail and the total power"). The exponent b (`exponent`) is a setting,
 not fitted: the self-supervised extra-wedge task's error in its band is mostly the
 data's noise and does not resolve b (docs/benchmarks.md, "Local spread on the
 development pipelines").
@@ -62,8 +62,8 @@ class LocalSpreadSettings:
     total_weight
         a of the feature H = F^(1 - a) P^a (0: the measured power alone).
     exponent
-        b of the error model v = (F / mean F)^b (b = 1: the error's local power is a
-        fixed fraction of F's).
+        b of the error model v = (H / mean H)^b (b = 1: the error's local power is a
+        fixed fraction of H).
     max_gain
         g is kept within [1 / max_gain, max_gain].
     window_sigma
