@@ -189,7 +189,7 @@ def pooled_tail(error: np.ndarray, spread: np.ndarray, transfer: np.ndarray,
     noise) where the transfer is below `threshold`, and runs to Nyquist. There the error
     estimate is the data's power less the noise's, a difference smaller than the noise
     estimate's own inaccuracy (near Nyquist, slab and ramp estimates are off by
-    10-30 %), so one shell's estimate is noise. Each tail shell's error becomes
+    10-35 %), so one shell's estimate is noise. Each tail shell's error becomes
     rho x its `spread`, rho the median over the tail of error / spread (pass the
     estimate unclipped: negative values keep the median unbiased), so that every tail
     shell gets the factor sqrt(rho). The last shell's factor also applies to the box's
@@ -269,11 +269,11 @@ def estimate_factors(samples: Any, data: Any, geometry: TiltGeometry, mode: str,
     axis) of the family, the data and (``mode == "halves"``) the halves; with the
     per-shell error estimate and spread it used. The error estimate is the SURE of
     `restore` (the family's centre, e.g. ``restore_array`` of the mean path) on the
-    crop (`cryowae.sampling.sure`), its high-frequency tail pooled (`pooled_tail`:
-    SURE is unbiased there, so the median of its unclipped ratios is too); without it,
-    the Wiener error (`shell_error_estimate`, clipped at zero within, not pooled). With
-    the stochastic restorer `model`, the wedge factors
-    are multiplied by the self-supervised wedge ratio gamma(k) of the whole tomogram
+    crop (`cryowae.sampling.sure`), its high-frequency tail pooled (`pooled_tail`; SURE
+    is not clipped before the median, so zeros do not pull it down); without it, the
+    Wiener error (`shell_error_estimate`, clipped at zero within, not pooled). With the
+    stochastic restorer `model`, the wedge factors are multiplied by the
+    self-supervised wedge ratio gamma(k) of the whole tomogram
     (`cryowae.sampling.wedge_ratio`; from the halves in ``halves`` mode).
     `wedge_floor`: no shell leaves the wedge, where nothing was measured, with less
     spread per coefficient than the measured region (`cryowae.sampling.wedge_floor`)."""
