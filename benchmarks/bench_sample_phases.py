@@ -5,9 +5,11 @@
 
 Runs `sample_file` with the CLI's defaults (prior sampler, tile 96, overlap 32, batch
 4, spread calibration ``auto``, local spread on, float16 samples) and prints, per
-phase, its wall time, the CPU time of the process (all threads) and the peak RSS seen
-while it ran (a thread reads ``/proc/self/status`` every 50 ms); indented rows are
-parts of the row above. On a shared machine the CPU time is the steadier figure.
+phase, its wall time, the CPU time of the process (all threads) and its peak RSS: the
+kernel's high-water mark, reset at each phase's start (``/proc/self/clear_refs``),
+where the kernel allows it, else what a thread reading ``/proc/self/status`` every
+50 ms saw; indented rows are parts of the row above. On a shared machine the CPU time
+is the steadier figure.
 
 The phases are timed by wrapping, for the duration of this run, the functions that
 `sample_file` calls by name in its module (and the wedge ratio and error-model fit in
@@ -43,22 +45,47 @@ PHASES = (
 
 
 class _Memory:
-    """Peak RSS (GB) since the last `reset`, read by a daemon thread."""
+    """Peak RSS (GB) since the last `reset`: the kernel's high-water mark (VmHWM, reset
+    by writing 5 to /proc/self/clear_refs) where that is allowed, else what a daemon
+    thread reads every 50 ms (which misses spikes shorter than that)."""
 
     def __init__(self) -> None:
         self.peak = self.overall = 0.0
+        self.exact = self._clear_hwm()
         threading.Thread(target=self._poll, daemon=True).start()
 
     @staticmethod
-    def rss() -> float:
+    def _read(key: str) -> float:
         with open("/proc/self/status") as f:
             for line in f:
-                if line.startswith("VmRSS"):
+                if line.startswith(key):
                     return int(line.split()[1]) / 1e6
         return 0.0
 
+    @staticmethod
+    def _clear_hwm() -> bool:
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+            return True
+        except OSError:
+            return False
+
+    def rss(self) -> float:
+        return self._read("VmRSS")
+
     def reset(self) -> None:
+        if self.exact:
+            self.overall = max(self.overall, self._read("VmHWM"))
+            self._clear_hwm()
         self.peak = self.rss()
+
+    def current_peak(self) -> float:
+        """The peak since the last `reset`."""
+        if self.exact:
+            self.peak = max(self.peak, self._read("VmHWM"))
+        self.overall = max(self.overall, self.peak)
+        return self.peak
 
     def _poll(self) -> None:
         while True:
@@ -83,7 +110,7 @@ def _wrap(module: Any, name: str, label: str, mem: _Memory,
             return fn(*args, **kwargs)
         finally:
             rows.append((t, label, time.perf_counter() - t, time.process_time() - c,
-                         mem.peak if top else float("nan")))
+                         mem.current_peak() if top else float("nan")))
 
     setattr(module, name, timed)
 
@@ -104,7 +131,8 @@ def main() -> None:
     from cryowae.sampling.files import sample_file
     from cryowae.sampling.settings import SamplerSettings, StorageSettings
 
-    print(f"cryowae from {cryowae.__file__}")
+    print(f"cryowae from {cryowae.__file__}; peak RSS "
+          f"{'from the kernel (VmHWM)' if mem.exact else 'polled every 50 ms'}")
     t0, c0 = time.perf_counter(), time.process_time()
     sample_file(a.model, a.tomogram, a.out, SamplerSettings(a.n),
                 storage=StorageSettings(overwrite=True), device="cpu")
@@ -112,6 +140,7 @@ def main() -> None:
     print(f"{'phase':44s} {'wall':>9s} {'CPU':>9s}   peak RSS")
     for _start, label, t, c, peak in sorted(rows):
         print(f"{label:44s} {t:7.1f} s {c:7.1f} s   {peak:5.2f} GB")
+    mem.reset()  # folds the last phase's high-water mark into the overall peak
     print(f"{'sample_file':44s} {total:7.1f} s {cpu:7.1f} s   {mem.overall:5.2f} GB")
 
 
