@@ -2,7 +2,8 @@
 `cryowae evaluate`'s figures before and after (development of the local step: no
 retraining, no resampling).
 
-    OMP_NUM_THREADS=1 python benchmarks/bench_local_rescore.py pipe_dev/wbp_seed71 nohalves
+    OMP_NUM_THREADS=1 python benchmarks/bench_local_rescore.py pipe_dev/wbp_seed71 nohalves \
+        [--set max_gain=8 exponent=0.75]
 
 CASE is a `bench_pipelines.py` case folder (``sim/``, ``restored.mrc``,
 ``family_<mode>/``). The family's samples are read, modulated in memory by
@@ -11,7 +12,10 @@ sample` does on its store: the two agree, tests/test_local_spread.py), written t
 temporary family folder and evaluated with `evaluate_family` beside the family as
 sampled. Prints one Markdown row each: spread/skill measured / wedge, truth outside
 [min, max], Gaussian 90 % coverage, ENCE, CRPS over the single restoration's MAE, the
-std map's sparsification gain and the three restoration-only maps' gains.
+std map's sparsification gain and the three restoration-only maps' gains. ``--set``
+overrides fields of `LocalSpreadSettings` (numbers). A family the step has already
+modulated is in effect unclipped when modulated again: its variance already follows the
+error model within the clip.
 """
 
 from __future__ import annotations
@@ -42,12 +46,15 @@ def main() -> None:
     from cryowae.io import read_volume
     from cryowae.physics.geometry import TiltGeometry
     from cryowae.sampling.evaluate import evaluate_family
-    from cryowae.sampling.local_spread import localise_family
+    from cryowae.sampling.local_spread import LocalSpreadSettings, localise_family
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("case", type=Path)
     ap.add_argument("mode", choices=("nohalves", "halves"))
+    ap.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE")
     a = ap.parse_args()
+    settings = LocalSpreadSettings(**{k: int(v) if v.isdigit() else float(v) for k, v in
+                                      (item.split("=", 1) for item in a.set)})
     fam = a.case / f"family_{a.mode}"
     sim = a.case / "sim"
     geo = TiltGeometry.from_dict(json.loads((fam / "family.json").read_text())["geometry"])
@@ -55,10 +62,11 @@ def main() -> None:
                          np.float32)
     with read_volume(a.case / "restored.mrc") as v:
         restored = v.numpy().astype(np.float32)
-    local, info = localise_family(samples, restored, geo)
+    local, info = localise_family(samples, restored, geo, settings)
     kw = dict(restored=a.case / "restored.mrc", tomogram=sim / "tomo.mrc",
               sim_meta=sim / "meta.json")
-    print(f"python benchmarks/bench_local_rescore.py {a.case} {a.mode}; gain {info}")
+    print(f"python benchmarks/bench_local_rescore.py {a.case} {a.mode}"
+          + (f" --set {' '.join(a.set)}" if a.set else "") + f"; gain {info}")
     print(row(f"{a.case.name} {a.mode} as sampled", evaluate_family(fam, sim / "gt.mrc", **kw)))
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "family"
