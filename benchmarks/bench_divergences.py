@@ -24,25 +24,9 @@ import sys
 import time
 
 import torch
+from proc_memory import reset_peak, vm_kb
 
 from cryowae.divergences import GaussianPrior, build_divergence, prefers_prior
-
-
-def _vm_kb(key: str) -> int:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-    return -1
-
-
-def _reset_peak() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as fh:
-            fh.write("5")
-        return True
-    except OSError:
-        return False
 
 
 def _fix_malloc() -> None:
@@ -65,12 +49,12 @@ def measure(fn) -> tuple[float, float]:
     gc.collect()
     if _LIBC:
         _LIBC[0].malloc_trim(0)
-    ok = _reset_peak()
-    base = _vm_kb("VmRSS")
+    ok = reset_peak()
+    base = vm_kb("VmRSS")
     t0 = time.perf_counter()
     fn()
     dt = time.perf_counter() - t0
-    peak = (_vm_kb("VmHWM") - base) / 1024 if ok else float("nan")
+    peak = (vm_kb("VmHWM") - base) / 1024 if ok else float("nan")
     gc.collect()
     return dt, peak
 

@@ -25,6 +25,7 @@ import json
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -38,6 +39,24 @@ def row(label: str, rep: dict) -> str:
             f"| {rep['reliability']['ence']:.3f} "
             f"| {rep['crps']['crps_family'] / rep['crps']['mae_single']:.3f} "
             f"| {sp['std']['gain']:.3f} | {only} |")
+
+
+def evaluate_in_memory(family: Path, samples: Any, gt: Path, **kw: Any) -> dict:
+    """`evaluate_family` of (S, Z, Y, X) `samples` held in memory, as the family folder
+    `family` (its family.json) would hold them: written float32 to a temporary copy."""
+    import zarr
+
+    from cryowae.sampling.evaluate import evaluate_family
+
+    x = np.asarray(samples, dtype=np.float32)
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "family"
+        out.mkdir()
+        shutil.copy(family / "family.json", out / "family.json")
+        z = zarr.open_array(str(out / "samples.zarr" / "0"), mode="w", shape=x.shape,
+                            dtype="float32", chunks=(1, *x.shape[1:]))
+        z[:] = x
+        return evaluate_family(out, gt, **kw)
 
 
 def main() -> None:
@@ -68,15 +87,8 @@ def main() -> None:
     print(f"python benchmarks/bench_local_rescore.py {a.case} {a.mode}"
           + (f" --set {' '.join(a.set)}" if a.set else "") + f"; gain {info}")
     print(row(f"{a.case.name} {a.mode} as sampled", evaluate_family(fam, sim / "gt.mrc", **kw)))
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "family"
-        out.mkdir()
-        shutil.copy(fam / "family.json", out / "family.json")
-        z = zarr.open_array(str(out / "samples.zarr" / "0"), mode="w", shape=local.shape,
-                            dtype="float32", chunks=(1, *local.shape[1:]))
-        z[:] = local.numpy()
-        print(row(f"{a.case.name} {a.mode} local step again",
-                  evaluate_family(out, sim / "gt.mrc", **kw)))
+    print(row(f"{a.case.name} {a.mode} local step again",
+              evaluate_in_memory(fam, local, sim / "gt.mrc", **kw)))
 
 
 if __name__ == "__main__":

@@ -27,6 +27,8 @@ import threading
 import time
 from typing import Any
 
+from proc_memory import reset_peak, vm_kb
+
 #: (module, function, label); labels starting with spaces are parts of a phase
 PHASES = (
     ("cryowae.sampling.files", "run_family", "sampling (run_family)"),
@@ -51,25 +53,12 @@ class _Memory:
 
     def __init__(self) -> None:
         self.peak = self.overall = 0.0
-        self.exact = self._clear_hwm()
+        self.exact = reset_peak()
         threading.Thread(target=self._poll, daemon=True).start()
 
     @staticmethod
     def _read(key: str) -> float:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(key):
-                    return int(line.split()[1]) / 1e6
-        return 0.0
-
-    @staticmethod
-    def _clear_hwm() -> bool:
-        try:
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")
-            return True
-        except OSError:
-            return False
+        return max(vm_kb(key), 0) / 1e6
 
     def rss(self) -> float:
         return self._read("VmRSS")
@@ -77,7 +66,7 @@ class _Memory:
     def reset(self) -> None:
         if self.exact:
             self.overall = max(self.overall, self._read("VmHWM"))
-            self._clear_hwm()
+            reset_peak()
         self.peak = self.rss()
 
     def current_peak(self) -> float:

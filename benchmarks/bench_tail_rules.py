@@ -19,14 +19,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 import zarr
-from bench_local_rescore import row
+from bench_local_rescore import evaluate_in_memory, row
 
 RULES = ("none", "median", "below4", "one")
 
@@ -53,7 +51,6 @@ def main() -> None:
     from cryowae.io import read_volume
     from cryowae.physics.fourier import radial_frequency
     from cryowae.physics.geometry import TiltGeometry
-    from cryowae.sampling.evaluate import evaluate_family
     from cryowae.sampling.local_spread import localise_family
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -88,15 +85,8 @@ def main() -> None:
         x = mean + torch.fft.irfftn(torch.fft.rfftn(raw - mean, dim=(-3, -2, -1)) * rmap,
                                     s=shape, dim=(-3, -2, -1))
         local, _ = localise_family(x.numpy(), restored, geo)
-        with tempfile.TemporaryDirectory() as tmp:
-            out = Path(tmp) / "family"
-            out.mkdir()
-            shutil.copy(fam / "family.json", out / "family.json")
-            z = zarr.open_array(str(out / "samples.zarr" / "0"), mode="w", shape=local.shape,
-                                dtype="float32", chunks=(1, *local.shape[1:]))
-            z[:] = local.numpy()
-            label = f"{a.case.name} {rule} (tail from {freq[min(start, freq.size - 1)]:.3f})"
-            print(row(label, evaluate_family(out, sim / "gt.mrc", **kw)))
+        label = f"{a.case.name} {rule} (tail from {freq[min(start, freq.size - 1)]:.3f})"
+        print(row(label, evaluate_in_memory(fam, local, sim / "gt.mrc", **kw)))
 
 
 if __name__ == "__main__":

@@ -117,6 +117,20 @@ class LocalSpreadSettings:
 BLOCK_BYTES = 16 << 20
 
 
+def _z_step(shape: tuple[int, ...]) -> int:
+    """Z planes of float64 read at once: `BLOCK_BYTES` worth."""
+    return max(1, BLOCK_BYTES // max(1, 8 * shape[1] * shape[2]))
+
+
+def _volume_mean(volume: Any) -> float:
+    """Mean of a (Z, Y, X) array-like (a memory map, a zarr array), summed in float64
+    Z slab by Z slab."""
+    shape = tuple(int(v) for v in np.shape(volume))
+    zstep = _z_step(shape)
+    return sum(float(np.asarray(volume[z:z + zstep], np.float64).sum())
+               for z in range(0, shape[0], zstep)) / float(np.prod(shape))
+
+
 def measured_square(restoration: Any, geometry: TiltGeometry, out: Any) -> Any:
     """(F^-1[1_M F(R - mean R)])^2 of a (Z, Y, X) restoration into `out` (an array of
     the same shape, float32 or float64, written block by block), and `out`.
@@ -133,9 +147,7 @@ def measured_square(restoration: Any, geometry: TiltGeometry, out: Any) -> Any:
     plane_shape = tuple(1 if i == axis else n for i, n in enumerate(shape))
     mask = geometry.wedge_mask(plane_shape, rfft=False) > 0.5
     step = max(1, BLOCK_BYTES // max(1, 8 * shape[0] * shape[3 - axis]))
-    zstep = max(1, BLOCK_BYTES // max(1, 8 * shape[1] * shape[2]))
-    mean = sum(float(np.asarray(restoration[z:z + zstep], np.float64).sum())
-               for z in range(0, shape[0], zstep)) / float(np.prod(shape))
+    mean = _volume_mean(restoration)
     for lo in range(0, shape[axis], step):
         block = (slice(None), slice(lo, lo + step), slice(None)) if axis == 1 else (
             slice(None), slice(None), slice(lo, lo + step))
@@ -159,9 +171,8 @@ def total_square(restoration: Any, out: Any) -> Any:
     """(R - mean R)^2 of a (Z, Y, X) restoration into `out` (same shape, written Z slab by
     Z slab), and `out`."""
     shape = tuple(int(v) for v in np.shape(restoration))
-    zstep = max(1, BLOCK_BYTES // max(1, 8 * shape[1] * shape[2]))
-    mean = sum(float(np.asarray(restoration[z:z + zstep], np.float64).sum())
-               for z in range(0, shape[0], zstep)) / float(np.prod(shape))
+    zstep = _z_step(shape)
+    mean = _volume_mean(restoration)
     for z in range(0, shape[0], zstep):
         out[z:z + zstep] = np.square(np.asarray(restoration[z:z + zstep], np.float64) - mean)
     return out
